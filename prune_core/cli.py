@@ -1,0 +1,283 @@
+"""`edgetune` command line: init, train, prune, eval, info, export.
+
+Every command prints JSON on stdout; errors are one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .architectures import ARCHS, build_model
+from .criteria import CRITERIA
+from .data import DataError, ImageSet, load_image_folder, split_holdout
+from .device import pick_device
+from .measure import count_macs, count_params, evaluate
+from .model_format import ModelCard, ModelFormatError, load_model, save_model
+from .retrain import TrainConfig, train
+
+HOLDOUT = 0.2
+
+
+class UsageError(ValueError):
+    """A bad argument, reported as one line."""
+
+
+def _emit(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=float))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _level(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"level must be a number in [0, 1) or 'auto', got '{text}'") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"level must be in [0, 1), got {value}")
+    return value
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a torch file with `weights_only` (no code executed)."""
+    if not path.is_file():
+        raise UsageError(f"weights file '{path}' not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"weights file '{path}' does not hold a state dict")
+    return state
+
+
+def _class_names(args) -> list[str]:
+    if args.classes_from:
+        root = Path(args.classes_from)
+        if not root.is_dir():
+            raise UsageError(f"--classes-from '{root}' is not a directory")
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    elif args.class_names:
+        names = [n.strip() for n in args.class_names.split(",") if n.strip()]
+    else:
+        names = [str(i) for i in range(args.num_classes or 0)]
+    if args.num_classes is not None and len(names) != args.num_classes:
+        raise UsageError(f"{len(names)} class names given for --num-classes {args.num_classes}")
+    if not names:
+        raise UsageError("give --num-classes, --class-names or --classes-from")
+    if len(set(names)) != len(names):
+        raise UsageError("class names must be unique")
+    return names
+
+
+def cmd_init(args) -> dict:
+    names = _class_names(args)
+    spec = ARCHS.get(args.arch)
+    if spec is None:
+        raise UsageError(f"unknown architecture '{args.arch}'; choose from {', '.join(sorted(ARCHS))}")
+    size = args.image_size or spec.image_size
+    if size < spec.min_image_size:
+        raise UsageError(f"{args.arch} needs --image-size of at least {spec.min_image_size}")
+    out = Path(args.dir)
+    if (out / "model.json").exists() and not args.force:
+        raise UsageError(f"'{out}' already holds a model (use --force to overwrite)")
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, len(names))
+    if args.weights:
+        state = _load_weights(Path(args.weights))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise UsageError(f"weights do not fit {args.arch} with {len(names)} classes: {str(exc).splitlines()[0]}") from None
+    card = save_model(model, ModelCard(args.arch, len(names), names, size), out)
+    return {"dir": str(out), "arch": card.arch, "num_classes": card.num_classes, "input_size": size, "params": card.params, "macs": card.macs}
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, flip=not args.no_flip,
+    )
+
+
+def _load_data(args, card: ModelCard) -> ImageSet:
+    return load_image_folder(args.data, card.class_names, card.input_size, skip_unknown=args.skip_unknown)
+
+
+def cmd_train(args) -> dict:
+    device = pick_device(args.device)
+    model, card = load_model(args.dir, device)
+    data = _load_data(args, card)
+    train_set, held_set = split_holdout(data, HOLDOUT)
+    started = time.monotonic()
+    result = train(model, train_set, held_set, card.mean, card.std, _train_config(args), progress=not args.quiet)
+    save_model(model, card, args.dir)
+    return {
+        "dir": args.dir,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "held_out_top1": result.best_score,
+        "history": [vars(h) for h in result.history],
+        "train_samples": len(train_set),
+        "held_out_samples": len(held_set),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def cmd_prune(args) -> dict:
+    from .cycle import CycleConfig, run_cycle
+
+    device = pick_device(args.device)
+    model, card = load_model(args.dir, device)
+    data = _load_data(args, card)
+    train_set, held_set = split_holdout(data, HOLDOUT)
+    config = CycleConfig(
+        level=args.level, criterion=args.criterion, allocation=args.allocation, finetune_before=args.finetune_before,
+        tolerance=args.tolerance, round_to=args.round_to, train=_train_config(args),
+    )
+
+    def show_probe(probe) -> None:
+        if not args.quiet:
+            print(f"probe level={probe.level:.2f} top1={probe.accuracy:.4f} params={probe.params} "
+                  f"feasible={probe.feasible} ({probe.seconds:.1f}s)", file=sys.stderr)
+
+    result = run_cycle(model, card, train_set, held_set, config, on_probe=show_probe, progress=not args.quiet, parent=str(Path(args.dir).resolve()))
+    save_model(result.model, result.card, args.out)
+    return {"out": args.out, **result.summary}
+
+
+def cmd_eval(args) -> dict:
+    device = pick_device(args.device)
+    model, card = load_model(args.dir, device)
+    data = _load_data(args, card)
+    from .data import batches
+
+    acc = evaluate(model, batches(data, 256, card.mean, card.std, device=device))
+    return {"dir": args.dir, "samples": len(data), **acc.to_dict(card.class_names)}
+
+
+def cmd_info(args) -> dict:
+    model, card = load_model(args.dir)
+    layers = {name: plan.get("out_channels", plan.get("out_features", plan.get("num_features"))) for name, plan in card.channel_plan.items()}
+    return {
+        "dir": args.dir,
+        "arch": card.arch,
+        "num_classes": card.num_classes,
+        "class_names": card.class_names,
+        "input_size": card.input_size,
+        "mean": card.mean,
+        "std": card.std,
+        "params": count_params(model),
+        "macs": count_macs(model, card.input_size),
+        "size_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20,
+        "lineage": vars(card.lineage),
+        "layers": layers,
+    }
+
+
+def cmd_export(args) -> dict:
+    from .onnx_export import export_onnx
+
+    model, card = load_model(args.dir)
+    diff = export_onnx(model, card.input_size, args.onnx, opset=args.opset)
+    return {"dir": args.dir, "onnx": args.onnx, "opset": args.opset, "max_abs_diff_vs_torch": diff}
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = False) -> None:
+    p.add_argument("dir", help="model directory")
+    if data:
+        p.add_argument("--data", required=True, help="ImageFolder: one sub-folder of images per class name")
+        p.add_argument("--skip-unknown", action="store_true", help="ignore class folders the model does not have")
+    if training:
+        p.add_argument("--epochs", type=_positive_int, default=5)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=0.01)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation (digits, text)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if data or training:
+        p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetune", description="On-device data-aware pruning and retraining of CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="make a model directory")
+    p.add_argument("dir")
+    p.add_argument("--arch", required=True, help=f"one of: {', '.join(sorted(ARCHS))}")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--class-names", help="comma-separated class names (default 0..N-1)")
+    p.add_argument("--classes-from", help="take class names from the sub-folders of this ImageFolder")
+    p.add_argument("--weights", help="initial weights (.safetensors, or a torch state dict loaded with weights_only)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("train", help="train or fine-tune on an ImageFolder")
+    _add_common(p, training=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="one offline rank → prune → retrain → evaluate cycle")
+    _add_common(p, training=True)
+    p.add_argument("--level", type=_level, required=True, help="fraction of parameters to remove, or 'auto'")
+    p.add_argument("--criterion", default="l1", choices=sorted(CRITERIA))
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--finetune-before", type=_positive_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="accuracy drop allowed by --level auto")
+    p.add_argument("--round-to", type=int, default=8, help="keep channel counts a multiple of this")
+    p.add_argument("--out", required=True, help="directory for the pruned model")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="top-1 accuracy on an ImageFolder")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="describe a model directory")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="export a model directory")
+    p.add_argument("dir")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse, dispatch, print; one-line errors instead of tracebacks for anything the user can fix."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    func: Callable = args.func
+    try:
+        result = func(args)
+    except (UsageError, DataError, ModelFormatError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"edgetune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        _emit(result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))

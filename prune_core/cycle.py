@@ -1,0 +1,155 @@
+"""One offline prune-retrain cycle: (fine-tune) → rank → prune → retrain → evaluate.
+
+This is the unit both the CLI (`edgetune prune`) and the daemon run. With `finetune_before`
+it is the seed paper's ADaPT recipe (adapt the unpruned model to the local data, then rank and
+prune it); with `level="auto"` the level is chosen by `search_level`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .criteria import get_criterion
+from .data import ImageSet, batches
+from .level_search import Probe, search_level
+from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
+from .model_format import Lineage, ModelCard
+from .retrain import TrainConfig, TrainProgress, train
+from .surgery import PruneSpec, prune_to_level
+
+
+@dataclass
+class CycleConfig:
+    level: float | Literal["auto"] = 0.5
+    criterion: str = "l1"
+    allocation: Literal["uniform", "global"] = "uniform"
+    finetune_before: int = 0  # n_f epochs of adapting the unpruned model first (ADaPT)
+    tolerance: float = 0.02  # for level="auto"
+    round_to: int = 8
+    protect_stem: bool = True
+    protect_classifier: bool = True
+    calibration_batches: int = 32  # batches the data-aware criteria see
+    train: TrainConfig = field(default_factory=TrainConfig)  # retraining (n_r = train.epochs)
+
+
+@dataclass
+class CycleResult:
+    model: nn.Module
+    card: ModelCard
+    summary: dict
+
+
+def _progress_guard(should_continue: Callable[[TrainProgress], bool] | None):
+    state = {"stopped": False}
+
+    def guard(p: TrainProgress) -> bool:
+        ok = should_continue(p) if should_continue is not None else True
+        state["stopped"] |= not ok
+        return ok
+
+    return guard, state
+
+
+def run_cycle(
+    model: nn.Module,
+    card: ModelCard,
+    train_set: ImageSet,
+    held_set: ImageSet,
+    config: CycleConfig,
+    should_continue: Callable[[TrainProgress], bool] | None = None,
+    on_probe: Callable[[Probe], None] | None = None,
+    progress: bool = False,
+    parent: str | None = None,
+) -> CycleResult:
+    """Produce a pruned, retrained model and a JSON-able summary; `model` is not modified.
+
+    `parent` names the source model in the new card's lineage (a path or a daemon version).
+    """
+    started = time.monotonic()
+    device = next(model.parameters()).device
+    mean, std = card.mean, card.std
+    guard, state = _progress_guard(should_continue)
+    held = lambda: batches(held_set, 256, mean, std, device=device)  # noqa: E731
+    base = copy.deepcopy(model).eval()
+    acc_before = evaluate(base, held())
+
+    reference = base
+    if config.finetune_before > 0:
+        reference = copy.deepcopy(base)
+        ft = TrainConfig(**{**asdict(config.train), "epochs": config.finetune_before})
+        train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
+
+    criterion = get_criterion(config.criterion, seed=config.train.seed, max_batches=config.calibration_batches)
+    calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
+    scores = criterion.score(reference, calibration if criterion.data_aware else None)
+
+    def prune_and_retrain(level: float) -> tuple[Probe, nn.Module]:
+        t0 = time.monotonic()
+        spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier)
+        outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
+        pruned = outcome.model
+        if not state["stopped"]:
+            train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
+        acc = evaluate(pruned, held())
+        probe = Probe(level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size), time.monotonic() - t0)
+        return probe, pruned
+
+    probes: list[Probe] = []
+    ceiling = None
+    if config.level == "auto":
+        ceiling_model = reference
+        if config.finetune_before == 0:  # the ceiling: the unpruned model fine-tuned with the same budget
+            ceiling_model = copy.deepcopy(base)
+            train(ceiling_model, train_set, held_set, mean, std, config.train, teacher=base, should_continue=guard, progress=progress)
+        ceiling = evaluate(ceiling_model, held()).top1
+        found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
+        probes = found.probes
+        level = found.level
+        pruned = found.best if found.best is not None else ceiling_model
+    else:
+        level = float(config.level)
+        probe, pruned = prune_and_retrain(level)
+        probes = [probe]
+        if on_probe is not None:
+            on_probe(probe)
+
+    acc_after = evaluate(pruned, held())
+    params_before, params_after = count_params(base), count_params(pruned)
+    summary = {
+        "criterion": config.criterion,
+        "allocation": config.allocation,
+        "finetune_before": config.finetune_before,
+        "level_requested": config.level,
+        "level": level,
+        "level_achieved": 1 - params_after / params_before,
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": count_macs(base, card.input_size),
+        "macs_after": count_macs(pruned, card.input_size),
+        "top1_before": acc_before.top1,
+        "top1_after": acc_after.top1,
+        "top1_ceiling": ceiling,
+        "agreement_with_before": agreement(pruned, base, held()),
+        "train_samples": len(train_set),
+        "held_out_samples": len(held_set),
+        "held_out_per_class": acc_after.to_dict(card.class_names)["per_class"],
+        "probes": [p.to_dict() for p in probes],
+        "stopped": state["stopped"],
+        "seconds": time.monotonic() - started,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    new_card = copy.deepcopy(card)
+    new_card.lineage = Lineage(
+        parent=parent,
+        criterion=config.criterion,
+        level=level,
+        allocation=config.allocation,
+        finetune_before=config.finetune_before,
+        metrics={k: summary[k] for k in ("top1_before", "top1_after", "params_before", "params_after", "macs_before", "macs_after")},
+    )
+    return CycleResult(pruned.eval(), new_card, summary)

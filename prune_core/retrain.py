@@ -1,0 +1,185 @@
+"""Training and retraining on local samples: cross-entropy where labels exist plus knowledge
+distillation from a teacher (the unpruned model), so unlabelled traffic is usable too.
+
+Held-out early stopping keeps the best epoch. A `should_continue` callback is called after every
+batch: returning False stops cleanly (best weights so far restored); blocking in it pauses.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageSet, batches
+from .measure import agreement, evaluate
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one (re)training run; the defaults suit fine-tuning a pruned model."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    distill_weight: float = 0.5  # share of the KD term on labelled samples; unlabelled use KD only
+    temperature: float = 4.0
+    patience: int = 3  # epochs without held-out improvement before stopping
+    seed: int = 0
+    augment: bool = True
+    flip: bool = True  # horizontal flips (off for digits and text)
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.temperature <= 0:
+            raise ValueError("distill_weight must be in [0, 1] and temperature > 0")
+
+
+@dataclass
+class TrainProgress:
+    epoch: int
+    batch: int
+    batches_per_epoch: int
+    loss: float
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_score: float  # held-out top-1 (labelled) or agreement with the teacher (unlabelled)
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = float("nan")
+    stopped: bool = False  # the callback asked to stop
+    seconds: float = 0.0
+
+
+def distillation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig
+) -> torch.Tensor:
+    """(1−α)·CE on labelled rows + α·T²·KL(teacher‖student) on them; T²·KL alone on unlabelled rows."""
+    labelled = labels >= 0
+    per_row = torch.zeros(logits.shape[0], device=logits.device)
+    if teacher_logits is not None:
+        t = config.temperature
+        kd = F.kl_div(
+            F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="none", log_target=True
+        ).sum(1) * (t * t)
+        per_row = per_row + torch.where(labelled, config.distill_weight * kd, kd)
+        ce_weight = 1.0 - config.distill_weight
+    else:
+        ce_weight = 1.0
+    if labelled.any():
+        ce = F.cross_entropy(logits[labelled], labels[labelled], reduction="none")
+        per_row = per_row.index_add(0, torch.nonzero(labelled).flatten(), ce_weight * ce)
+    used = labelled | torch.tensor(teacher_logits is not None, device=logits.device)
+    return per_row[used].mean() if used.any() else per_row.sum() * 0.0
+
+
+def _val_score(model: nn.Module, teacher: nn.Module | None, val_batches: Callable) -> float:
+    acc = evaluate(model, val_batches())
+    if acc.total:
+        return acc.top1
+    if teacher is not None:
+        return agreement(model, teacher, val_batches())
+    return float("nan")
+
+
+def train(
+    model: nn.Module,
+    train_set: ImageSet,
+    val_set: ImageSet | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    config: TrainConfig,
+    teacher: nn.Module | None = None,
+    should_continue: Callable[[TrainProgress], bool] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train `model` in place; returns the history. Deterministic on CPU for a given seed."""
+    if teacher is None and train_set.labelled == 0:
+        raise ValueError("training needs labelled samples or a teacher model to distil from")
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    result = TrainResult()
+    started = time.monotonic()
+    if config.epochs == 0 or len(train_set) == 0:
+        return result
+    if teacher is not None:
+        teacher.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=True,
+    )
+    per_epoch = math.ceil(len(train_set) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * per_epoch), pct_start=0.15, anneal_strategy="cos"
+    )
+    val_batches = (lambda: batches(val_set, 256, mean, std, device=device)) if val_set is not None and len(val_set) else None
+    best_state = copy.deepcopy(model.state_dict())
+    best = _val_score(model, teacher, val_batches) if val_batches else float("-inf")
+    result.best_score = best
+    since_best = 0
+    bar = tqdm(total=config.epochs * per_epoch, disable=not progress, desc="train", unit="batch", leave=False)
+    try:
+        for epoch in range(1, config.epochs + 1):
+            epoch_start = time.monotonic()
+            model.train()
+            losses = []
+            stream = batches(
+                train_set, config.batch_size, mean, std, shuffle=True, augment=config.augment,
+                flip=config.flip, seed=config.seed * 1000 + epoch, device=device,
+            )
+            for i, (x, y) in enumerate(stream):
+                if x.shape[0] < 2:  # batch norm cannot train on a single sample
+                    continue
+                with torch.no_grad():
+                    t_logits = teacher(x) if teacher is not None else None
+                loss = distillation_loss(model(x), y, t_logits, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+                if should_continue is not None and not should_continue(TrainProgress(epoch, i + 1, per_epoch, losses[-1])):
+                    result.stopped = True
+                    break
+            score = _val_score(model, teacher, val_batches) if val_batches else float("nan")
+            result.history.append(
+                EpochLog(epoch, sum(losses) / max(1, len(losses)), score, optimizer.param_groups[0]["lr"], time.monotonic() - epoch_start)
+            )
+            if val_batches is None or score > best:
+                best, since_best = score, 0
+                best_state = copy.deepcopy(model.state_dict())
+                result.best_epoch, result.best_score = epoch, score
+            else:
+                since_best += 1
+            if result.stopped or (val_batches is not None and since_best >= config.patience):
+                break
+    finally:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.monotonic() - started
+    return result

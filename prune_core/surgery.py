@@ -1,0 +1,169 @@
+"""Structured (channel) pruning to a target parameter level, on Torch-Pruning's dependency graph.
+
+Torch-Pruning traces the network and groups every tensor slice coupled to a channel (next
+layers' inputs, batch norms, residual additions, concatenations, depthwise/grouped convs, SE
+blocks); we supply the ranking (`ScoreImportance`) and the allocation: how many channels each
+group loses so that the model sheds `level` of its parameters.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as tpf
+
+from .architectures import classifier_module, stem_module
+from .criteria import NORM_TYPES, Scores
+from .measure import count_params
+
+_OUT_FNS = (
+    tpf.prune_conv_out_channels,
+    tpf.prune_depthwise_conv_out_channels,
+    tpf.prune_linear_out_channels,
+    tpf.prune_batchnorm_out_channels,
+    tpf.prune_layernorm_out_channels,
+    tpf.prune_groupnorm_out_channels,
+)
+
+
+class ScoreImportance(tp.importance.Importance):
+    """Group importance from precomputed per-layer channel scores.
+
+    Each member layer's scores are divided by their mean (so layers are comparable under global
+    allocation) and averaged over the group. With `prefer_norm_layers`, norm layers' scores are
+    used when the group has any (data-aware statistics are taken after normalisation).
+    Groups with no scored member fall back to the group L1 norm.
+    """
+
+    def __init__(self, scores: Scores, names: dict[nn.Module, str], prefer_norm_layers: bool = False):
+        self.scores = scores
+        self.names = names
+        self.prefer_norm_layers = prefer_norm_layers
+        self.fallback = tp.importance.GroupMagnitudeImportance(p=1)
+
+    def __call__(self, group) -> torch.Tensor:
+        members = []
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            name = self.names.get(dep.target.module)
+            if dep.handler in _OUT_FNS and name in self.scores and None not in item.root_idxs:
+                members.append((dep.target.module, self.scores[name], idxs, item.root_idxs))
+        if self.prefer_norm_layers and any(isinstance(m, NORM_TYPES) for m, *_ in members):
+            members = [mem for mem in members if isinstance(mem[0], NORM_TYPES)]
+        if not members:
+            return self.fallback(group)
+        size = len(group[0].root_idxs)
+        total = torch.zeros(size)
+        hits = torch.zeros(size)
+        for _, score, idxs, root_idxs in members:
+            score = score.float()
+            normed = score / (score.mean() + 1e-12)
+            root = torch.as_tensor(root_idxs, dtype=torch.long)
+            total.scatter_add_(0, root, normed[torch.as_tensor(idxs, dtype=torch.long)])
+            hits.scatter_add_(0, root, torch.ones(len(root)))
+        return total / hits.clamp(min=1)
+
+
+@dataclass
+class PruneSpec:
+    """How to prune: `level` is the fraction of parameters to remove."""
+
+    level: float
+    allocation: Literal["uniform", "global"] = "uniform"
+    round_to: int = 8
+    protect_stem: bool = True
+    protect_classifier: bool = True
+    max_layer_ratio: float = 0.9  # no layer loses more than this share of its channels
+    tolerance: float = 0.005  # stop searching once within this of `level`
+
+    def __post_init__(self):
+        if not 0.0 <= self.level < 1.0:
+            raise ValueError(f"pruning level must be in [0, 1), got {self.level}")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got '{self.allocation}'")
+        if self.round_to < 1:
+            raise ValueError("round_to must be at least 1")
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module
+    params_before: int
+    params_after: int
+    channel_ratio: float
+
+    @property
+    def achieved_level(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+
+def _prune_once(
+    model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool
+) -> nn.Module:
+    pruned = copy.deepcopy(model).eval()
+    ignored = []
+    if spec.protect_stem:
+        ignored.append(stem_module(pruned))
+    if spec.protect_classifier:
+        ignored.append(classifier_module(pruned))
+    names = {m: n for n, m in pruned.named_modules()}
+    pruner = tp.pruner.MetaPruner(
+        pruned,
+        example,
+        importance=ScoreImportance(scores, names, prefer_norm),
+        global_pruning=spec.allocation == "global",
+        pruning_ratio=ratio,
+        max_pruning_ratio=spec.max_layer_ratio,
+        ignored_layers=ignored,
+        round_to=spec.round_to if spec.round_to > 1 else None,
+    )
+    pruner.step()
+    return pruned.train(model.training)
+
+
+def _check_no_empty_layer(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        for attr in ("out_channels", "out_features", "num_features"):
+            if getattr(module, attr, 1) == 0:
+                raise RuntimeError(f"pruning removed every channel of layer '{name}'")
+
+
+def prune_to_level(
+    model: nn.Module,
+    scores: Scores,
+    spec: PruneSpec,
+    input_size: int,
+    prefer_norm_layers: bool = False,
+) -> PruneOutcome:
+    """A pruned copy of `model` with about `spec.level` of its parameters removed.
+
+    The channel ratio that yields the level depends on the network (a conv's parameters shrink
+    with both its inputs and outputs), so it is found by bisection on copies of the model.
+    `model` itself is never modified. Level 0 returns an identical copy.
+    """
+    before = count_params(model)
+    if spec.level == 0:
+        return PruneOutcome(copy.deepcopy(model), before, before, 0.0)
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, input_size, input_size, device=device)
+    lo, hi = 0.0, spec.max_layer_ratio
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(12):
+        ratio = (lo + hi) / 2
+        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm_layers)
+        achieved = 1.0 - count_params(candidate) / before
+        if best is None or abs(achieved - spec.level) < abs(best[0] - spec.level):
+            best = (achieved, candidate, ratio)
+        if abs(achieved - spec.level) <= spec.tolerance:
+            break
+        if achieved < spec.level:
+            lo = ratio
+        else:
+            hi = ratio
+    assert best is not None
+    _check_no_empty_layer(best[1])
+    return PruneOutcome(best[1], before, count_params(best[1]), best[2])
