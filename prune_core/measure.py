@@ -92,3 +92,26 @@ def agreement(model: nn.Module, reference: nn.Module, batches: Iterable[tuple[to
     model.train(states[0])
     reference.train(states[1])
     return same / total if total else float("nan")
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_size: int, runs: int = 30, batch: int = 1) -> float:
+    """Median wall time of one forward pass at batch `batch`, in milliseconds (after warm-up)."""
+    import time
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(batch, 3, input_size, input_size, device=device)
+    times = []
+    for i in range(runs + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1000)
+    model.train(was_training)
+    return sorted(times)[len(times) // 2]

@@ -139,7 +139,7 @@ def train(
     best = _val_score(model, teacher, val_batches) if val_batches else float("-inf")
     result.best_score = best
     since_best = 0
-    bar = tqdm(total=config.epochs * per_epoch, disable=not progress, desc="train", unit="batch", leave=False)
+    bar = tqdm(total=config.epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
     try:
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.monotonic()
