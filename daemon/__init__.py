@@ -1,0 +1,5 @@
+"""edgetune daemon: serve a CNN, buffer what it sees, improve it on-device when the device is free.
+
+The data path: api (sample in) → buffer → scheduler/gate → worker (rank → prune → retrain →
+validate, in prune_core) → model_store → serving (hot-swap) → api (served).
+"""

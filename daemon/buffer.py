@@ -1,0 +1,256 @@
+"""The sample buffer: images as received, in SQLite (WAL, synchronous=FULL), bounded and class-balanced.
+
+Ingest is a group commit: request handlers hand samples to one writer thread and await a future;
+the writer commits whatever has queued up in one transaction, so inference never waits on disk
+behind other requests, and a 2xx answer means the row is committed (it survives kill -9).
+"""
+from __future__ import annotations
+
+import hashlib
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class NewSample:
+    """A sample on its way in. `label`/`pred` are class indices; None when unknown."""
+
+    image: bytes
+    media_type: str
+    label: int | None = None
+    pred: int | None = None
+    confidence: float | None = None
+    model_version: str | None = None
+    source: str = "infer"
+
+
+@dataclass
+class Stored:
+    id: int
+    duplicate: bool  # the same image was already buffered; no new row
+
+
+class BufferFull(RuntimeError):
+    """The disk or database refused the write (full, read-only): answered 507 by the API."""
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["samples"].create(
+        {
+            "id": int, "created": float, "image": bytes, "media_type": str, "sha256": str, "bytes": int,
+            "label": int, "pred": int, "klass": int, "confidence": float, "model_version": str,
+            "holdout": int, "source": str,
+        },
+        pk="id",
+        not_null={"created", "image", "media_type", "sha256", "bytes", "holdout", "source"},
+    )
+    db.execute("CREATE UNIQUE INDEX samples_sha256 ON samples(sha256)")
+    db.execute("CREATE INDEX samples_klass_id ON samples(klass, id)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+def _connect(path: Path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed row survives a crash and a power cut
+    conn.execute("PRAGMA busy_timeout=30000")
+    return sqlite_utils.Database(conn)
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema to SCHEMA_VERSION, one transaction per step; returns the version."""
+    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"buffer schema version {version} is newer than this edgetune ({SCHEMA_VERSION})")
+    for step in range(version, SCHEMA_VERSION):
+        with db.conn:
+            db.execute("BEGIN")
+            MIGRATIONS[step](db)
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", [str(step + 1)])
+    return SCHEMA_VERSION
+
+
+def is_holdout(sha256: str, fraction: float) -> bool:
+    """Deterministic validation split by content hash (duplicates can never straddle the split)."""
+    return int(sha256[:8], 16) % 10_000 < int(fraction * 10_000)
+
+
+class SampleBuffer:
+    def __init__(self, path: Path, max_rows: int, max_bytes: int, holdout_fraction: float):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.holdout_fraction = holdout_fraction
+        self._db = _connect(self.path)
+        migrate(self._db)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[NewSample, Future] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self.evicted = 0
+
+    # ---- writing -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="buffer-writer", daemon=True)
+        self._writer.start()
+
+    def submit(self, sample: NewSample) -> Future:
+        """Queue a sample for the next group commit; the future resolves to a `Stored`."""
+        future: Future = Future()
+        self._queue.put((sample, future))
+        return future
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+        self._db.conn.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 512:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                stored = self.add_many([s for s, _ in batch])
+            except BufferFull as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            except Exception as exc:  # never let the writer thread die
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, stored):
+                fut.set_result(result)
+
+    def add_many(self, samples: list[NewSample]) -> list[Stored]:
+        """Insert in one transaction (duplicates by content are not stored twice), then evict."""
+        now = time.time()
+        results = []
+        try:
+            with self._lock:
+                conn = self._db.conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for s in samples:
+                        digest = hashlib.sha256(s.image).hexdigest()
+                        existing = conn.execute("SELECT id FROM samples WHERE sha256 = ?", [digest]).fetchone()
+                        if existing:
+                            if s.label is not None:
+                                conn.execute("UPDATE samples SET label = ?, klass = ? WHERE id = ?", [s.label, s.label, existing[0]])
+                            results.append(Stored(existing[0], True))
+                            continue
+                        klass = s.label if s.label is not None else s.pred
+                        cur = conn.execute(
+                            "INSERT INTO samples (created, image, media_type, sha256, bytes, label, pred, klass, confidence,"
+                            " model_version, holdout, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            [now, s.image, s.media_type, digest, len(s.image), s.label, s.pred, klass, s.confidence,
+                             s.model_version, int(is_holdout(digest, self.holdout_fraction)), s.source],
+                        )
+                        results.append(Stored(cur.lastrowid, False))
+                    self._evict(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if "full" in text or "readonly" in text or "read-only" in text or "disk i/o" in text or "unable to open" in text:
+                raise BufferFull(f"sample buffer cannot store more: {exc}") from None
+            raise
+        return results
+
+    def _evict(self, conn: sqlite3.Connection) -> None:
+        """Drop the oldest samples of the most common class until within the row and byte bounds."""
+        rows, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM samples").fetchone()
+        while rows > self.max_rows or size > self.max_bytes:
+            klass = conn.execute(
+                "SELECT klass FROM samples GROUP BY klass ORDER BY COUNT(*) DESC, MIN(id) ASC LIMIT 1"
+            ).fetchone()[0]
+            n = max(1, min(64, rows - self.max_rows)) if rows > self.max_rows else 8
+            victims = conn.execute(
+                "SELECT id, bytes FROM samples WHERE klass IS ? ORDER BY id LIMIT ?", [klass, n]
+            ).fetchall()
+            conn.execute(f"DELETE FROM samples WHERE id IN ({','.join('?' * len(victims))})", [v[0] for v in victims])
+            rows -= len(victims)
+            size -= sum(v[1] for v in victims)
+            self.evicted += len(victims)
+
+    def set_label(self, sample_id: int, label: int) -> bool:
+        """Attach the truth to a buffered sample; False if it is not (or no longer) buffered."""
+        try:
+            with self._lock, self._db.conn:
+                cur = self._db.conn.execute("UPDATE samples SET label = ?, klass = ? WHERE id = ?", [label, label, sample_id])
+        except sqlite3.OperationalError as exc:
+            raise BufferFull(f"sample buffer cannot be written: {exc}") from None
+        return cur.rowcount > 0
+
+    # ---- reading -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            conn = self._db.conn
+            rows, labelled, size, held, last = conn.execute(
+                "SELECT COUNT(*), COUNT(label), COALESCE(SUM(bytes), 0), COALESCE(SUM(holdout), 0), COALESCE(MAX(id), 0) FROM samples"
+            ).fetchone()
+            per_class = dict(conn.execute("SELECT klass, COUNT(*) FROM samples GROUP BY klass").fetchall())
+        return {
+            "samples": rows, "labelled": labelled, "bytes": size, "held_out": held, "last_id": last,
+            "per_class": per_class, "max_rows": self.max_rows, "max_bytes": self.max_bytes, "evicted": self.evicted,
+        }
+
+    def get(self, sample_id: int) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, created, media_type, sha256, bytes, label, pred, confidence, model_version, holdout, source"
+                " FROM samples WHERE id = ?", [sample_id]
+            ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "created", "media_type", "sha256", "bytes", "label", "pred", "confidence", "model_version", "holdout", "source")
+        return dict(zip(keys, row))
+
+
+def read_snapshot(path: Path, max_id: int, batch: int = 256) -> Iterator[tuple[int, bytes, int | None, int | None, bool]]:
+    """Stream (id, image, label, pred, holdout) of rows up to `max_id` through a read-only connection
+    (WAL lets this run beside the writer)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        last = 0
+        while True:
+            rows = conn.execute(
+                "SELECT id, image, label, pred, holdout FROM samples WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                [last, max_id, batch],
+            ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield r[0], r[1], r[2], r[3], bool(r[4])
+            last = rows[-1][0]
+    finally:
+        conn.close()

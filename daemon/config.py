@@ -1,0 +1,138 @@
+"""Daemon settings: defaults < config.toml < EDGETUNE_* environment < command line.
+
+The TOML file is `<state dir>/config.toml` when present, else `/etc/edgetune/config.toml`.
+Every field has an environment name: `EDGETUNE_` + the field name in upper case.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_STATE_DIR = Path("/var/lib/edgetune")
+SYSTEM_CONFIG = Path("/etc/edgetune/config.toml")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the field."""
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Units are in the names."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGETUNE_", extra="forbid", validate_default=True)
+
+    # Where and how to serve
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="buffer.sqlite, models/, cycles/ live here")
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback requires api_token")
+    port: int = Field(8000, ge=0, le=65535)
+    api_token: SecretStr | None = Field(None, description="bearer token demanded by mutating endpoints")
+    device: str | None = Field(None, description="cpu or cuda; default: cuda when available")
+    max_upload_bytes: int = Field(10 * 2**20, gt=0, description="largest accepted image upload (413 above)")
+
+    # Telemetry and the gate
+    telemetry: Literal["auto", "jtop", "sysfs", "simulated"] = "auto"
+    simulated_telemetry: Path | None = Field(None, description="JSON file re-read at every poll by the simulated provider")
+    poll_interval_s: float = Field(0.5, gt=0, le=60)
+    idle_seconds: float = Field(30.0, ge=0, description="no inference for this long counts as idle")
+    max_request_rate: float = Field(0.0, ge=0, description="requests/s (last minute) still counted as idle")
+    max_cpu_load: float = Field(85.0, ge=0, le=100, description="percent")
+    max_gpu_load: float = Field(50.0, ge=0, le=100, description="percent")
+    thermal_limit_c: float = Field(75.0, description="hottest zone must stay below this")
+    thermal_hysteresis_c: float = Field(5.0, ge=0, description="after a trip, reopen only below limit minus this")
+    power_budget_w: float | None = Field(None, gt=0, description="total board power limit; none = unlimited")
+    power_budget_by_mode: dict[str, float] = Field(default_factory=dict, description="per nvpmodel mode name")
+    min_samples: int = Field(200, ge=1)
+    min_per_class: int = Field(0, ge=0)
+
+    # Periodic cycles
+    auto_cycles: bool = True
+    new_samples_per_cycle: int = Field(500, ge=1, description="new samples since the last cycle before a periodic one")
+
+    # Sample buffer
+    buffer_max_rows: int = Field(20_000, ge=10)
+    buffer_max_bytes: int = Field(512 * 2**20, ge=2**16)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+
+    # The cycle
+    cycle_level: Union[Literal["auto"], float] = Field("auto", description="fraction of parameters to remove, or auto")
+    cycle_criterion: str = "activation"
+    cycle_allocation: Literal["uniform", "global"] = "uniform"
+    cycle_epochs: int = Field(3, ge=0)
+    cycle_finetune_before: int = Field(1, ge=0)
+    cycle_tolerance: float = Field(0.02, ge=0, le=1)
+    cycle_batch_size: int = Field(64, ge=2)
+    cycle_timeout_s: float = Field(3600.0, gt=0)
+    pause_timeout_s: float = Field(900.0, gt=0, description="a cycle paused longer than this is aborted")
+    worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    min_size_gain: float = Field(0.05, ge=0, lt=1)
+    keep_versions: int = Field(5, ge=1)
+
+    @field_validator("cycle_level")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        if v != "auto" and not 0 < float(v) < 1:
+            raise ValueError("must be 'auto' or a number between 0 and 1")
+        return v
+
+    @field_validator("cycle_criterion")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        from prune_core.criteria import CRITERIA
+
+        if v not in CRITERIA:
+            raise ValueError(f"unknown criterion; choose from {', '.join(sorted(CRITERIA))}")
+        return v
+
+    @property
+    def buffer_path(self) -> Path:
+        return self.state_dir / "buffer.sqlite"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def cycles_dir(self) -> Path:
+        return self.state_dir / "cycles"
+
+
+def config_file_for(state_dir: Path) -> Path | None:
+    for candidate in (state_dir / "config.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings for a state dir (from overrides, EDGETUNE_STATE_DIR or the default), raising
+    ConfigError with the offending field's name on any invalid value."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    state_dir = Path(overrides.get("state_dir") or os.environ.get("EDGETUNE_STATE_DIR") or DEFAULT_STATE_DIR)
+    toml_file = config_file_for(state_dir)
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if toml_file is not None:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
+            return sources
+
+    where = f" (from {toml_file} and EDGETUNE_* environment)" if toml_file else " (from EDGETUNE_* environment)"
+    try:
+        settings = FileSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    except (ValueError, OSError) as exc:  # e.g. malformed TOML
+        raise ConfigError(f"invalid configuration{where}: {exc}") from None
+    return settings

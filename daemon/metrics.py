@@ -1,0 +1,50 @@
+"""Prometheus metrics, every name prefixed `edgetune_`, in a registry of the app's own."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # the *_created series only add noise to dashboards
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+CYCLE_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edgetune_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
+        self.request_latency = Histogram(
+            "edgetune_request_latency_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference_latency = Histogram(
+            "edgetune_inference_latency_seconds", "Model forward time per image", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.samples_ingested = Counter("edgetune_samples_ingested", "Samples written to the buffer", ["source"], registry=r)
+        self.buffer_samples = Gauge("edgetune_buffer_samples", "Samples in the buffer", registry=r)
+        self.buffer_labelled = Gauge("edgetune_buffer_labelled_samples", "Labelled samples in the buffer", registry=r)
+        self.buffer_bytes = Gauge("edgetune_buffer_bytes", "Image bytes in the buffer", registry=r)
+        self.buffer_max_bytes = Gauge("edgetune_buffer_max_bytes", "Configured buffer size limit", registry=r)
+        self.cycles = Counter("edgetune_cycles", "Finished prune-retrain cycles by outcome", ["outcome"], registry=r)
+        self.cycle_duration = Histogram("edgetune_cycle_duration_seconds", "Cycle wall time", buckets=CYCLE_BUCKETS, registry=r)
+        self.cycle_running = Gauge("edgetune_cycle_running", "1 while a cycle runs (2 while paused)", registry=r)
+        self.swaps = Counter("edgetune_swaps", "Model hot-swaps (accepted cycles and activations)", registry=r)
+        self.model_info = Gauge("edgetune_model_info", "Active model (value 1)", ["version", "arch"], registry=r)
+        self.model_params = Gauge("edgetune_model_params", "Parameters of the active model", registry=r)
+        self.model_macs = Gauge("edgetune_model_macs", "MACs per image of the active model", registry=r)
+        self.temperature = Gauge("edgetune_temperature_celsius", "Temperature by zone", ["zone"], registry=r)
+        self.temperature_max = Gauge("edgetune_temperature_max_celsius", "Hottest zone", registry=r)
+        self.thermal_limit = Gauge("edgetune_thermal_limit_celsius", "Configured thermal limit", registry=r)
+        self.power = Gauge("edgetune_power_watts", "Board power", registry=r)
+        self.power_budget = Gauge("edgetune_power_budget_watts", "Configured power budget (NaN: none)", registry=r)
+        self.load = Gauge("edgetune_load_percent", "Load by unit", ["unit"], registry=r)
+        self.gate_open = Gauge("edgetune_gate_open", "1 when a cycle may start", registry=r)
+        self.gate_condition = Gauge("edgetune_gate_condition", "Gate conditions (1 = satisfied)", ["condition"], registry=r)
+
+    def set_model(self, version: str, arch: str, params: int, macs: int) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version, arch=arch).set(1)
+        self.model_params.set(params)
+        self.model_macs.set(macs)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,64 @@
+"""The served model and its hot-swap.
+
+A `Served` bundle is immutable; the holder's reference to it is replaced in one assignment after
+the new model is loaded and warmed up, so a request keeps the bundle it started with and no
+request waits for loading.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune_core.measure import count_macs, count_params
+from prune_core.model_format import ModelCard, load_model
+
+
+@dataclass(frozen=True)
+class Served:
+    version: str
+    model: nn.Module
+    card: ModelCard
+    params: int
+    macs: int
+    device: torch.device
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, top_k: int = 5) -> list[list[tuple[int, float]]]:
+        """Top-k (class index, probability) for a uint8 batch N×3×S×S."""
+        m = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
+        s = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
+        x = (images.to(self.device).float() - m) / s
+        probs = torch.softmax(self.model(x).float(), 1)
+        scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [list(zip(i.tolist(), p.tolist())) for i, p in zip(idx.cpu(), scores.cpu())]
+
+
+def load_served(version: str, directory: Path, device: torch.device) -> Served:
+    """Load a model directory and warm it up (first forward passes allocate and tune kernels)."""
+    model, card = load_model(directory, device)
+    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device)
+    warm = torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8)
+    for _ in range(2):
+        served.predict(warm)
+    return served
+
+
+class ModelHolder:
+    """Holds the current `Served`; `swap` replaces it atomically and returns the previous one."""
+
+    def __init__(self) -> None:
+        self._current: Served | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Served | None:
+        return self._current
+
+    def swap(self, served: Served) -> Served | None:
+        with self._lock:
+            previous, self._current = self._current, served
+        return previous

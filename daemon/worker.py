@@ -1,0 +1,147 @@
+"""The cycle worker: a separate, lower-priority process that runs one prune-retrain cycle on a
+snapshot of the buffer and reports through a queue. It never touches the served model or the
+active pointer; an accepted candidate is written to a staging directory for the server to swap in.
+
+Control: a shared integer the server sets to RUN, PAUSE or ABORT; the worker checks it between
+steps and after every training batch (pausing blocks there, so resuming continues where it was).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN, PAUSE, ABORT = 0, 1, 2
+
+
+class Aborted(Exception):
+    pass
+
+
+@dataclass
+class CycleJob:
+    cycle_id: str
+    buffer_path: str
+    model_dir: str
+    served_version: str
+    staging_dir: str
+    max_sample_id: int
+    level: Any
+    criterion: str
+    allocation: str
+    epochs: int
+    finetune_before: int
+    tolerance: float
+    batch_size: int
+    max_accuracy_drop: float
+    min_size_gain: float
+    device: str | None
+    nice: int
+    seed: int = 0
+
+
+def decide(summary: dict, max_drop: float, min_gain: float) -> tuple[bool, str]:
+    """The acceptance rule: not worse than the served model by more than `max_drop` on held-out
+    labelled samples (or on agreement with its predictions where no labels exist), and smaller
+    by at least `min_gain` of its parameters."""
+    gain = 1 - summary["params_after"] / summary["params_before"]
+    if gain < min_gain:
+        return False, f"size gain {gain:.3f} below min_size_gain {min_gain:g}"
+    before, after = summary["top1_before"], summary["top1_after"]
+    if not (isinstance(before, float) and math.isnan(before)):
+        if after < before - max_drop:
+            return False, f"held-out top-1 {after:.4f} is below served {before:.4f} by more than {max_drop:g}"
+        return True, f"held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
+    agreement = summary["agreement_with_before"]
+    if agreement < 1 - max_drop:
+        return False, f"agreement with the served model {agreement:.4f} below {1 - max_drop:.4f} (no labels)"
+    return True, f"agreement {agreement:.4f} with the served model (no labels), {gain:.1%} fewer parameters"
+
+
+def run_worker(job_dict: dict, control, events) -> None:
+    """Process entry point (spawned)."""
+    job = CycleJob(**job_dict)
+    try:
+        os.nice(job.nice)
+    except OSError:
+        pass
+    started = time.monotonic()
+
+    def post(kind: str, **data) -> None:
+        events.put({"type": kind, "time": time.time(), **data})
+
+    def check() -> None:
+        paused = False
+        while control.value == PAUSE:
+            if not paused:
+                post("paused")
+                paused = True
+            time.sleep(0.05)
+        if paused:
+            post("resumed")
+        if control.value == ABORT:
+            raise Aborted()
+
+    try:
+        import torch
+
+        from prune_core import CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model
+
+        from .buffer import read_snapshot
+
+        torch.manual_seed(job.seed)
+        device = pick_device(job.device)
+        post("step", step="snapshot")
+        model, card = load_model(job.model_dir, device)
+        train_parts, held_parts = ([], [], []), ([], [], [])
+        for sample_id, image, label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id):
+            try:
+                tensor = decode_image(image, card.input_size)
+            except ValueError:
+                continue
+            part = held_parts if holdout else train_parts
+            part[0].append(tensor)
+            part[1].append(label if label is not None else -1)
+            part[2].append(str(sample_id))
+        if not train_parts[0] or not held_parts[0]:
+            raise ValueError(f"snapshot has {len(train_parts[0])} training and {len(held_parts[0])} held-out samples; need both")
+
+        def as_set(p) -> ImageSet:
+            return ImageSet(torch.stack(p[0]), torch.tensor(p[1], dtype=torch.long), p[2])
+
+        train_set, held_set = as_set(train_parts), as_set(held_parts)
+        post("step", step="rank", train_samples=len(train_set), held_out_samples=len(held_set))
+        check()
+
+        def should_continue(progress) -> bool:
+            post("progress", epoch=progress.epoch, batch=progress.batch, batches_per_epoch=progress.batches_per_epoch, loss=progress.loss)
+            check()
+            return True
+
+        config = CycleConfig(
+            level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
+            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, seed=job.seed),
+        )
+        result = run_cycle(
+            model, card, train_set, held_set, config, should_continue=should_continue,
+            on_probe=lambda p: post("probe", **p.to_dict()), parent=job.served_version,
+        )
+        check()
+        post("step", step="validate")
+        accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain)
+        if accepted:
+            post("step", step="write")
+            check()
+            save_model(result.model, result.card, job.staging_dir)
+        post("result", accepted=accepted, reason=reason, summary=result.summary, seconds=time.monotonic() - started)
+    except Aborted:
+        post("aborted", reason="aborted while running")
+    except Exception as exc:  # reported, never raised: the server records the failure
+        post("failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+
+
+__all__ = ["CycleJob", "run_worker", "decide", "RUN", "PAUSE", "ABORT"]
