@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     cycle_finetune_before: int = Field(1, ge=0)
     cycle_tolerance: float = Field(0.02, ge=0, le=1)
     cycle_batch_size: int = Field(64, ge=2)
+    cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0)
     pause_timeout_s: float = Field(900.0, gt=0, description="a cycle paused longer than this is aborted")
     worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker")

@@ -6,25 +6,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
-from prune_core.model_format import MODEL_JSON, WEIGHTS, ModelCard, ModelFormatError, load_model, read_card
+from prune_core.model_format import (
+    MODEL_JSON, WEIGHTS, ModelCard, ModelFormatError, atomic_write, fsync_dir, load_model, read_card,
+)
 
 VERSION_RE = re.compile(r"^v\d{4,9}$")
 
 
 class UnknownVersion(KeyError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -54,13 +47,7 @@ class ModelStore:
         target = self.path(version)
         if not (target / MODEL_JSON).is_file():
             raise UnknownVersion(f"no model version '{version}'")
-        fd, tmp = tempfile.mkstemp(prefix=".active.", dir=self.dir)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(version + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.pointer)
-        _fsync_dir(self.dir)
+        atomic_write(self.pointer, lambda tmp: Path(tmp).write_text(version + "\n"))
 
     def next_version(self) -> str:
         numbers = [int(v[1:]) for v in self.versions()]
@@ -76,7 +63,7 @@ class ModelStore:
         """Give a fully written staging directory the next version name (atomic rename)."""
         version = self.next_version()
         os.replace(staging, self.dir / version)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return version
 
     def import_model(self, source: Path) -> str:

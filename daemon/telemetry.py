@@ -119,7 +119,7 @@ class SysfsProvider(Provider):
         for dev in self._glob("/sys/bus/i2c/drivers/ina3221*/*"):
             for hw in glob.glob(os.path.join(dev, "hwmon", "hwmon*")):
                 for volt in sorted(glob.glob(os.path.join(hw, "in[1-3]_input"))):
-                    ch = volt.rsplit("in", 1)[1].split("_")[0]
+                    ch = os.path.basename(volt)[2]
                     mv, ma = _read_number(volt), _read_number(os.path.join(hw, f"curr{ch}_input"))
                     if mv is not None and ma is not None:
                         total += mv * ma / 1e6

@@ -37,6 +37,7 @@ class CycleJob:
     finetune_before: int
     tolerance: float
     batch_size: int
+    min_steps: int
     max_accuracy_drop: float
     min_size_gain: float
     device: str | None
@@ -124,7 +125,7 @@ def run_worker(job_dict: dict, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, seed=job.seed),
+            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, seed=job.seed),
         )
         result = run_cycle(
             model, card, train_set, held_set, config, should_continue=should_continue,

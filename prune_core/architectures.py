@@ -107,8 +107,8 @@ class CifarSmall(nn.Module):
     stem 3->32 @32x32, layer1 32->64 (stride 2) @16x16, layer2 64->128 (stride 2)
     @8x8 followed by a residual block (two 3x3 convs + identity), layer3
     128->256 (stride 2) @4x4, global average pool, linear.  0.69M parameters,
-    ~47M MACs at 32x32.  Measured on a 2-core CPU (torch 2.14, 2 threads,
-    SGD, batch 128): ~740 img/s training, ~2000 img/s inference.  (A second
+    34M MACs at 32x32.  Measured on a 2-core CPU (torch 2.14, 2 threads,
+    SGD, batch 128): 620-750 img/s training, 2000-2700 img/s inference.  (A second
     residual block at 64ch@16x16 cost ~35% throughput, so it was left out.)
     """
 

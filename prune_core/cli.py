@@ -28,6 +28,13 @@ class UsageError(ValueError):
     """A bad argument, reported as one line."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus where to get help), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _emit(data: dict) -> None:
     print(json.dumps(data, indent=2, default=float))
 
@@ -55,11 +62,15 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a torch file with `weights_only` (no code executed)."""
     if not path.is_file():
         raise UsageError(f"weights file '{path}' not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: pickle, safetensors, zip and OS errors alike
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"weights file '{path}' is unreadable: {first}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -215,8 +226,8 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetune", description="On-device data-aware pruning and retraining of CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineParser(prog="edgetune", description="On-device data-aware pruning and retraining of CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("init", help="make a model directory")
     p.add_argument("dir")

@@ -150,13 +150,14 @@ class _ActivationStatistic(Criterion):
 
 @register
 class Activation(_ActivationStatistic):
-    """Mean absolute activation per channel on the device's data: channels that stay quiet on
-    the classes this device sees are the ones to remove."""
+    """Mean activation per channel after the non-linearity (taken as max(x, 0) of the normalised
+    pre-activation) on the device's data: channels that stay quiet on the classes this device
+    sees are the ones to remove. A channel that is always negative is dead, not important."""
 
     name = "activation"
 
     def _reduce(self, out):
-        return out.abs().sum(0)
+        return out.clamp(min=0).sum(0)
 
     def _finish(self, total, count):
         return total / count

@@ -11,7 +11,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
-import torch
 from torch import nn
 
 from .criteria import get_criterion

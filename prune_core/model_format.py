@@ -6,6 +6,7 @@ naming the file and the problem.
 """
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import json
@@ -116,7 +117,8 @@ def channel_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
     return plan
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -124,7 +126,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same directory: write, fsync, rename, fsync the directory."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -136,7 +138,7 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -159,9 +161,9 @@ def save_model(model: nn.Module, card: ModelCard, directory: str | Path) -> Mode
     card.params = count_params(model)
     card.macs = count_macs(model, card.input_size)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     card.weights_sha256 = _sha256(directory / WEIGHTS)
-    _atomic_write(directory / MODEL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(card.to_json(), indent=2) + "\n"))
+    atomic_write(directory / MODEL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(card.to_json(), indent=2) + "\n"))
     return card
 
 
@@ -248,6 +250,10 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
         raise ModelFormatError(f"{weights}: unreadable safetensors file ({exc})") from None
     model = build_model(card.arch, card.num_classes)
     apply_channel_plan(model, card.channel_plan, shapes, str(directory / MODEL_JSON))
+    # Module versions (e.g. MNASNet's) live in state_dict metadata, which safetensors does not keep;
+    # the freshly built model's metadata describes the same code.
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

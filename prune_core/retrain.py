@@ -32,10 +32,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     distill_weight: float = 0.5  # share of the KD term on labelled samples; unlabelled use KD only
     temperature: float = 4.0
-    patience: int = 3  # epochs without held-out improvement before stopping
+    patience: int = 3  # epochs without held-out improvement before stopping (second half of the schedule only)
     seed: int = 0
     augment: bool = True
     flip: bool = True  # horizontal flips (off for digits and text)
+    min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -89,7 +90,7 @@ def distillation_loss(
         ce = F.cross_entropy(logits[labelled], labels[labelled], reduction="none")
         per_row = per_row.index_add(0, torch.nonzero(labelled).flatten(), ce_weight * ce)
     used = labelled | torch.tensor(teacher_logits is not None, device=logits.device)
-    return per_row[used].mean() if used.any() else per_row.sum() * 0.0
+    return per_row[used].mean() if used.any() else logits.sum() * 0.0
 
 
 def _val_score(model: nn.Module, teacher: nn.Module | None, val_batches: Callable) -> float:
@@ -131,17 +132,18 @@ def train(
         lr=config.lr, momentum=config.momentum, nesterov=True,
     )
     per_epoch = math.ceil(len(train_set) / config.batch_size)
+    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))  # small device buffers need more passes
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * per_epoch), pct_start=0.15, anneal_strategy="cos"
+        optimizer, max_lr=config.lr, total_steps=max(1, epochs * per_epoch), pct_start=0.15, anneal_strategy="cos"
     )
     val_batches = (lambda: batches(val_set, 256, mean, std, device=device)) if val_set is not None and len(val_set) else None
     best_state = copy.deepcopy(model.state_dict())
     best = _val_score(model, teacher, val_batches) if val_batches else float("-inf")
     result.best_score = best
     since_best = 0
-    bar = tqdm(total=config.epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
+    bar = tqdm(total=epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, epochs + 1):
             epoch_start = time.monotonic()
             model.train()
             losses = []
@@ -175,7 +177,9 @@ def train(
                 result.best_epoch, result.best_score = epoch, score
             else:
                 since_best += 1
-            if result.stopped or (val_batches is not None and since_best >= config.patience):
+            # Early stopping only in the second half: with a one-cycle schedule the held-out score
+            # often dips while the learning rate is high and recovers as it anneals.
+            if result.stopped or (val_batches is not None and since_best >= config.patience and epoch >= epochs / 2):
                 break
     finally:
         bar.close()

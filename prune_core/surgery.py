@@ -8,6 +8,8 @@ group loses so that the model sheds `level` of its parameters.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +21,9 @@ from torch_pruning.pruner import function as tpf
 from .architectures import classifier_module, stem_module
 from .criteria import NORM_TYPES, Scores
 from .measure import count_params
+from .tp_compat import pruner_setup
+
+ROUNDING_SLACK = 0.02  # accept this miss of the level before giving up channel rounding
 
 _OUT_FNS = (
     tpf.prune_conv_out_channels,
@@ -95,6 +100,7 @@ class PruneOutcome:
     params_before: int
     params_after: int
     channel_ratio: float
+    allocation: str  # what was used: uniform falls back to global where it cannot reach the level
 
     @property
     def achieved_level(self) -> float:
@@ -102,27 +108,52 @@ class PruneOutcome:
 
 
 def _prune_once(
-    model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool
+    model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool, round_to: int | None
 ) -> nn.Module:
     pruned = copy.deepcopy(model).eval()
-    ignored = []
+    setup = pruner_setup(pruned)
+    ignored = list(setup.ignored)
     if spec.protect_stem:
         ignored.append(stem_module(pruned))
     if spec.protect_classifier:
         ignored.append(classifier_module(pruned))
     names = {m: n for n, m in pruned.named_modules()}
-    pruner = tp.pruner.MetaPruner(
-        pruned,
-        example,
-        importance=ScoreImportance(scores, names, prefer_norm),
-        global_pruning=spec.allocation == "global",
-        pruning_ratio=ratio,
-        max_pruning_ratio=spec.max_layer_ratio,
-        ignored_layers=ignored,
-        round_to=spec.round_to if spec.round_to > 1 else None,
-    )
+    with setup.tracing(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TP warns about every unwrapped parameter it handles
+        pruner = tp.pruner.MetaPruner(
+            pruned,
+            example,
+            importance=ScoreImportance(scores, names, prefer_norm),
+            global_pruning=spec.allocation == "global",
+            pruning_ratio=ratio,
+            max_pruning_ratio=spec.max_layer_ratio,
+            ignored_layers=ignored,
+            round_to=round_to if setup.allow_round_to else None,
+            **setup.kwargs,
+        )
     pruner.step()
     return pruned.train(model.training)
+
+
+def _bisect(model, scores, spec, example, prefer_norm, round_to, before) -> tuple[float, nn.Module, float]:
+    """(achieved level, model, channel ratio) closest to spec.level, by bisection on the ratio."""
+    lo, hi = 0.0, spec.max_layer_ratio
+    ratio = min(hi, 1.0 - (1.0 - spec.level) ** 0.5)  # exact for uniform pruning of plain conv chains
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(12):
+        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to)
+        achieved = 1.0 - count_params(candidate) / before
+        if best is None or abs(achieved - spec.level) < abs(best[0] - spec.level):
+            best = (achieved, candidate, ratio)
+        if abs(achieved - spec.level) <= spec.tolerance:
+            break
+        if achieved < spec.level:
+            lo = ratio
+        else:
+            hi = ratio
+        ratio = (lo + hi) / 2
+    assert best is not None
+    return best
 
 
 def _check_no_empty_layer(model: nn.Module) -> None:
@@ -147,23 +178,22 @@ def prune_to_level(
     """
     before = count_params(model)
     if spec.level == 0:
-        return PruneOutcome(copy.deepcopy(model), before, before, 0.0)
+        return PruneOutcome(copy.deepcopy(model), before, before, 0.0, spec.allocation)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, input_size, input_size, device=device)
-    lo, hi = 0.0, spec.max_layer_ratio
-    best: tuple[float, nn.Module, float] | None = None
-    for _ in range(12):
-        ratio = (lo + hi) / 2
-        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm_layers)
-        achieved = 1.0 - count_params(candidate) / before
-        if best is None or abs(achieved - spec.level) < abs(best[0] - spec.level):
-            best = (achieved, candidate, ratio)
-        if abs(achieved - spec.level) <= spec.tolerance:
-            break
-        if achieved < spec.level:
-            lo = ratio
-        else:
-            hi = ratio
-    assert best is not None
-    _check_no_empty_layer(best[1])
-    return PruneOutcome(best[1], before, count_params(best[1]), best[2])
+    round_to = spec.round_to if spec.round_to > 1 else None
+    achieved, pruned, ratio = _bisect(model, scores, spec, example, prefer_norm_layers, round_to, before)
+    if round_to and abs(achieved - spec.level) > ROUNDING_SLACK:
+        # Small layers move in steps of `round_to` channels (densenet's growth convs,
+        # squeezenet's squeeze layers): where that overshoots the level, drop the rounding.
+        achieved, pruned, ratio = _bisect(model, scores, spec, example, prefer_norm_layers, None, before)
+    allocation = spec.allocation
+    if allocation == "uniform" and abs(achieved - spec.level) > ROUNDING_SLACK:
+        # Grouped convolutions (RegNet, ResNeXt) lose whole groups, so a uniform ratio moves the
+        # level in coarse steps; global allocation can then land closer.
+        glob = dataclasses.replace(spec, allocation="global")
+        candidate = _bisect(model, scores, glob, example, prefer_norm_layers, round_to, before)
+        if abs(candidate[0] - spec.level) < abs(achieved - spec.level):
+            (achieved, pruned, ratio), allocation = candidate, "global"
+    _check_no_empty_layer(pruned)
+    return PruneOutcome(pruned, before, count_params(pruned), ratio, allocation)

@@ -29,13 +29,22 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+log="$VENV/.edgetune-install.log"
+pip() {
+  # pip's output goes to a log (this machine's local package index prints a warning per package);
+  # on failure the log is shown.
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" >"$log" 2>&1; then
+    grep -v "is ignored" "$log" >&2 || true
+    echo "edgetune: pip install $* failed" >&2
+    exit 1
+  fi
+}
 if [ "$jetson" = 0 ] && ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "edgetune: installing torch 2.14.1 / torchvision 0.29.1 into $VENV" >&2
-  pip install "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" >&2 || true
+  pip install "torch==2.14.1" "torchvision==0.29.1"
   "$VENV/bin/python" -c "import torch, torchvision" || { echo "edgetune: torch install failed" >&2; exit 1; }
 fi
 echo "edgetune: installing edgetune[$EXTRAS] into $VENV" >&2
-pip install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" >&2 || true
+pip install -e ".[$EXTRAS]"
 "$VENV/bin/python" -c "import prune_core" || { echo "edgetune: install failed" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -1,0 +1,88 @@
+"""The gate, for real: a cycle waits while the device is too hot, pauses within a second when it
+heats up mid-cycle, resumes when it cools, and is aborted when the spike lasts."""
+from __future__ import annotations
+
+import time
+
+
+def _seed(d, images, n=150):
+    for data, label in images[:n]:
+        assert d.infer(data, label).status_code == 200
+
+
+def _wait_state(d, cycle_id, state, timeout=60.0) -> tuple[dict, float]:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        record = d.client.get(f"/cycles/{cycle_id}").json()
+        if record["state"] == state:
+            return record, time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"cycle never reached {state}: {record}")
+
+
+def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
+    d = make_daemon({"EDGETUNE_THERMAL_LIMIT_C": "70", "EDGETUNE_THERMAL_HYSTERESIS_C": "5", "EDGETUNE_CYCLE_EPOCHS": "6"}).start()
+    _seed(d, device_images)
+    d.set_telemetry(temperature_c=80.0)
+    cycle_id = d.client.post("/prune", json={"level": 0.5, "force": True}).json()["cycle_id"]
+    record, _ = _wait_state(d, cycle_id, "waiting")
+    assert "too hot" in record["reason"]
+    status = d.client.get("/status").json()
+    assert status["scheduler"]["thermal_ok"] is False
+    assert any("too hot" in r for r in status["scheduler"]["why_not_running"])
+    time.sleep(1.0)
+    assert d.client.get(f"/cycles/{cycle_id}").json()["state"] == "waiting"  # force never skips the thermal limit
+
+    d.set_telemetry(temperature_c=68.0)  # below the limit but inside the hysteresis band: still closed
+    time.sleep(1.0)
+    assert d.client.get(f"/cycles/{cycle_id}").json()["state"] == "waiting"
+    d.set_telemetry(temperature_c=50.0)
+    _wait_state(d, cycle_id, "running")
+    # wait until training batches are flowing, then heat up
+    deadline = time.monotonic() + 120
+    while not d.client.get(f"/cycles/{cycle_id}").json()["progress"].get("batch") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    d.set_telemetry(temperature_c=85.0)
+    record, took = _wait_state(d, cycle_id, "paused", timeout=5)
+    assert took < 1.0, f"paused after {took:.2f}s"
+    assert "too hot" in record["reason"]
+    def step(progress):
+        return progress.get("epoch", 0) * progress.get("batches_per_epoch", 0) + progress.get("batch", 0)
+
+    at_pause = step(record["progress"])
+    time.sleep(1.5)
+    assert step(d.client.get(f"/cycles/{cycle_id}").json()["progress"]) <= at_pause + 1  # the worker really stopped
+
+    d.set_telemetry(temperature_c=45.0)
+    _wait_state(d, cycle_id, "running", timeout=5)
+    final = d.wait_cycle(cycle_id, ("accepted", "rejected", "failed", "aborted"))
+    assert final["state"] in ("accepted", "rejected") and final["paused_seconds"] >= 1.0
+
+
+def test_sustained_spike_aborts(make_daemon, device_images):
+    d = make_daemon({"EDGETUNE_PAUSE_TIMEOUT_S": "2", "EDGETUNE_CYCLE_EPOCHS": "20"}).start()
+    _seed(d, device_images, 90)
+    cycle_id = d.client.post("/prune", json={"force": True}).json()["cycle_id"]
+    _wait_state(d, cycle_id, "running")
+    d.set_telemetry(temperature_c=95.0)
+    _wait_state(d, cycle_id, "paused", timeout=5)
+    record, _ = _wait_state(d, cycle_id, "aborted", timeout=15)
+    assert "pause_timeout_s" in record["reason"]
+    assert d.client.get("/status").json()["model"]["version"] == "v0001"
+    metrics = d.client.get("/metrics").text
+    assert 'edgetune_cycles_total{outcome="aborted"} 1.0' in metrics
+
+
+def test_traffic_pauses_an_unforced_cycle(make_daemon, device_images):
+    d = make_daemon({"EDGETUNE_IDLE_SECONDS": "1.5", "EDGETUNE_CYCLE_EPOCHS": "6"}).start()
+    _seed(d, device_images, 120)
+    time.sleep(1.6)
+    cycle_id = d.client.post("/prune", json={"level": 0.5}).json()["cycle_id"]
+    _wait_state(d, cycle_id, "running", timeout=30)
+    deadline = time.monotonic() + 120
+    while not d.client.get(f"/cycles/{cycle_id}").json()["progress"].get("batch") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.infer(device_images[200][0]).status_code == 200  # traffic returns
+    record, took = _wait_state(d, cycle_id, "paused", timeout=5)
+    assert "busy" in record["reason"] and took < 1.0
+    _wait_state(d, cycle_id, "running", timeout=10)  # idle again after idle_seconds

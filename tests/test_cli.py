@@ -1,0 +1,254 @@
+"""The `edgetune` command line, run as a real subprocess of the installed console script:
+init → train → prune → eval → info → export on MNIST digits, `--level auto`, and one-line errors.
+
+Independent commands (the error cases, the `--level auto` run, and the read-only commands on the
+pruned model) run concurrently in a small thread pool to keep the module's wall time down.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from prune_core.architectures import build_model
+from prune_core.level_search import DEFAULT_GRID
+from prune_core.model_format import MODEL_JSON, ModelCard, save_model
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def ok(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON a successful command prints."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, command: str, *fragments: str) -> str:
+    """A user error: exit status 2, nothing on stdout, exactly one line on stderr."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    assert lines[0].startswith(f"edgetune {command}: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def copy_classes(src: Path, dst: Path, classes: list[str]) -> Path:
+    for cls in classes:
+        shutil.copytree(src / cls, dst / cls)
+    return dst
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pool():
+    """One background worker for the independent side runs (the main flow runs alongside it)."""
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, mnist_folder) -> dict[str, Path]:
+    """Folders and an untrained 10-digit model directory (written in-process) for the side runs."""
+    root = tmp_path_factory.mktemp("cli")
+    subset = copy_classes(mnist_folder, root / "digits012", ["0", "1", "2"])
+    unknown = copy_classes(mnist_folder, root / "with_unknown", ["3", "4"])
+    (unknown / "cat").mkdir()
+    shutil.copy(next((mnist_folder / "5").iterdir()), unknown / "cat" / "meow.png")
+    torch.manual_seed(0)
+    model_dir = root / "untrained"
+    save_model(build_model("cifar_small", 10), ModelCard("cifar_small", 10, list(DIGITS), 32), model_dir)
+    broken = root / "broken_json"
+    shutil.copytree(model_dir, broken)
+    (broken / MODEL_JSON).write_text('{"format": "edgetune-model", "arch": ')
+    (root / "garbage.pt").write_bytes(b"this is not a torch file")
+    weights = (model_dir / "weights.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(weights[:20])
+    return {"root": root, "subset": subset, "unknown": unknown, "model": model_dir, "broken": broken}
+
+
+ERROR_CASES = {
+    # name: (argv builder, command, fragments expected in the message)
+    "missing_data_folder": (lambda w: ["train", w["model"], "--data", w["root"] / "nope", "--epochs", "1"], "train", ["does not exist"]),
+    "unknown_class": (lambda w: ["eval", w["model"], "--data", w["unknown"]], "eval", ["cat", "--skip-unknown"]),
+    "unknown_arch": (lambda w: ["init", w["root"] / "new", "--arch", "resnet9000", "--num-classes", "3"], "init", ["unknown architecture 'resnet9000'"]),
+    "level_too_big": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "1.5", "--out", w["root"] / "o1"], "prune", ["--level", "1.5"]),
+    "level_not_a_number": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "abc", "--out", w["root"] / "o2"], "prune", ["--level", "abc"]),
+    "missing_model_dir": (lambda w: ["eval", w["root"] / "no_model", "--data", w["subset"]], "eval", ["no_model", "not found"]),
+    "corrupted_model_json": (lambda w: ["info", w["broken"]], "info", ["model.json", "not valid JSON"]),
+    # initial weights that cannot be read are a user error too, not a traceback
+    "garbage_torch_weights": (lambda w: ["init", w["root"] / "i1", "--arch", "cifar_small", "--num-classes", "10",
+                                         "--weights", w["root"] / "garbage.pt"], "init", ["garbage.pt"]),
+    "truncated_safetensors_weights": (lambda w: ["init", w["root"] / "i2", "--arch", "cifar_small", "--num-classes", "10",
+                                                 "--weights", w["root"] / "truncated.safetensors"], "init", ["truncated.safetensors"]),
+}
+
+
+@pytest.fixture(scope="module")
+def side_runs(pool, work, edgetune) -> dict[str, Future]:
+    """Start the `--level auto` run, `--skip-unknown` and the error cases in the background."""
+    run_edgetune = edgetune
+    futures = {name: pool.submit(run_edgetune, *build(work)) for name, (build, _, _) in ERROR_CASES.items()}
+    futures["skip_unknown"] = pool.submit(run_edgetune, "eval", work["model"], "--data", work["unknown"], "--skip-unknown")
+    futures["auto"] = pool.submit(
+        run_edgetune, "prune", work["model"], "--data", work["subset"], "--level", "auto", "--epochs", "1",
+        "--no-flip", "--out", work["root"] / "auto_out",
+    )
+    return futures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_side_runs_first(side_runs):
+    """Autouse: the background runs start before the first test, overlapping the main flow."""
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory, mnist_folder, work, edgetune) -> dict:
+    """init → train → prune (activation, 0.5) in sequence, then eval/info/export/subset eval together."""
+    run_edgetune = edgetune
+    root = tmp_path_factory.mktemp("flow")
+    base, pruned, onnx_path = root / "base", root / "pruned", root / "x.onnx"
+    out = {"base": base, "pruned": pruned, "onnx": onnx_path}
+    out["init"] = ok(run_edgetune("init", base, "--arch", "cifar_small", "--classes-from", mnist_folder))
+    out["train"] = ok(run_edgetune("train", base, "--data", mnist_folder, "--epochs", "1", "--no-flip", "--quiet"))
+    out["prune"] = ok(run_edgetune(
+        "prune", base, "--data", mnist_folder, "--level", "0.5", "--criterion", "activation", "--epochs", "1",
+        "--no-flip", "--quiet", "--out", pruned,
+    ))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # read-only commands on the pruned model
+        later = {
+            "eval": pool.submit(run_edgetune, "eval", pruned, "--data", mnist_folder),
+            "eval_subset": pool.submit(run_edgetune, "eval", pruned, "--data", work["subset"]),
+            "info": pool.submit(run_edgetune, "info", pruned),
+            "export": pool.submit(run_edgetune, "export", pruned, "--onnx", onnx_path),
+        }
+        out.update({name: ok(f.result()) for name, f in later.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The main flow
+# ---------------------------------------------------------------------------
+
+def test_init(flow, mnist_folder):
+    init = flow["init"]
+    assert init["arch"] == "cifar_small" and init["num_classes"] == 10 and init["input_size"] == 32
+    assert init["params"] > 600_000 and init["macs"] > 0
+    card = json.loads((flow["base"] / MODEL_JSON).read_text())
+    assert card["class_names"] == DIGITS  # sorted sub-folder names of --classes-from
+
+
+def test_train(flow):
+    train = flow["train"]
+    assert train["epochs_run"] == 1 and len(train["history"]) == 1
+    assert train["train_samples"] + train["held_out_samples"] == 400
+    assert 40 <= train["held_out_samples"] <= 120
+    assert 0.0 <= train["held_out_top1"] <= 1.0 and train["seconds"] > 0
+
+
+def test_prune_summary(flow):
+    s = flow["prune"]
+    assert s["criterion"] == "activation" and s["level"] == 0.5 and s["level_requested"] == 0.5
+    for key in ("params_before", "params_after", "macs_before", "macs_after", "top1_before", "top1_after", "seconds", "peak_rss_mb"):
+        assert key in s, key
+    assert s["params_before"] == flow["init"]["params"]
+    assert abs(s["params_after"] / s["params_before"] - 0.5) < 0.05
+    assert s["macs_after"] < s["macs_before"]
+    assert 0.0 <= s["top1_before"] <= 1.0 and 0.0 <= s["top1_after"] <= 1.0
+    assert s["seconds"] > 0 and s["peak_rss_mb"] > 50
+    assert len(s["probes"]) == 1 and s["probes"][0]["level"] == 0.5
+    assert s["out"] == str(flow["pruned"])
+    assert sum(c["total"] for c in s["held_out_per_class"].values()) == s["held_out_samples"]
+
+
+def test_eval(flow):
+    e = flow["eval"]
+    assert e["samples"] == 400 and e["total"] == 400
+    assert 0.0 <= e["top1"] <= 1.0 and e["correct"] == round(e["top1"] * 400)
+    assert set(e["per_class"]) == set(DIGITS)
+    for name, c in e["per_class"].items():
+        assert c["total"] == 40, name
+        assert 0 <= c["correct"] <= 40 and c["top1"] == pytest.approx(c["correct"] / 40)
+    assert sum(c["correct"] for c in e["per_class"].values()) == e["correct"]
+
+
+def test_eval_on_a_folder_with_some_classes(flow):
+    e = flow["eval_subset"]
+    assert e["samples"] == e["total"] == 120
+    assert set(e["per_class"]) == {"0", "1", "2"}
+    assert all(c["total"] == 40 for c in e["per_class"].values())
+    # per-class results agree with the full evaluation (up to a near-tie flipped by batch size)
+    for cls in ("0", "1", "2"):
+        assert abs(e["per_class"][cls]["correct"] - flow["eval"]["per_class"][cls]["correct"]) <= 1
+
+
+def test_info(flow):
+    info = flow["info"]
+    assert info["arch"] == "cifar_small" and info["class_names"] == DIGITS and info["input_size"] == 32
+    assert info["params"] == flow["prune"]["params_after"]
+    assert info["macs"] == flow["prune"]["macs_after"]
+    lineage = info["lineage"]
+    assert lineage["criterion"] == "activation" and lineage["level"] == 0.5
+    assert lineage["parent"] == str(flow["base"].resolve())
+    assert lineage["metrics"]["params_after"] == info["params"]
+    assert info["layers"]["fc"] == 10
+    assert info["layers"]["layer3.0"] < 256 and info["size_mb"] > 0
+
+
+def test_export(flow):
+    ex = flow["export"]
+    assert flow["onnx"].is_file() and ex["onnx"] == str(flow["onnx"]) and ex["opset"] == 17
+    assert 0 <= ex["max_abs_diff_vs_torch"] <= 1e-4
+
+
+# ---------------------------------------------------------------------------
+# --level auto and --skip-unknown (background runs)
+# ---------------------------------------------------------------------------
+
+def test_level_auto_prints_probes(side_runs):
+    proc = side_runs["auto"].result()
+    s = ok(proc)
+    probes = s["probes"]
+    assert 1 <= len(probes) <= 5
+    assert s["level_requested"] == "auto" and s["top1_ceiling"] is not None
+    for p in probes:
+        assert p["level"] in DEFAULT_GRID
+        assert set(p) >= {"level", "achieved_level", "accuracy", "params", "macs", "seconds", "feasible"}
+        assert p["feasible"] == (p["accuracy"] >= s["top1_ceiling"] - 0.02)
+    feasible = [p["level"] for p in probes if p["feasible"]]
+    assert s["level"] == (max(feasible) if feasible else 0.0)
+    if s["level"] > 0:
+        assert s["params_after"] < s["params_before"]
+    else:
+        assert s["params_after"] == s["params_before"]
+    assert set(s["held_out_per_class"]) <= {"0", "1", "2"}
+    # without --quiet, each probe is also reported on stderr as it finishes
+    assert proc.stderr.count("probe level=") == len(probes)
+    assert Path(s["out"], MODEL_JSON).is_file()
+
+
+def test_skip_unknown_makes_eval_work(side_runs):
+    e = ok(side_runs["skip_unknown"].result())
+    assert e["samples"] == 80 and set(e["per_class"]) == {"3", "4"}
+
+
+# ---------------------------------------------------------------------------
+# Errors: one line on stderr, exit status 2, no traceback
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_error(side_runs, name):
+    _, command, fragments = ERROR_CASES[name]
+    one_line_error(side_runs[name].result(), command, *fragments)

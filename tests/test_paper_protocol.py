@@ -1,0 +1,67 @@
+"""bench/paper_protocol.py --quick end to end on the real CIFAR-10 images (about 2-3 minutes on a 2-core CPU)."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "paper_protocol.py"
+DATA = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
+METHODS = {"agnostic", "adapt", "activation", "apoz", "taylor", "none", "ceiling"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+# --quick, made smaller still for CI: the test checks the protocol's mechanics, not its numbers.
+SMALLER = ["--per-class", "120", "--base-epochs", "2"]
+
+
+def test_quick_protocol_end_to_end(tmp_path):
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} is missing")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--out", str(out), "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["method"] for r in rows} == METHODS
+    cells = {(r["network"], r["level"], r["subset"]) for r in rows}
+    assert {r["level"] for r in rows} == {"0.50", "0.90"}
+    assert len({r["subset"] for r in rows}) == 2
+    for cell in cells:  # every (network, level, subset) has every method exactly once
+        methods = [r["method"] for r in rows if (r["network"], r["level"], r["subset"]) == cell]
+        assert sorted(methods) == sorted(METHODS), cell
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert int(r["params"]) > 0 and int(r["macs"]) > 0 and float(r["seconds"]) >= 0
+    base = {r["params"] for r in rows if r["method"] in ("none", "ceiling")}
+    assert len(base) == 1
+    assert all(int(r["params"]) < int(next(iter(base))) for r in rows if r["method"] not in ("none", "ceiling"))
+
+    md = (out / "results.md").read_text()
+    assert "| cifar_small | 0.50 |" in md and "| cifar_small | 0.90 |" in md
+    assert "| cifar_small | 0.50 |" in proc.stdout  # the table is printed too
+    png = out / "accuracy_vs_level.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    from PIL import Image
+
+    with Image.open(png) as img:
+        img.verify()
+
+    # a rerun resumes from the CSV: nothing is recomputed and the results are unchanged
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--out", str(out), "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "already in results.csv" in again.stderr
+    with open(out / "results.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows

@@ -1,0 +1,221 @@
+"""prune_core.retrain: deterministic CPU training, stop callback, distillation from a teacher on
+unlabelled samples, and early stopping on the held-out score."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prune_core.architectures import build_model
+from prune_core.data import ImageSet
+from prune_core.retrain import TrainConfig, TrainProgress, distillation_loss, train
+
+MEAN = (0.1307, 0.1307, 0.1307)
+STD = (0.3081, 0.3081, 0.3081)
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageSet:
+    """64 training + 32 held-out MNIST-5k digits (in memory), classes 0-3."""
+    from prune_core.datasets import mnist5k
+
+    data = mnist5k(32)
+    keep = torch.nonzero(data.labels < 4).flatten()[:96]
+    return data.subset(keep)
+
+
+@pytest.fixture
+def splits(digits) -> tuple[ImageSet, ImageSet]:
+    return digits.subset(range(64)), digits.subset(range(64, 96))
+
+
+def fresh_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("cifar_small", 4)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=32, lr=0.05, seed=3, flip=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def seed3_pair(digits):
+    """Two models from the same initial weights, each trained 2 epochs with seed 3."""
+    train_set, held = digits.subset(range(64)), digits.subset(range(64, 96))
+    runs = []
+    for _ in range(2):
+        model = fresh_model()
+        runs.append((model, train(model, train_set, held, MEAN, STD, config())))
+    return runs
+
+
+def test_same_seed_gives_bitwise_identical_weights(seed3_pair):
+    (a, ra), (b, rb) = seed3_pair
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    initial = fresh_model().state_dict()
+    assert any(not torch.equal(initial[k], sa[k]) for k in sa), "training did not change the weights"
+    assert len(ra.history) == 2
+    assert [(h.epoch, h.train_loss, h.val_score) for h in ra.history] == [(h.epoch, h.train_loss, h.val_score) for h in rb.history]
+    assert not a.training  # left in eval mode
+
+
+def test_different_seed_gives_different_weights(splits, seed3_pair):
+    train_set, held = splits
+    (a, _), _ = seed3_pair
+    c = fresh_model()
+    train(c, train_set, held, MEAN, STD, config(seed=4))
+    assert not torch.equal(a.layer3[0].weight, c.layer3[0].weight)
+
+
+def test_should_continue_false_stops_after_first_batch(splits):
+    train_set, held = splits
+    calls: list[TrainProgress] = []
+
+    def stop(progress: TrainProgress) -> bool:
+        calls.append(progress)
+        return False
+
+    model = fresh_model()
+    result = train(model, train_set, held, MEAN, STD, config(epochs=5), should_continue=stop)
+    assert result.stopped is True
+    assert len(calls) == 1
+    assert (calls[0].epoch, calls[0].batch, calls[0].batches_per_epoch) == (1, 1, 2)
+    assert len(result.history) == 1
+
+
+def test_should_continue_true_runs_everything(splits):
+    train_set, held = splits
+    calls = []
+    result = train(fresh_model(), train_set, held, MEAN, STD, config(epochs=2, patience=5),
+                   should_continue=lambda p: calls.append(p) or True)
+    assert result.stopped is False
+    assert len(calls) == 4 and len(result.history) == 2
+    assert [(p.epoch, p.batch) for p in calls] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def unlabelled(data: ImageSet) -> ImageSet:
+    return ImageSet(data.images, torch.full_like(data.labels, -1), list(data.keys))
+
+
+def test_unlabelled_samples_with_teacher(splits):
+    train_set, held = splits
+    teacher = fresh_model(1).eval()
+    student = fresh_model(2)
+    before = copy.deepcopy(student.state_dict())
+    result = train(student, unlabelled(train_set), unlabelled(held), MEAN, STD, config(epochs=1), teacher=teacher)
+    assert len(result.history) == 1
+    score = result.history[0].val_score  # agreement with the teacher: no labels to score against
+    assert 0.0 <= score <= 1.0
+    assert result.history[0].train_loss > 0
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_unlabelled_samples_without_teacher_raise(splits):
+    train_set, held = splits
+    with pytest.raises(ValueError, match="labelled samples or a teacher"):
+        train(fresh_model(), unlabelled(train_set), held, MEAN, STD, config(epochs=1))
+
+
+def test_mixed_labelled_and_unlabelled_without_teacher(splits):
+    """Labelled samples exist, so training without a teacher is allowed; unlabelled samples are
+    then simply ignored. With 2 labelled samples among 64 and batches of 16, at least two batches
+    hold no labelled sample at all, and those must not crash the training loop."""
+    train_set, held = splits
+    labels = torch.full_like(train_set.labels, -1)
+    labels[:2] = train_set.labels[:2]
+    mixed = ImageSet(train_set.images, labels, list(train_set.keys))
+    result = train(fresh_model(), mixed, held, MEAN, STD, config(epochs=1, batch_size=16))
+    assert len(result.history) == 1
+
+
+def test_zero_epochs_is_a_no_op(splits):
+    train_set, held = splits
+    model = fresh_model()
+    before = copy.deepcopy(model.state_dict())
+    result = train(model, train_set, held, MEAN, STD, config(epochs=0))
+    assert result.history == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_early_stopping_respects_patience(splits):
+    """Held-out labels set to the untrained model's own predictions: its score starts at 1.0 and
+    can never improve, so training stops as soon as early stopping is allowed (half-way through
+    the one-cycle schedule, `patience` epochs having passed) and the initial weights are restored."""
+    train_set, held = splits
+    model = fresh_model()
+    model.eval()
+    x = (held.images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        own = model(x).argmax(1)
+    held = ImageSet(held.images, own, list(held.keys))
+    initial = copy.deepcopy(model.state_dict())
+    result = train(model, train_set, held, MEAN, STD, config(epochs=10, patience=2, lr=0.1))
+    assert len(result.history) == 5
+    assert result.best_epoch == 0 and result.best_score == 1.0
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_without_held_out_set_keeps_the_last_epoch(splits):
+    train_set, _ = splits
+    result = train(fresh_model(), train_set, None, MEAN, STD, config(epochs=2, patience=1))
+    assert len(result.history) == 2 and result.best_epoch == 2
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(distill_weight=1.5), dict(temperature=0.0)]
+)
+def test_config_validation(kw):
+    with pytest.raises(ValueError):
+        TrainConfig(**kw)
+
+
+# ---------------------------------------------------------------------------
+# distillation_loss
+# ---------------------------------------------------------------------------
+
+def logits(n: int = 6, k: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_distillation_identical_logits_no_labels_is_zero():
+    z = logits()
+    loss = distillation_loss(z, torch.full((6,), -1), z.clone(), TrainConfig())
+    assert loss.dim() == 0 and abs(loss.item()) < 1e-6
+
+
+def test_distillation_positive_when_student_differs():
+    cfg = TrainConfig(temperature=2.0)
+    s, t = logits(seed=0), logits(seed=1)
+    loss = distillation_loss(s, torch.full((6,), -1), t, cfg)
+    kd = F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") * 4
+    assert loss.item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_cross_entropy_only_without_teacher():
+    z, y = logits(), torch.tensor([0, 1, 2, 3, 4, 0])
+    assert distillation_loss(z, y, None, TrainConfig()).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+    # unlabelled rows are ignored when there is no teacher
+    y2 = torch.tensor([0, 1, -1, -1, 4, 0])
+    keep = y2 >= 0
+    assert distillation_loss(z, y2, None, TrainConfig()).item() == pytest.approx(F.cross_entropy(z[keep], y2[keep]).item(), rel=1e-6)
+
+
+def test_identical_teacher_leaves_weighted_cross_entropy():
+    z, y = logits(), torch.tensor([0, 1, 2, 3, 4, 0])
+    cfg = TrainConfig(distill_weight=0.3)
+    got = distillation_loss(z, y, z.clone(), cfg).item()
+    assert got == pytest.approx(0.7 * F.cross_entropy(z, y).item(), rel=1e-5)
+
+
+def test_no_labels_no_teacher_is_zero_and_differentiable():
+    z = logits().requires_grad_()
+    loss = distillation_loss(z, torch.full((6,), -1), None, TrainConfig())
+    assert loss.item() == 0.0
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() == 0
