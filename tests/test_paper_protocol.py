@@ -15,11 +15,11 @@ METHODS = {"agnostic", "adapt", "activation", "apoz", "taylor", "none", "ceiling
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 # --quick, made smaller still for CI: the test checks the protocol's mechanics, not its numbers.
 SMALLER = ["--per-class", "120", "--base-epochs", "2"]
 
 
+@pytest.mark.slow
 def test_quick_protocol_end_to_end(tmp_path):
     if not DATA.is_file():
         pytest.skip(f"{DATA} is missing")

@@ -86,3 +86,27 @@ def test_traffic_pauses_an_unforced_cycle(make_daemon, device_images):
     record, took = _wait_state(d, cycle_id, "paused", timeout=5)
     assert "busy" in record["reason"] and took < 1.0
     _wait_state(d, cycle_id, "running", timeout=10)  # idle again after idle_seconds
+
+
+def test_periodic_cycle_starts_by_itself_and_old_versions_are_pruned(make_daemon, device_images):
+    d = make_daemon({"EDGETUNE_AUTO_CYCLES": "true", "EDGETUNE_NEW_SAMPLES_PER_CYCLE": "60", "EDGETUNE_KEEP_VERSIONS": "2",
+                     "EDGETUNE_MIN_SIZE_GAIN": "0.0", "EDGETUNE_MAX_ACCURACY_DROP": "1.0", "EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
+    _seed(d, device_images, 70)
+    final = ("accepted", "rejected", "failed", "aborted")
+
+    def wait_for(n: int) -> list[dict]:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            cycles = d.client.get("/cycles").json()
+            if len(cycles) >= n and all(c["state"] in final for c in cycles):
+                return cycles
+            time.sleep(0.2)
+        raise AssertionError(f"expected {n} finished cycles: {d.client.get('/status').json()['scheduler']}")
+
+    wait_for(1)  # the first 70 samples were enough for one
+    _seed(d, device_images[70:], 70)  # 70 new samples: one more
+    cycles = wait_for(2)
+    assert all(c["trigger"] == "periodic" for c in cycles)
+    assert [c["state"] for c in cycles] == ["accepted"] * len(cycles)
+    versions = [m["version"] for m in d.client.get("/models").json()]
+    assert len(versions) == 2 and versions[0] == f"v{len(cycles) + 1:04d}"  # keep_versions = 2: the oldest was removed
