@@ -133,7 +133,7 @@ class Daemon:
         params = {"label": label} if label is not None else {}
         return self.client.post("/infer", content=image, params=params, headers={"content-type": "image/png"})
 
-    def wait_cycle(self, cycle_id: str, states: tuple[str, ...], timeout: float = 180) -> dict:
+    def wait_cycle(self, cycle_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             record = self.client.get(f"/cycles/{cycle_id}").json()

@@ -21,7 +21,8 @@ def _wait_state(d, cycle_id, state, timeout=60.0) -> tuple[dict, float]:
 
 
 def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
-    d = make_daemon({"EDGETUNE_THERMAL_LIMIT_C": "70", "EDGETUNE_THERMAL_HYSTERESIS_C": "5", "EDGETUNE_CYCLE_EPOCHS": "6"}).start()
+    d = make_daemon({"EDGETUNE_THERMAL_LIMIT_C": "70", "EDGETUNE_THERMAL_HYSTERESIS_C": "5", "EDGETUNE_CYCLE_EPOCHS": "6",
+                     "EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
     _seed(d, device_images)
     d.set_telemetry(temperature_c=80.0)
     cycle_id = d.client.post("/prune", json={"level": 0.5, "force": True}).json()["cycle_id"]
@@ -60,7 +61,7 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
 
 
 def test_sustained_spike_aborts(make_daemon, device_images):
-    d = make_daemon({"EDGETUNE_PAUSE_TIMEOUT_S": "2", "EDGETUNE_CYCLE_EPOCHS": "20"}).start()
+    d = make_daemon({"EDGETUNE_PAUSE_TIMEOUT_S": "2", "EDGETUNE_CYCLE_EPOCHS": "20", "EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
     _seed(d, device_images, 90)
     cycle_id = d.client.post("/prune", json={"force": True}).json()["cycle_id"]
     _wait_state(d, cycle_id, "running")
@@ -74,7 +75,7 @@ def test_sustained_spike_aborts(make_daemon, device_images):
 
 
 def test_traffic_pauses_an_unforced_cycle(make_daemon, device_images):
-    d = make_daemon({"EDGETUNE_IDLE_SECONDS": "1.5", "EDGETUNE_CYCLE_EPOCHS": "6"}).start()
+    d = make_daemon({"EDGETUNE_IDLE_SECONDS": "1.5", "EDGETUNE_CYCLE_EPOCHS": "6", "EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
     _seed(d, device_images, 120)
     time.sleep(1.6)
     cycle_id = d.client.post("/prune", json={"level": 0.5}).json()["cycle_id"]
