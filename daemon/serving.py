@@ -26,12 +26,13 @@ class Served:
     macs: int
     device: torch.device
 
+    scale: tuple[torch.Tensor, torch.Tensor]  # mean and std ×255, on the device: built once, not per request
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, top_k: int = 5) -> list[list[tuple[int, float]]]:
         """Top-k (class index, probability) for a uint8 batch N×3×S×S."""
-        m = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
-        s = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
-        x = (images.to(self.device).float() - m) / s
+        mean, std = self.scale
+        x = (images.to(self.device).float() - mean) / std
         probs = torch.softmax(self.model(x).float(), 1)
         scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [list(zip(i.tolist(), p.tolist())) for i, p in zip(idx.cpu(), scores.cpu())]
@@ -40,7 +41,8 @@ class Served:
 def load_served(version: str, directory: Path, device: torch.device) -> Served:
     """Load a model directory and warm it up (first forward passes allocate and tune kernels)."""
     model, card = load_model(directory, device)
-    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device)
+    scale = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (card.mean, card.std))
+    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device, scale)
     warm = torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8)
     for _ in range(2):
         served.predict(warm)
