@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,12 +21,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args) -> None:
+    import asyncio
+
     import uvicorn
 
     from .api import create_app
+    from .logs import configure_logging
     from .runtime import Runtime, StartupError
+    from .service import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(args.log_level)
     try:
         settings = load_settings(state_dir=args.state_dir, host=args.host, port=args.port)
     except ConfigError as exc:
@@ -39,7 +42,8 @@ def cmd_serve(args) -> None:
     except StartupError as exc:
         raise core_cli.UsageError(str(exc)) from None
     app = create_app(runtime)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False, log_config=None)
+    asyncio.run(serve(config, runtime))
 
 
 def build_parser():

@@ -387,6 +387,7 @@ class Scheduler:
             "load_ok": g.load_ok,
             "thermal_ok": g.thermal_ok,
             "power_ok": g.power_ok,
+            "power_budget_w": self.gate.power_budget(self.reading),  # the current power mode's, if configured
             "samples_ok": g.samples_ok,
             "why_not_running": g.reasons if state in ("idle", "waiting", "paused") else [],
             "seconds_since_inference": self.gate.seconds_since_request(),

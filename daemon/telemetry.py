@@ -1,12 +1,13 @@
-"""Telemetry providers: temperatures, power, load. `jtop` (jetson-stats service), `sysfs` (thermal
-zones, INA3221 rails, psutil) and `simulated` (a JSON file re-read at every poll).
-Auto-detection tries them in that order."""
+"""Telemetry providers: temperatures, power, load and the Jetson power mode. `jtop` (jetson-stats
+service), `sysfs` (thermal zones, INA3221 rails, nvpmodel's status file, psutil) and `simulated`
+(a JSON file re-read at every poll). Auto-detection tries them in that order."""
 from __future__ import annotations
 
 import glob
 import json
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import psutil
 
 log = logging.getLogger("edgetune.telemetry")
 JTOP_SOCKET = Path("/run/jtop.sock")
+NVPMODEL_STATUS = "/var/lib/nvpmodel/status"  # "pmode:0002 fmode:…": the current mode's id
+NVPMODEL_CONF = "/etc/nvpmodel.conf"  # "< POWER_MODEL ID=2 NAME=15W >" lines name the ids
 
 
 @dataclass
@@ -48,8 +51,9 @@ class Provider(ABC):
 
 
 class SimulatedProvider(Provider):
-    """Values from a JSON file (keys temperature_c, power_w, gpu_load, cpu_load), re-read at every
-    poll so tests and demos can drive the gate from outside the process."""
+    """Values from a JSON file (keys temperature_c, power_w, gpu_load, cpu_load, memory_used,
+    power_mode, jetson_clocks), re-read at every poll so tests and demos can drive the gate from
+    outside the process."""
 
     name = "simulated"
 
@@ -70,7 +74,8 @@ class SimulatedProvider(Provider):
             gpu_load=_num(data.get("gpu_load")),
             cpu_load=_num(data.get("cpu_load")),
             memory_used=_num(data.get("memory_used")),
-            power_mode=data.get("power_mode"),
+            power_mode=str(data["power_mode"]) if data.get("power_mode") is not None else None,
+            jetson_clocks=bool(data["jetson_clocks"]) if data.get("jetson_clocks") is not None else None,
         )
 
 
@@ -89,12 +94,14 @@ def _read_number(path: str) -> float | None:
 
 
 class SysfsProvider(Provider):
-    """Linux sysfs: /sys/class/thermal zones, INA3221 power rails (Jetson), GPU load node, psutil."""
+    """Linux sysfs: /sys/class/thermal zones, INA3221 power rails (Jetson), GPU load node, psutil,
+    and the nvpmodel mode from nvpmodel's own status file (no jetson_clocks state: only jtop knows it)."""
 
     name = "sysfs"
 
     def __init__(self, root: str = "/"):
         self.root = root
+        self._mode_names: dict[int, str] | None = None  # nvpmodel.conf does not change while we run
         psutil.cpu_percent(None)  # prime the counter
 
     def _glob(self, pattern: str) -> list[str]:
@@ -138,6 +145,26 @@ class SysfsProvider(Provider):
                 return value / 10.0  # per-mille
         return None
 
+    def power_mode(self) -> str | None:
+        """The current nvpmodel mode's name (its id where the conf does not name it); None off a Jetson."""
+        try:
+            status = Path(self.root, NVPMODEL_STATUS.lstrip("/")).read_text()
+        except OSError:
+            return None
+        match = re.search(r"pmode:\s*(\d+)", status)
+        if match is None:
+            return None
+        if self._mode_names is None:
+            try:
+                conf = Path(self.root, NVPMODEL_CONF.lstrip("/")).read_text(errors="replace")
+            except OSError:
+                conf = ""
+            self._mode_names = {
+                int(m["id"]): m["name"] for m in re.finditer(r"<\s*POWER_MODEL\s+ID=(?P<id>\d+)\s+NAME=(?P<name>[^\s>]+)", conf)
+            }
+        mode = int(match[1])
+        return self._mode_names.get(mode, str(mode))
+
     def read(self) -> Reading:
         return Reading(
             temperatures_c=self.temperatures(),
@@ -145,6 +172,7 @@ class SysfsProvider(Provider):
             gpu_load=self.gpu_load(),
             cpu_load=psutil.cpu_percent(None),
             memory_used=psutil.virtual_memory().percent,
+            power_mode=self.power_mode(),
         )
 
 
@@ -166,16 +194,7 @@ class JtopProvider(Provider):
         if not temps:
             temps = {k[5:]: float(v) for k, v in stats.items() if k.startswith("Temp ") and isinstance(v, (int, float)) and v > -40}
         power = stats.get("Power TOT")
-        mode = None
-        try:
-            mode = str(j.nvpmodel) if j.nvpmodel is not None else None
-        except Exception:  # jtop raises when nvpmodel is unavailable
-            mode = None
-        clocks = None
-        try:
-            clocks = bool(j.jetson_clocks.status) if j.jetson_clocks is not None else None
-        except Exception:
-            clocks = None
+        mode, clocks = jtop_power_state(j)
         return Reading(
             temperatures_c=temps,
             power_w=float(power) / 1000.0 if isinstance(power, (int, float)) else None,
@@ -188,6 +207,23 @@ class JtopProvider(Provider):
 
     def close(self) -> None:
         self._jetson.close()
+
+
+def jtop_power_state(jetson) -> tuple[str | None, bool | None]:
+    """(nvpmodel mode name, jetson_clocks on) from a jtop client; None where the board has no such
+    control. `jetson.jetson_clocks` is truthy when on (its `.status` is a word like 'inactive',
+    always truthy, so it is not used)."""
+    try:
+        nvp = jetson.nvpmodel
+        mode = str(nvp.name) if nvp is not None else None
+    except Exception:  # jtop raises when nvpmodel is unavailable or not yet read
+        mode = None
+    try:
+        jc = jetson.jetson_clocks
+        clocks = bool(jc) if jc is not None else None
+    except Exception:
+        clocks = None
+    return mode, clocks
 
 
 def make_provider(kind: str, simulated_file: Path | None = None) -> Provider:

@@ -1,0 +1,61 @@
+"""`edgetune serve`'s event loop: uvicorn plus what a service manager needs to hear.
+
+uvicorn runs as a `uvicorn.Server` in our own loop so that READY=1 goes out only once the model is
+loaded (Runtime is built before) and the socket listens (`server.started`), a one-line STATUS=
+follows the scheduler, WATCHDOG=1 pings come from this loop (a blocked loop stops them), and
+STOPPING=1 is sent as soon as shutdown begins.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from .notify import Notifier
+from .runtime import Runtime
+from .scheduler import FINAL_STATES
+
+POLL_S = 0.2  # how soon a status change or the start of shutdown is announced
+
+
+def status_line(rt: Runtime) -> str:
+    """e.g. `serving v0003; gate closed: busy, not enough samples; cycle 2025…-ab12cd running (retrain epoch 1 batch 3/10)`."""
+    served = rt.holder.current
+    parts = [f"serving {served.version}" if served else "no model"]
+    gate = rt.scheduler.gate_state
+    # the reasons' heads ("busy", "too hot", …): their details change every poll
+    parts.append("gate open" if gate.open else "gate closed: " + ", ".join(r.split(":")[0] for r in gate.reasons))
+    current = rt.scheduler.current
+    if current is not None and current.state not in FINAL_STATES:
+        where = current.step or ""
+        p = current.progress
+        if {"epoch", "batch", "batches_per_epoch"} <= p.keys():
+            where = f"{where} epoch {p['epoch']} batch {p['batch']}/{p['batches_per_epoch']}".strip()
+        parts.append(f"cycle {current.id} {current.state}" + (f" ({where})" if where else ""))
+    elif current is not None:
+        parts.append(f"last cycle {current.id} {current.state}")
+    return "; ".join(parts)
+
+
+async def serve(config: uvicorn.Config, rt: Runtime, notifier: Notifier | None = None) -> None:
+    notifier = notifier or Notifier()
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    watchdog = asyncio.create_task(notifier.watchdog())
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            last = status_line(rt)
+            notifier.ready(last)
+            while not serving.done() and not server.should_exit:
+                line = status_line(rt)
+                if line != last:
+                    notifier.status(line)
+                    last = line
+                await asyncio.wait({serving}, timeout=POLL_S)
+        notifier.stopping()
+        await serving
+    finally:
+        watchdog.cancel()
+        notifier.close()
