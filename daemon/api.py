@@ -22,6 +22,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from prune_core.data import DataError, decode_image
 
+from . import status_page
 from .buffer import BufferFull, NewSample
 from .model_store import UnknownVersion
 from .runtime import Runtime
@@ -133,6 +134,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="edgetune", version="0.1.0", lifespan=lifespan,
                   description="On-device data-aware pruning and retraining of the served CNN.")
     app.add_middleware(GuardMiddleware, runtime=rt)
+    app.include_router(status_page.router(rt))
 
     def served() -> Served:
         current = rt.holder.current
@@ -318,7 +320,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             },
             "buffer": buffer,
             "scheduler": rt.scheduler.status(),
-            "telemetry": {"provider": rt.provider.name, **rt.scheduler.reading.to_dict()},
+            "telemetry": {"provider": rt.provider.name, **rt.scheduler.reading.to_dict(), "limits": {
+                "thermal_limit_c": s.thermal_limit_c, "power_budget_w": rt.gate.power_budget(rt.scheduler.reading),
+                "max_cpu_load": s.max_cpu_load, "max_gpu_load": s.max_gpu_load}},
             "cycle": current.to_dict() if current is not None else None,
         }
 

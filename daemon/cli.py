@@ -9,6 +9,7 @@ from typing import Sequence
 from prune_core import cli as core_cli
 
 from .config import ConfigError, load_settings
+from .status_cli import add_parsers as add_status_parsers
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,6 +57,7 @@ def build_parser():
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+    add_status_parsers(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ class Metrics:
         self.buffer_labelled = Gauge("edgetune_buffer_labelled_samples", "Labelled samples in the buffer", registry=r)
         self.buffer_bytes = Gauge("edgetune_buffer_bytes", "Image bytes in the buffer", registry=r)
         self.buffer_max_bytes = Gauge("edgetune_buffer_max_bytes", "Configured buffer size limit", registry=r)
+        self.buffer_max_samples = Gauge("edgetune_buffer_max_samples", "Configured buffer row limit", registry=r)
         self.cycles = Counter("edgetune_cycles", "Finished prune-retrain cycles by outcome", ["outcome"], registry=r)
         self.cycle_duration = Histogram("edgetune_cycle_duration_seconds", "Cycle wall time", buckets=CYCLE_BUCKETS, registry=r)
         self.cycle_running = Gauge("edgetune_cycle_running", "1 while a cycle runs (2 while paused)", registry=r)

@@ -26,6 +26,7 @@ from .config import Settings
 from .gate import Gate, GateState
 from .metrics import Metrics
 from .model_store import ModelStore
+from .report import write_report_async
 from .serving import ModelHolder, Served, load_served
 from .telemetry import Provider, Reading
 from .worker import ABORT, PAUSE, RUN, CycleJob, run_worker
@@ -128,6 +129,7 @@ class Scheduler:
         self._events = None
         self._staging: Path | None = None
         self._paused_at: float | None = None
+        self._final_event: dict = {}  # the worker's last event, evidence for the cycle report
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _recover_interrupted(self) -> None:
@@ -302,6 +304,7 @@ class Scheduler:
         self.history.save(record)
 
     def _conclude(self, record: CycleRecord, event: dict) -> None:
+        self._final_event = event
         self._kill_worker(grace=10)
         if event["type"] != "result":
             self._finish(record, "aborted" if event["type"] == "aborted" else "failed", event.get("reason"))
@@ -348,6 +351,8 @@ class Scheduler:
             self._paused_at = None
         record.state, record.reason, record.finished = state, reason, time.time()
         self.history.save(record)
+        write_report_async(self.history.dir / record.id, record.to_dict(), self._final_event)
+        self._final_event = {}
         self.metrics.cycles.labels(outcome=state).inc()
         if record.started:
             self.metrics.cycle_duration.observe(record.finished - record.started)
@@ -373,6 +378,7 @@ class Scheduler:
         m.buffer_labelled.set(stats["labelled"])
         m.buffer_bytes.set(stats["bytes"])
         m.buffer_max_bytes.set(stats["max_bytes"])
+        m.buffer_max_samples.set(stats["max_rows"])
         state = self.current.state if self.current else None
         m.cycle_running.set({"running": 1, "paused": 2}.get(state, 0))
 

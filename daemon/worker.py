@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .report import LossCurve, channels_kept
+
 RUN, PAUSE, ABORT = 0, 1, 2
 
 
@@ -71,6 +73,7 @@ def run_worker(job_dict: dict, control, events) -> None:
     except OSError:
         pass
     started = time.monotonic()
+    curve = LossCurve()  # sent with the final event, for the cycle report
 
     def post(kind: str, **data) -> None:
         events.put({"type": kind, "time": time.time(), **data})
@@ -91,6 +94,7 @@ def run_worker(job_dict: dict, control, events) -> None:
         import torch
 
         from prune_core import CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model
+        from prune_core.model_format import channel_plan
 
         from .buffer import read_snapshot
 
@@ -120,6 +124,7 @@ def run_worker(job_dict: dict, control, events) -> None:
 
         def should_continue(progress) -> bool:
             post("progress", epoch=progress.epoch, batch=progress.batch, batches_per_epoch=progress.batches_per_epoch, loss=progress.loss)
+            curve.add(progress.epoch, progress.batch, progress.loss)
             check()
             return True
 
@@ -138,11 +143,12 @@ def run_worker(job_dict: dict, control, events) -> None:
             post("step", step="write")
             check()
             save_model(result.model, result.card, job.staging_dir)
-        post("result", accepted=accepted, reason=reason, summary=result.summary, seconds=time.monotonic() - started)
+        post("result", accepted=accepted, reason=reason, summary=result.summary, seconds=time.monotonic() - started,
+             curve=curve.points, channels=channels_kept(card.channel_plan, channel_plan(result.model)))
     except Aborted:
-        post("aborted", reason="aborted while running")
+        post("aborted", reason="aborted while running", curve=curve.points)
     except Exception as exc:  # reported, never raised: the server records the failure
-        post("failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+        post("failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8), curve=curve.points)
 
 
 __all__ = ["CycleJob", "run_worker", "decide", "RUN", "PAUSE", "ABORT"]

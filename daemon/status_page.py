@@ -1,0 +1,55 @@
+"""What a person looks at: the status page (`GET /`, files shipped in `daemon/static/`, no CDN) and
+each cycle's report (`GET /cycles/{id}/report`, `/cycles/{id}/report.png`)."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse, Response
+
+from .report import REPORT_JSON, REPORT_PNG
+from .runtime import Runtime
+
+STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
+
+
+def static_file(name: str) -> bytes:
+    """A file of the page, read through importlib.resources (works from a wheel install)."""
+    return resources.files("daemon").joinpath("static", name).read_bytes()
+
+
+def router(rt: Runtime) -> APIRouter:
+    r = APIRouter()
+    no_cache = {"Cache-Control": "no-cache"}  # an upgraded daemon must not be shown with a stale script
+
+    @r.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=no_cache)
+
+    @r.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in STATIC:
+            raise HTTPException(404, f"no static file '{name}'")
+        return Response(static_file(name), media_type=f"{STATIC[name]}; charset=utf-8", headers=no_cache)
+
+    def report_path(cycle_id: str, filename: str):
+        # Only ids of known cycles reach the file system: nothing else can name a path.
+        record = rt.scheduler.records.get(cycle_id)
+        if record is None:
+            raise HTTPException(404, f"no cycle '{cycle_id}'")
+        path = rt.settings.cycles_dir / record.id / filename
+        if not path.is_file():
+            why = "it has not finished" if record.finished is None else "it ended before reports existed, or the report is still being written"
+            raise HTTPException(404, f"cycle {record.id} has no report ({why})")
+        return path
+
+    @r.get("/cycles/{cycle_id}/report", summary="A finished cycle's report: outcome, accuracy, channels kept, loss curve")
+    async def report(cycle_id: str) -> dict:
+        return json.loads(report_path(cycle_id, REPORT_JSON).read_text())
+
+    @r.get("/cycles/{cycle_id}/report.png", summary="A finished cycle's report as a picture", response_class=FileResponse)
+    async def report_png(cycle_id: str) -> FileResponse:
+        return FileResponse(report_path(cycle_id, REPORT_PNG), media_type="image/png")
+
+    return r
