@@ -22,7 +22,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from prune_core.data import DataError, decode_image
 
-from .buffer import BufferFull, NewSample
+from .buffer import NewSample, StorageError
 from .model_store import UnknownVersion
 from .runtime import Runtime
 from .scheduler import FINAL_STATES, Conflict
@@ -201,7 +201,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             result.update(sample_id=stored.id, buffered=not stored.duplicate)
             if not stored.duplicate:
                 rt.metrics.samples_ingested.labels(source="infer").inc()
-        except BufferFull as exc:
+        except StorageError as exc:  # inference keeps working when the disk is full or read-only
             result["buffer_error"] = str(exc)
         return result
 
@@ -210,8 +210,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         index = label_index(served(), body.label)
         try:
             found = await run_in_threadpool(rt.buffer.set_label, sample_id, index)
-        except BufferFull as exc:
-            raise _error(507, str(exc)) from None
+        except StorageError as exc:
+            raise _error(exc.http_status, str(exc)) from None
         if not found:
             raise _error(404, f"no buffered sample {sample_id} (never stored, or evicted)")
         return {"sample_id": sample_id, "label": body.label}
@@ -234,8 +234,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             prepared.append(NewSample(data, "application/octet-stream", label=label_index(model, item.label), source="ingest"))
         try:
             stored = await run_in_threadpool(rt.buffer.add_many, prepared)
-        except BufferFull as exc:
-            raise _error(507, str(exc)) from None
+        except StorageError as exc:
+            raise _error(exc.http_status, str(exc)) from None
         rt.metrics.samples_ingested.labels(source="ingest").inc(sum(not x.duplicate for x in stored))
         return {"sample_ids": [x.id for x in stored], "stored": sum(not x.duplicate for x in stored), "duplicates": sum(x.duplicate for x in stored)}
 
