@@ -64,11 +64,11 @@ def storage_error(exc: BaseException, doing: str) -> StorageError | None:
     text = str(exc).lower()
     errno_ = getattr(exc, "errno", None)
     if "full" in text or errno_ == 28:  # SQLITE_FULL, ENOSPC
-        return BufferFull(f"sample buffer full, {doing} refused: no space left in the state directory ({exc})")
+        return BufferFull(f"sample buffer full: no space left in the state directory, {doing} ({exc})")
     if "readonly" in text or "read-only" in text or errno_ == 30:  # SQLITE_READONLY, EROFS
-        return BufferReadOnly(f"state directory is read-only, {doing} refused ({exc})")
+        return BufferReadOnly(f"state directory is read-only, {doing} ({exc})")
     if "disk i/o" in text or "unable to open" in text or isinstance(exc, OSError):
-        return BufferReadOnly(f"state directory cannot be written, {doing} refused ({exc})")
+        return BufferReadOnly(f"state directory cannot be written, {doing} ({exc})")
     return None
 
 
