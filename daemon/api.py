@@ -73,6 +73,24 @@ class CycleAccepted(BaseModel):
     state: str
 
 
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+# /infer reads its body itself (raw image or multipart), so the schema is declared by hand.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+INFER_BODY = {"required": True, "content": {
+    "image/jpeg": _BINARY, "image/png": _BINARY, "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "empty, truncated or undecodable image"},
+    413: {"model": ErrorMessage, "description": "larger than max_upload_bytes"},
+    415: {"model": ErrorMessage, "description": "not an image or multipart upload"},
+    503: {"model": ErrorMessage, "description": "no model loaded"},
+}
+
+
 def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
@@ -176,7 +194,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise _error(400, "empty image")
         return data, ctype
 
-    @app.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it")
+    @app.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it",
+              openapi_extra={"requestBody": INFER_BODY}, responses=ERROR_RESPONSES)
     async def infer(request: Request, label: str | None = Query(None, description="the true class, when known")) -> Any:
         model = served()
         index = label_index(model, label)
