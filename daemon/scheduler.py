@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import queue
 import shutil
 import threading

@@ -29,6 +29,7 @@ import time
 import httpx
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
 SEED = int(os.environ.get("EDGETUNE_CRASH_SEED", "20240607"))
@@ -145,19 +146,21 @@ def check_restart(d, sent: set[str], acked: set[str], children: list[psutil.Proc
     return {c["id"]: c for c in cycles}
 
 
-def test_sigkill_during_ingest(make_daemon):
-    rng = random.Random(SEED)
+@pytest.mark.parametrize("half", [0, 1])  # two halves, so pytest-xdist can run them side by side
+def test_sigkill_during_ingest(make_daemon, half):
+    rng = random.Random(SEED + 10 + half)
     d = make_daemon({"EDGETUNE_BUFFER_MAX_ROWS": "100000"}).start()
     probe = noise_png(rng)
     sent, acked = {sha(probe)}, set()
-    for _ in range(INGEST_KILLS):
+    kills = INGEST_KILLS // 2 + (INGEST_KILLS % 2 if half else 0)
+    for _ in range(kills):
         with Ingest(d.url, rng) as load:
             time.sleep(rng.uniform(0.15, 1.2))
             children = kill(d)
         sent |= load.sent
         acked |= load.acked
         check_restart(d, sent, acked, children, probe)
-    assert len(acked) > 5 * INGEST_KILLS  # the kills really landed in the middle of ingest
+    assert len(acked) > 5 * kills  # the kills really landed in the middle of ingest
 
 
 def _wait_for_phase(d, cycle_id: str, target: str, rng: random.Random, timeout: float = 120) -> str:
