@@ -150,7 +150,7 @@ class Scheduler:
                 try:
                     self.activate(version)
                     record.state = "accepted"
-                    record.reason = f"{record.reason}; the daemon stopped during the install, completed on restart"
+                    record.reason = f"{record.reason or 'accepted'}; the daemon stopped during the install, completed on restart"
                     self.history.save(record)
                     log.warning("cycle %s: install of %s completed after a restart", record.id, version)
                     continue
