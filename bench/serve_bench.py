@@ -1,7 +1,10 @@
 """Benchmark a real `edgetune serve`: ingest rate, /infer latency idle vs during a cycle, failed
-requests across repeated hot-swaps, swap latency, cycle time and peak RSS.
+requests across repeated hot-swaps, swap latency, cycle time and peak RSS; and a sustained load
+test (--sustain S): several clients hold /infer for S seconds while cycles and swaps keep
+happening, reporting requests/s, p50/p99 and failed requests.
 
     python bench/serve_bench.py [--swaps 20] [--out bench/out/serve_bench]
+    python bench/serve_bench.py --only-sustain --sustain 240 --clients 4
 
 Prints a table and writes serve_bench.csv. Everything runs on loopback against a temporary
 state directory; the model is the demo's small CNN trained for one epoch on MNIST-5k.
@@ -77,11 +80,59 @@ class Load:
         self.thread.join()
 
 
+def sustained(url: str, client: httpx.Client, probe: list[bytes], seconds: float, clients: int) -> list[tuple[str, float, str]]:
+    """`clients` threads hold /infer for `seconds` while forced cycles (each from the oldest,
+    largest version) and activations between the stored versions keep running."""
+    final = ("accepted", "rejected", "failed", "aborted")
+    outcomes: dict[str, int] = {}
+    swaps = 0
+    loads = [Load(url, probe) for _ in range(clients)]
+    for load in loads:
+        load.__enter__()
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < seconds:
+            versions = [m["version"] for m in client.get("/models").json()]
+            if client.get("/status").json()["model"]["version"] != versions[-1]:
+                client.post(f"/models/{versions[-1]}/activate").raise_for_status()
+                swaps += 1
+            cycle_id = client.post("/prune", json={"force": True, "epochs": 1}).json()["cycle_id"]
+            while (record := client.get(f"/cycles/{cycle_id}").json())["state"] not in final:
+                time.sleep(0.5)
+            outcomes[record["state"]] = outcomes.get(record["state"], 0) + 1
+            swaps += record["state"] == "accepted"
+            versions = [m["version"] for m in client.get("/models").json()]
+            for k in range(10 if len(versions) >= 2 else 0):  # swaps under load between cycles
+                if time.perf_counter() - started >= seconds:
+                    break
+                client.post(f"/models/{versions[k % 2]}/activate").raise_for_status()
+                swaps += 1
+                time.sleep(1.0)
+    finally:
+        elapsed = time.perf_counter() - started
+        for load in loads:
+            load.__exit__()
+    latencies = [x for load in loads for x in load.latencies]
+    failed = sum(load.failed for load in loads)
+    cycles = ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items()))
+    return [
+        (f"sustained: {clients} clients for {elapsed:.0f} s, requests/s", len(latencies) / elapsed, f"{len(latencies)} requests"),
+        ("sustained: /infer p50 (ms)", percentile(latencies, 0.5), ""),
+        ("sustained: /infer p99 (ms)", percentile(latencies, 0.99), ""),
+        ("sustained: failed requests", failed, "non-200 or transport error"),
+        ("sustained: cycles finished", sum(outcomes.values()), cycles),
+        ("sustained: hot-swaps", swaps, "accepted cycles + activations"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each latency window")
+    ap.add_argument("--sustain", type=float, default=0.0, help="seconds of the sustained load test (0: skip)")
+    ap.add_argument("--clients", type=int, default=4, help="client threads in the sustained load test")
+    ap.add_argument("--only-sustain", action="store_true", help="skip the other measurements")
     ap.add_argument("--out", default="bench/out/serve_bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -120,65 +171,13 @@ def main() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        # ingest: bulk (no inference) and through /infer
-        half = len(images) // 2
-        start = time.perf_counter()
-        for k in range(0, half, 50):
-            batch = images[k : min(k + 50, half)]
-            r = client.post("/samples", json={"samples": [{"image": base64.b64encode(b).decode(), "label": l} for b, l in batch]})
-            r.raise_for_status()
-        rows.append(("ingest rate, POST /samples (samples/s)", half / (time.perf_counter() - start), ""))
-        start = time.perf_counter()
-        for b, l in images[half:]:
-            client.post("/infer", params={"label": l}, content=b, headers={"content-type": "image/png"}).raise_for_status()
-        rows.append(("ingest rate, POST /infer sequential (samples/s)", (len(images) - half) / (time.perf_counter() - start), ""))
-
-        probe = [b for b, _ in images[:100]]
-        with Load(url, probe) as idle:
-            time.sleep(args.seconds)
-        rows += [("/infer p50 idle (ms)", percentile(idle.latencies, 0.5), f"{len(idle.latencies)} requests"),
-                 ("/infer p99 idle (ms)", percentile(idle.latencies, 0.99), f"{idle.failed} failed")]
-
-        daemon_ps = psutil.Process(proc.pid)
-        peak = [0.0]
-
-        def rss() -> float:
-            total = 0
-            for p in [daemon_ps] + daemon_ps.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            return total / 2**20
-
-        cycle_id = client.post("/prune", json={"force": True, "epochs": 3}).json()["cycle_id"]
-        started = time.perf_counter()
-        with Load(url, probe) as busy:
-            while True:
-                peak[0] = max(peak[0], rss())
-                record = client.get(f"/cycles/{cycle_id}").json()
-                if record["state"] in ("accepted", "rejected", "failed", "aborted"):
-                    break
-                time.sleep(0.2)
-        cycle_s = time.perf_counter() - started
-        rows += [("/infer p50 during a cycle (ms)", percentile(busy.latencies, 0.5), f"{len(busy.latencies)} requests"),
-                 ("/infer p99 during a cycle (ms)", percentile(busy.latencies, 0.99), f"{busy.failed} failed"),
-                 ("cycle time (s)", cycle_s, record["state"] + (f": {record['reason']}" if record["reason"] else "")),
-                 ("peak RSS, daemon + worker (MiB)", peak[0], "")]
-
-        versions = [m["version"] for m in client.get("/models").json()]
-        if len(versions) >= 2:
-            swap_ms = []
-            with Load(url, probe) as swapping:
-                for k in range(args.swaps):
-                    t0 = time.perf_counter()
-                    client.post(f"/models/{versions[k % 2]}/activate").raise_for_status()
-                    swap_ms.append((time.perf_counter() - t0) * 1000)
-            rows += [(f"requests failed across {args.swaps} swaps", swapping.failed, f"of {len(swapping.latencies)}"),
-                     ("swap latency p50 (ms)", statistics.median(swap_ms), "load + warm-up + swap"),
-                     ("swap latency max (ms)", max(swap_ms), "")]
+        if args.only_sustain:
+            for k in range(0, len(images), 50):
+                batch = images[k : k + 50]
+                client.post("/samples", json={"samples": [{"image": base64.b64encode(b).decode(), "label": l} for b, l in batch]}).raise_for_status()
+            rows += sustained(url, client, [b for b, _ in images[:100]], args.sustain, args.clients)
         else:
-            rows.append(("swaps", float("nan"), "skipped: the cycle produced no second version"))
+            rows += measure(args, url, client, images, proc)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -191,6 +190,73 @@ def main() -> None:
     with open(out / "serve_bench.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("measure", "value", "note"), *rows])
     print(f"\nwritten {out / 'serve_bench.csv'}")
+
+
+def measure(args, url: str, client: httpx.Client, images: list[tuple[bytes, str]], proc) -> list[tuple[str, float, str]]:
+    """Ingest rates, idle and busy latency, a cycle under load, swaps under load."""
+    rows: list[tuple[str, float, str]] = []
+    # ingest: bulk (no inference) and through /infer
+    half = len(images) // 2
+    start = time.perf_counter()
+    for k in range(0, half, 50):
+        batch = images[k : min(k + 50, half)]
+        r = client.post("/samples", json={"samples": [{"image": base64.b64encode(b).decode(), "label": l} for b, l in batch]})
+        r.raise_for_status()
+    rows.append(("ingest rate, POST /samples (samples/s)", half / (time.perf_counter() - start), ""))
+    start = time.perf_counter()
+    for b, l in images[half:]:
+        client.post("/infer", params={"label": l}, content=b, headers={"content-type": "image/png"}).raise_for_status()
+    rows.append(("ingest rate, POST /infer sequential (samples/s)", (len(images) - half) / (time.perf_counter() - start), ""))
+
+    probe = [b for b, _ in images[:100]]
+    with Load(url, probe) as idle:
+        time.sleep(args.seconds)
+    rows += [("/infer p50 idle (ms)", percentile(idle.latencies, 0.5), f"{len(idle.latencies)} requests"),
+             ("/infer p99 idle (ms)", percentile(idle.latencies, 0.99), f"{idle.failed} failed")]
+
+    daemon_ps = psutil.Process(proc.pid)
+    peak = [0.0]
+
+    def rss() -> float:
+        total = 0
+        for p in [daemon_ps] + daemon_ps.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 2**20
+
+    cycle_id = client.post("/prune", json={"force": True, "epochs": 3}).json()["cycle_id"]
+    started = time.perf_counter()
+    with Load(url, probe) as busy:
+        while True:
+            peak[0] = max(peak[0], rss())
+            record = client.get(f"/cycles/{cycle_id}").json()
+            if record["state"] in ("accepted", "rejected", "failed", "aborted"):
+                break
+            time.sleep(0.2)
+    cycle_s = time.perf_counter() - started
+    rows += [("/infer p50 during a cycle (ms)", percentile(busy.latencies, 0.5), f"{len(busy.latencies)} requests"),
+             ("/infer p99 during a cycle (ms)", percentile(busy.latencies, 0.99), f"{busy.failed} failed"),
+             ("cycle time (s)", cycle_s, record["state"] + (f": {record['reason']}" if record["reason"] else "")),
+             ("peak RSS, daemon + worker (MiB)", peak[0], "")]
+
+    versions = [m["version"] for m in client.get("/models").json()]
+    if len(versions) >= 2:
+        swap_ms = []
+        with Load(url, probe) as swapping:
+            for k in range(args.swaps):
+                t0 = time.perf_counter()
+                client.post(f"/models/{versions[k % 2]}/activate").raise_for_status()
+                swap_ms.append((time.perf_counter() - t0) * 1000)
+        rows += [(f"requests failed across {args.swaps} swaps", swapping.failed, f"of {len(swapping.latencies)}"),
+                 ("swap latency p50 (ms)", statistics.median(swap_ms), "load + warm-up + swap"),
+                 ("swap latency max (ms)", max(swap_ms), "")]
+    else:
+        rows.append(("swaps", float("nan"), "skipped: the cycle produced no second version"))
+    if args.sustain > 0:
+        rows += sustained(url, client, probe, args.sustain, args.clients)
+    return rows
 
 
 if __name__ == "__main__":

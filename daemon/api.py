@@ -23,7 +23,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from prune_core.data import DataError, decode_image
 
 from . import status_page
-from .buffer import BufferFull, NewSample
+from .buffer import NewSample, StorageError
 from .model_store import UnknownVersion
 from .runtime import Runtime
 from .scheduler import FINAL_STATES, Conflict
@@ -72,6 +72,24 @@ class PruneRequest(BaseModel):
 class CycleAccepted(BaseModel):
     cycle_id: str
     state: str
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+# /infer reads its body itself (raw image or multipart), so the schema is declared by hand.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+INFER_BODY = {"required": True, "content": {
+    "image/jpeg": _BINARY, "image/png": _BINARY, "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "empty, truncated or undecodable image"},
+    413: {"model": ErrorMessage, "description": "larger than max_upload_bytes"},
+    415: {"model": ErrorMessage, "description": "not an image or multipart upload"},
+    503: {"model": ErrorMessage, "description": "no model loaded"},
+}
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -178,7 +196,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise _error(400, "empty image")
         return data, ctype
 
-    @app.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it")
+    @app.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it",
+              openapi_extra={"requestBody": INFER_BODY}, responses=ERROR_RESPONSES)
     async def infer(request: Request, label: str | None = Query(None, description="the true class, when known")) -> Any:
         model = served()
         index = label_index(model, label)
@@ -203,7 +222,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             result.update(sample_id=stored.id, buffered=not stored.duplicate)
             if not stored.duplicate:
                 rt.metrics.samples_ingested.labels(source="infer").inc()
-        except BufferFull as exc:
+        except StorageError as exc:  # inference keeps working when the disk is full or read-only
             result["buffer_error"] = str(exc)
         return result
 
@@ -212,8 +231,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         index = label_index(served(), body.label)
         try:
             found = await run_in_threadpool(rt.buffer.set_label, sample_id, index)
-        except BufferFull as exc:
-            raise _error(507, str(exc)) from None
+        except StorageError as exc:
+            raise _error(exc.http_status, str(exc)) from None
         if not found:
             raise _error(404, f"no buffered sample {sample_id} (never stored, or evicted)")
         return {"sample_id": sample_id, "label": body.label}
@@ -236,8 +255,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             prepared.append(NewSample(data, "application/octet-stream", label=label_index(model, item.label), source="ingest"))
         try:
             stored = await run_in_threadpool(rt.buffer.add_many, prepared)
-        except BufferFull as exc:
-            raise _error(507, str(exc)) from None
+        except StorageError as exc:
+            raise _error(exc.http_status, str(exc)) from None
         rt.metrics.samples_ingested.labels(source="ingest").inc(sum(not x.duplicate for x in stored))
         return {"sample_ids": [x.id for x in stored], "stored": sum(not x.duplicate for x in stored), "duplicates": sum(x.duplicate for x in stored)}
 

@@ -7,6 +7,7 @@ behind other requests, and a 2xx answer means the row is committed (it survives 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import sqlite3
 import threading
@@ -40,8 +41,35 @@ class Stored:
     duplicate: bool  # the same image was already buffered; no new row
 
 
-class BufferFull(RuntimeError):
-    """The disk or database refused the write (full, read-only): answered 507 by the API."""
+class StorageError(RuntimeError):
+    """The state directory refused a write; `http_status` is how the API answers it."""
+
+    http_status = 503
+
+
+class BufferFull(StorageError):
+    """No space left (disk full or SQLite's own limit): 507 Insufficient Storage."""
+
+    http_status = 507
+
+
+class BufferReadOnly(StorageError):
+    """The state directory is read-only (e.g. remounted after file system errors): 503."""
+
+    http_status = 503
+
+
+def storage_error(exc: BaseException, doing: str) -> StorageError | None:
+    """Classify an SQLite or OS error as a storage fault, or None when it is something else."""
+    text = str(exc).lower()
+    errno_ = getattr(exc, "errno", None)
+    if "full" in text or errno_ == 28:  # SQLITE_FULL, ENOSPC
+        return BufferFull(f"sample buffer full: no space left in the state directory, {doing} ({exc})")
+    if "readonly" in text or "read-only" in text or errno_ == 30:  # SQLITE_READONLY, EROFS
+        return BufferReadOnly(f"state directory is read-only, {doing} ({exc})")
+    if "disk i/o" in text or "unable to open" in text or isinstance(exc, OSError):
+        return BufferReadOnly(f"state directory cannot be written, {doing} ({exc})")
+    return None
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -96,8 +124,15 @@ class SampleBuffer:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.holdout_fraction = holdout_fraction
-        self._db = _connect(self.path)
-        migrate(self._db)
+        # A read-only state directory (e.g. remounted read-only after file system errors) still
+        # opens, read-only: inference and status keep working, every write answers BufferReadOnly.
+        self.read_only = self.path.exists() and not os.access(self.path.parent, os.W_OK)
+        if self.read_only:
+            conn = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, check_same_thread=False)
+            self._db = sqlite_utils.Database(conn)
+        else:
+            self._db = _connect(self.path)
+            migrate(self._db)
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[NewSample, Future] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -138,10 +173,6 @@ class SampleBuffer:
                 batch.append(item)
             try:
                 stored = self.add_many([s for s, _ in batch])
-            except BufferFull as exc:
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
             except Exception as exc:  # never let the writer thread die
                 for _, fut in batch:
                     fut.set_exception(exc)
@@ -151,6 +182,8 @@ class SampleBuffer:
 
     def add_many(self, samples: list[NewSample]) -> list[Stored]:
         """Insert in one transaction (duplicates by content are not stored twice), then evict."""
+        if self.read_only:
+            raise BufferReadOnly(f"state directory {self.path.parent} is read-only, sample not stored")
         now = time.time()
         results = []
         try:
@@ -177,13 +210,14 @@ class SampleBuffer:
                     self._evict(conn)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
+                        conn.execute("ROLLBACK")
                     raise
-        except sqlite3.OperationalError as exc:
-            text = str(exc).lower()
-            if "full" in text or "readonly" in text or "read-only" in text or "disk i/o" in text or "unable to open" in text:
-                raise BufferFull(f"sample buffer cannot store more: {exc}") from None
-            raise
+        except (sqlite3.Error, OSError) as exc:
+            fault = storage_error(exc, "sample not stored")
+            if fault is None:
+                raise
+            raise fault from None
         return results
 
     def _evict(self, conn: sqlite3.Connection) -> None:
@@ -204,11 +238,16 @@ class SampleBuffer:
 
     def set_label(self, sample_id: int, label: int) -> bool:
         """Attach the truth to a buffered sample; False if it is not (or no longer) buffered."""
+        if self.read_only:
+            raise BufferReadOnly(f"state directory {self.path.parent} is read-only, label not stored")
         try:
             with self._lock, self._db.conn:
                 cur = self._db.conn.execute("UPDATE samples SET label = ?, klass = ? WHERE id = ?", [label, label, sample_id])
-        except sqlite3.OperationalError as exc:
-            raise BufferFull(f"sample buffer cannot be written: {exc}") from None
+        except (sqlite3.Error, OSError) as exc:
+            fault = storage_error(exc, "label not stored")
+            if fault is None:
+                raise
+            raise fault from None
         return cur.rowcount > 0
 
     # ---- reading -------------------------------------------------------------------------

@@ -66,7 +66,12 @@ class Settings(BaseSettings):
     cycle_tolerance: float = Field(0.02, ge=0, le=1)
     cycle_batch_size: int = Field(64, ge=2)
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
-    cycle_timeout_s: float = Field(3600.0, gt=0)
+    cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")
+    cycle_memory_limit_mb: int | None = Field(
+        None, ge=64, description="address-space limit of the cycle worker (RLIMIT_AS); over it the cycle fails as out of memory."
+        " None = unlimited. CPU only: CUDA reserves far more address space than it uses, so on a GPU use the unit's MemoryMax")
+    cycle_backoff_base_s: float = Field(60.0, ge=0, description="after a failed cycle, wait this long before an automatic one; doubles per failure in a row")
+    cycle_backoff_max_s: float = Field(3600.0, ge=0, description="the longest wait between automatic cycles after repeated failures")
     pause_timeout_s: float = Field(900.0, gt=0, description="a cycle paused longer than this is aborted")
     worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)

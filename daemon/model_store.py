@@ -3,6 +3,7 @@ switched atomically (write temp, fsync, rename, fsync dir). Version names are `v
 nothing outside `models/` is ever loaded."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -13,7 +14,9 @@ from prune_core.model_format import (
     MODEL_JSON, WEIGHTS, ModelCard, ModelFormatError, atomic_write, fsync_dir, load_model, read_card,
 )
 
-VERSION_RE = re.compile(r"^v\d{4,9}$")
+VERSION_RE = re.compile(r"v\d{4,9}")  # always used with fullmatch
+LEFTOVER_GLOBS = (".staging-*", ".trash-*", ".active.*")
+log = logging.getLogger("edgetune.store")
 
 
 class UnknownVersion(KeyError):
@@ -29,19 +32,19 @@ class ModelStore:
 
     def path(self, version: str) -> Path:
         """The directory of `version`; rejects anything that is not a plain version name."""
-        if not VERSION_RE.match(version or ""):
+        if not VERSION_RE.fullmatch(version or ""):
             raise UnknownVersion(f"'{version}' is not a version name (v0001, v0002, …)")
         return self.dir / version
 
     def versions(self) -> list[str]:
-        return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and VERSION_RE.match(p.name) and (p / MODEL_JSON).is_file())
+        return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / MODEL_JSON).is_file())
 
     def active(self) -> str | None:
         try:
             name = self.pointer.read_text().strip()
         except FileNotFoundError:
             return None
-        return name if VERSION_RE.match(name) and (self.dir / name).is_dir() else None
+        return name if VERSION_RE.fullmatch(name) and (self.dir / name).is_dir() else None
 
     def set_active(self, version: str) -> None:
         target = self.path(version)
@@ -59,10 +62,18 @@ class ModelStore:
         path.mkdir()
         return path
 
-    def commit(self, staging: Path) -> str:
-        """Give a fully written staging directory the next version name (atomic rename)."""
-        version = self.next_version()
-        os.replace(staging, self.dir / version)
+    def commit(self, staging: Path, version: str | None = None) -> str:
+        """Give a fully written staging directory a version name (the next one unless given) by
+        an atomic rename; its files are fsynced first, so the renamed directory is complete."""
+        version = version or self.next_version()
+        target = self.path(version)
+        if target.exists():
+            raise FileExistsError(f"model version {version} already exists")
+        for name in (MODEL_JSON, WEIGHTS):
+            with open(staging / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(staging)
+        os.replace(staging, target)
         fsync_dir(self.dir)
         return version
 
@@ -72,25 +83,38 @@ class ModelStore:
         staging = self.staging_dir()
         for name in (MODEL_JSON, WEIGHTS):
             shutil.copyfile(Path(source) / name, staging / name)
-            with open(staging / name, "rb+") as fh:
-                os.fsync(fh.fileno())
         return self.commit(staging)
 
     def card(self, version: str) -> ModelCard:
         return read_card(self.path(version))
 
+    def remove(self, version: str) -> None:
+        """Delete a version: renamed out of the version namespace first (atomic), so a crash
+        mid-delete never leaves a half-deleted directory that looks like a version."""
+        trash = self.dir / f".trash-{version}-{uuid.uuid4().hex[:6]}"
+        os.replace(self.path(version), trash)
+        fsync_dir(self.dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def remove_stale(self, protect: set[str]) -> list[str]:
-        """Delete leftover staging dirs and versions beyond the newest `keep` (never `protect`)."""
-        for leftover in self.dir.glob(".staging-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in self.dir.glob(".active.*"):
-            leftover.unlink(missing_ok=True)
-        removed = []
-        versions = self.versions()
-        for version in versions[: max(0, len(versions) - self.keep)]:
-            if version not in protect:
-                shutil.rmtree(self.dir / version, ignore_errors=True)
-                removed.append(version)
+        """Delete leftovers of interrupted writes (staging dirs, deletions, pointer temp files)
+        and versions beyond the newest `keep` (never `protect`). Best effort: a read-only state
+        directory is left as it is."""
+        try:
+            for leftover in (p for pattern in LEFTOVER_GLOBS for p in self.dir.glob(pattern)):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            removed = []
+            versions = self.versions()
+            for version in versions[: max(0, len(versions) - self.keep)]:
+                if version not in protect:
+                    self.remove(version)
+                    removed.append(version)
+        except OSError as exc:
+            log.warning("could not clean up %s: %s", self.dir, exc)
+            return []
         return removed
 
     def last_good(self, exclude: set[str] = frozenset()) -> list[str]:

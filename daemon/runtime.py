@@ -58,7 +58,10 @@ class Runtime:
                 continue
             if version != active:
                 log.warning("falling back to model %s (active was %s)", version, active)
-                self.store.set_active(version)
+                try:
+                    self.store.set_active(version)
+                except OSError as exc:  # a read-only state dir: serve it anyway, the pointer stays
+                    log.warning("could not move the active pointer to %s: %s", version, exc)
             self.holder.swap(served)
             self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
             return

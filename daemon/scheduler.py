@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import queue
 import shutil
 import threading
@@ -20,6 +19,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prune_core.model_format import ModelFormatError, atomic_write
 
 from .buffer import SampleBuffer
 from .config import Settings
@@ -78,17 +79,23 @@ class CycleRecord:
 class CycleHistory:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.dir.glob("*/.cycle.json.*.tmp"):  # a write cut short by a crash
+                leftover.unlink()
+        except OSError as exc:
+            log.warning("cycle history %s is not writable: %s", self.dir, exc)
 
     def save(self, record: CycleRecord) -> None:
+        """Replace the record's file atomically. A full or read-only disk is logged, not raised:
+        the record lives on in memory (and the API), and the next save that fits writes it."""
         folder = self.dir / record.id
-        folder.mkdir(exist_ok=True)
-        tmp = folder / ".cycle.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(record.to_dict(), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / "cycle.json")
+        body = json.dumps(record.to_dict(), indent=2)
+        try:
+            folder.mkdir(exist_ok=True)
+            atomic_write(folder / "cycle.json", lambda tmp: Path(tmp).write_text(body))
+        except OSError as exc:
+            log.warning("cycle %s: record not saved: %s", record.id, exc)
 
     def load_all(self) -> list[CycleRecord]:
         records = []
@@ -116,7 +123,6 @@ class Scheduler:
         self.device = device
         self.history = CycleHistory(settings.cycles_dir)
         self.records: dict[str, CycleRecord] = {r.id: r for r in self.history.load_all()}
-        self._recover_interrupted()
         self.current: CycleRecord | None = None
         self.reading = Reading()
         self.gate_state = GateState(reasons=["starting"])
@@ -130,15 +136,41 @@ class Scheduler:
         self._staging: Path | None = None
         self._paused_at: float | None = None
         self._final_event: dict = {}  # the worker's last event, evidence for the cycle report
+        self._recover_interrupted()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _recover_interrupted(self) -> None:
+        """Settle cycles the daemon died in. One that died while installing an accepted model
+        whose directory was already committed is completed (that version is activated);
+        every other is marked failed with the state it was in."""
         for record in self.records.values():
-            if record.state not in FINAL_STATES:
-                record.reason = f"interrupted: the daemon stopped while the cycle was {record.state}"
-                record.state = "failed"
-                record.finished = time.time()
-                self.history.save(record)
+            if record.state in FINAL_STATES:
+                continue
+            record.finished = time.time()
+            version = record.version_after
+            if version is not None and version in self.store.versions():
+                try:
+                    self.activate(version)
+                    record.state = "accepted"
+                    record.reason = f"{record.reason or 'accepted'}; the daemon stopped during the install, completed on restart"
+                    self.history.save(record)
+                    log.warning("cycle %s: install of %s completed after a restart", record.id, version)
+                    continue
+                except (ModelFormatError, OSError, RuntimeError) as exc:
+                    log.error("cycle %s: committed version %s does not load: %s", record.id, version, exc)
+                    self._discard(version)
+            step = f" ({record.step})" if record.step else ""
+            record.reason = f"interrupted: the daemon stopped while the cycle was {record.state}{step}"
+            record.state, record.version_after = "failed", None
+            self.history.save(record)
+
+    def _discard(self, version: str) -> None:
+        """Remove a committed but never accepted version (unless it is the active one)."""
+        try:
+            if self.store.active() != version:
+                self.store.remove(version)
+        except OSError as exc:
+            log.warning("could not remove unaccepted version %s: %s", version, exc)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -211,8 +243,28 @@ class Scheduler:
             else:
                 self._supervise(current, gate)
 
+    def backoff(self) -> tuple[int, float | None]:
+        """(consecutive failed cycles, time before which no automatic cycle starts). The delay
+        doubles with each failure in a row, from cycle_backoff_base_s up to cycle_backoff_max_s;
+        an accepted or rejected cycle ends the streak. Records persist, so restarts keep it."""
+        streak, last = 0, None
+        for r in sorted(self.records.values(), key=lambda r: r.created, reverse=True):
+            if r.state not in FINAL_STATES or r.state == "aborted":  # aborts are the gate's doing
+                continue
+            if r.state != "failed":
+                break
+            streak += 1
+            last = last or r.finished
+        if not streak:
+            return 0, None
+        delay = min(self.s.cycle_backoff_max_s, self.s.cycle_backoff_base_s * 2 ** (streak - 1))
+        return streak, (last or time.time()) + delay
+
     def _maybe_periodic(self, gate: GateState, stats: dict) -> None:
         if not self.s.auto_cycles or not gate.open:
+            return
+        _, not_before = self.backoff()
+        if not_before is not None and time.time() < not_before:
             return
         last = max((r.max_sample_id or 0 for r in self.records.values()), default=0)
         if stats["last_id"] - last >= self.s.new_samples_per_cycle:
@@ -223,7 +275,11 @@ class Scheduler:
         if served is None:
             self._finish(record, "failed", "no model is being served")
             return
-        self._staging = self.store.staging_dir()
+        try:
+            self._staging = self.store.staging_dir()
+        except OSError as exc:
+            self._finish(record, "failed", f"cannot write to the state directory: {exc}")
+            return
         req = record.request
         job = CycleJob(
             cycle_id=record.id, buffer_path=str(self.buffer.path), model_dir=str(self.store.path(served.version)),
@@ -232,6 +288,7 @@ class Scheduler:
             finetune_before=self.s.cycle_finetune_before, tolerance=self.s.cycle_tolerance,
             batch_size=self.s.cycle_batch_size, min_steps=self.s.cycle_min_steps, max_accuracy_drop=self.s.max_accuracy_drop,
             min_size_gain=self.s.min_size_gain, device=self.s.device, nice=self.s.worker_nice,
+            memory_limit_mb=self.s.cycle_memory_limit_mb,
         )
         ctx = mp.get_context("spawn")
         self._control = ctx.Value("i", RUN)
@@ -313,21 +370,28 @@ class Scheduler:
         if not event["accepted"]:
             self._finish(record, "rejected", event["reason"])
             return
+        # The version name is recorded before the commit: a restart then knows whether the
+        # rename happened (complete the install) or not (the staging dir is discarded).
+        version, committed = self.store.next_version(), False
+        record.step, record.reason, record.version_after = "install", event["reason"], version
+        self.history.save(record)
         try:
             with self._swap_lock:
                 previous = self.holder.current
-                version = self.store.commit(self._staging)
-                self._staging = None
+                self.store.commit(self._staging, version)
+                self._staging, committed = None, True
                 served = load_served(version, self.store.path(version), self.device)
                 self.holder.swap(served)
                 self.store.set_active(version)
-                self.store.remove_stale(protect={version, previous.version if previous else ""})
-            self.metrics.swaps.inc()
-            self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
         except Exception as exc:
+            if committed:
+                self._discard(version)
+            record.version_after = None
             self._finish(record, "failed", f"could not install the new model: {type(exc).__name__}: {exc}")
             return
-        record.version_after = version
+        self.store.remove_stale(protect={version, previous.version if previous else ""})
+        self.metrics.swaps.inc()
+        self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
         self._finish(record, "accepted", event["reason"])
         log.info("cycle %s accepted: now serving %s", record.id, version)
 
@@ -386,6 +450,9 @@ class Scheduler:
         current = self.current
         state = current.state if current and current.state not in FINAL_STATES else "idle"
         g = self.gate_state
+        failures, not_before = self.backoff()
+        if not_before is not None and not_before <= time.time():
+            not_before = None
         return {
             "state": state,
             "gate_open": g.open,
@@ -395,8 +462,12 @@ class Scheduler:
             "power_ok": g.power_ok,
             "power_budget_w": self.gate.power_budget(self.reading),  # the current power mode's, if configured
             "samples_ok": g.samples_ok,
-            "why_not_running": g.reasons if state in ("idle", "waiting", "paused") else [],
+            "why_not_running": (g.reasons if state in ("idle", "waiting", "paused") else []) + (
+                [f"{failures} failed cycles in a row: next automatic cycle not before "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(not_before))}"] if not_before and state == "idle" else []),
             "seconds_since_inference": self.gate.seconds_since_request(),
             "request_rate_per_s": self.gate.request_rate(),
             "auto_cycles": self.s.auto_cycles,
+            "consecutive_failures": failures,
+            "next_automatic_cycle_not_before": not_before,
         }

@@ -7,8 +7,10 @@ steps and after every training batch (pausing blocks there, so resuming continue
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import resource
 import time
 import traceback
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ class CycleJob:
     min_size_gain: float
     device: str | None
     nice: int
+    memory_limit_mb: int | None = None
     seed: int = 0
 
 
@@ -65,9 +68,35 @@ def decide(summary: dict, max_drop: float, min_gain: float) -> tuple[bool, str]:
     return True, f"agreement {agreement:.4f} with the served model (no labels), {gain:.1%} fewer parameters"
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the daemon dies (even by SIGKILL), so a restart
+    never finds an orphan still training and writing into a staging directory."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if megabytes is not None:
+        limit = megabytes * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or "cannot allocate memory" in text or "can't allocate memory" in text or "failed to map segment" in text)
+
+
 def run_worker(job_dict: dict, control, events) -> None:
     """Process entry point (spawned)."""
     job = CycleJob(**job_dict)
+    parent = os.getppid()
+    _die_with_parent()
     try:
         os.nice(job.nice)
     except OSError:
@@ -78,7 +107,12 @@ def run_worker(job_dict: dict, control, events) -> None:
     def post(kind: str, **data) -> None:
         events.put({"type": kind, "time": time.time(), **data})
 
+    post("step", step="start")  # starts the queue's feeder thread before the memory limit applies
+    _limit_memory(job.memory_limit_mb)
+
     def check() -> None:
+        if os.getppid() != parent:  # the daemon is gone (where PR_SET_PDEATHSIG is unavailable)
+            os._exit(1)
         paused = False
         while control.value == PAUSE:
             if not paused:
@@ -148,7 +182,10 @@ def run_worker(job_dict: dict, control, events) -> None:
     except Aborted:
         post("aborted", reason="aborted while running", curve=curve.points)
     except Exception as exc:  # reported, never raised: the server records the failure
-        post("failed", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8), curve=curve.points)
+        reason = f"{type(exc).__name__}: {exc}"
+        if _out_of_memory(exc):
+            reason = f"out of memory (cycle_memory_limit_mb={job.memory_limit_mb}): {reason}"
+        post("failed", reason=reason, traceback=traceback.format_exc(limit=8), curve=curve.points)
 
 
 __all__ = ["CycleJob", "run_worker", "decide", "RUN", "PAUSE", "ABORT"]

@@ -90,6 +90,7 @@ class Daemon:
             **env,
         }
         self.proc: subprocess.Popen | None = None
+        self.wrap: list[str] = []  # a command prefix, e.g. unshare + mount for the fault tests
         self.log = state_dir.parent / f"serve-{self.port}.log"
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
@@ -106,7 +107,7 @@ class Daemon:
         cmd = [shutil.which("edgetune", path=os.path.dirname(sys.executable)), "serve", "--state-dir", str(self.state_dir), "--port", str(self.port)]
         if self.model_dir is not None:
             cmd += ["--model", str(self.model_dir)]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.wrap + cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
