@@ -9,6 +9,7 @@ from typing import Sequence
 from prune_core import cli as core_cli
 
 from .config import ConfigError, load_settings
+from .demo import add_parser as add_demo_parser
 from .status_cli import add_parsers as add_status_parsers
 
 
@@ -58,6 +59,7 @@ def build_parser():
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     add_status_parsers(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -270,9 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_export)
 
-    from .demo import add_parser as add_demo
-
-    add_demo(sub)
     return parser
 
 

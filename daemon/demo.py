@@ -1,0 +1,576 @@
+"""`edgetune demo`: the whole loop, live, on a fresh machine, offline, in a few minutes on a CPU.
+
+1. A state dir (default ./demo-state) with a base model trained once on MNIST-5k, reused after.
+2. A real `edgetune serve` child process on 127.0.0.1, on a fresh daemon state, configured so that
+   its own idle gate starts one cycle as soon as the camera has been quiet for a few seconds.
+3. A "camera" that only sees a few digit classes sends images the base model never saw through
+   POST /infer; a user labels one image in N (`?label=`).
+4. The camera stops; the gate opens; the daemon prunes, retrains, validates and hot-swaps.
+5. Before/after: params, MACs, latency, top-1 on held-out images of those classes that were never
+   sent, and the swap as /status reports it.
+The daemon is then left running until Ctrl-C, or stopped at once with --once.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import http.client
+import io
+import json
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import torch
+from PIL import Image
+
+from prune_core.data import ImageSet, batches
+from prune_core.device import pick_device
+from prune_core.digits import Digits, base_model, digits, only, parse_classes
+from prune_core.measure import count_macs, count_params, evaluate, latency_ms
+from prune_core.model_format import load_model
+
+from .model_store import ModelStore
+from .scheduler import FINAL_STATES
+from .telemetry import JTOP_SOCKET
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+CONFIG_HEADER = "# written by `edgetune demo`\n"
+
+
+# ---- options and daemon configuration ---------------------------------------------------
+@dataclass
+class DemoOptions:
+    state_dir: Path
+    classes: list[int]
+    images_per_class: int = 200
+    label_every: int = 3
+    base_epochs: int = 4
+    cycle_epochs: int = 3
+    cycle_min_steps: int = 40
+    level: str | float = 0.8
+    idle_seconds: float = 3.0
+    port: int | None = None
+    telemetry: str = "auto"
+    device: str | None = None
+    once: bool = False
+    timeout_s: float = 900.0
+
+
+def on_jetson() -> bool:
+    return JTOP_SOCKET.exists() or Path("/etc/nv_tegra_release").exists()
+
+
+def pick_telemetry(choice: str) -> tuple[str, str]:
+    """(the daemon's `telemetry` setting, why). Real sensors on a Jetson, where the default limits
+    (75 °C, 85 % CPU, 50 % GPU) mean something; none elsewhere, where a desktop's CPU temperature
+    or a shared machine's load would keep the gate shut for reasons that have nothing to do with it."""
+    if choice == "real" or (choice == "auto" and on_jetson()):
+        return "auto", "this machine's sensors (jtop or sysfs) with the daemon's default thermal, power and load limits"
+    return "simulated", "none (not a Jetson: no thermal/power/load limits; --telemetry real uses this machine's sensors)"
+
+
+def daemon_config(opts: DemoOptions, telemetry: str, samples: int) -> dict[str, Any]:
+    """The daemon's settings for the demo: a periodic cycle once all `samples` are buffered and the
+    camera has been quiet for `idle_seconds`; everything else is the daemon's default."""
+    config: dict[str, Any] = {
+        "telemetry": telemetry,
+        "auto_cycles": True,
+        "idle_seconds": opts.idle_seconds,
+        "poll_interval_s": 0.5,
+        "min_samples": samples,
+        "new_samples_per_cycle": samples,
+        "cycle_level": opts.level,
+        "cycle_criterion": "activation",
+        "cycle_finetune_before": 1,
+        "cycle_epochs": opts.cycle_epochs,
+        "cycle_min_steps": opts.cycle_min_steps,
+        # the level search keeps only probes at least as accurate as the fine-tuned unpruned
+        # model, so the acceptance rule (at most 1 point below the served model) rarely says no
+        "cycle_tolerance": 0.0,
+    }
+    if opts.device:
+        config["device"] = opts.device
+    return config
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> None:
+    """Flat TOML (strings, numbers, booleans): JSON's spelling of those is valid TOML."""
+    path.write_text(CONFIG_HEADER + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+
+
+def pick_port(requested: int | None) -> int:
+    """`requested`, else 8000 when free, else any free port."""
+    if requested is not None:
+        return requested
+    for port in (DEFAULT_PORT, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")
+
+
+# ---- the daemon as a child process and its API ------------------------------------------
+class ServeProcess:
+    """`edgetune serve` in its own session: Ctrl-C reaches only the demo, which stops it cleanly."""
+
+    def __init__(self, state_dir: Path, model_dir: Path, port: int, log: Path):
+        self.cmd = [sys.executable, "-m", "daemon.cli", "serve", "--state-dir", str(state_dir), "--port", str(port), "--model", str(model_dir)]
+        self.url = f"http://{HOST}:{port}"
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, api: "Api", timeout: float = 120) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                if api.get("/readyz").get("ready"):
+                    return
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            time.sleep(0.3)
+        raise DemoError(f"edgetune serve was not ready after {timeout:g}s{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DemoError(f"edgetune serve exited with code {self.proc.returncode}{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return f"; the end of its log ({self.log}):\n" + self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> str:
+        """SIGTERM (a clean shutdown: the cycle worker is stopped, the buffer closed), then SIGKILL."""
+        if self.proc is None:
+            return "not started"
+        if self.proc.poll() is not None:
+            return f"had already exited with code {self.proc.returncode}"
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return f"killed after not stopping within {timeout:g}s"
+        # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit
+        return "stopped cleanly" if self.proc.returncode in (0, -signal.SIGTERM) else f"exited with code {self.proc.returncode}"
+
+
+class Api:
+    """A keep-alive HTTP/1.1 client for the daemon (the standard library's; httpx is a test tool)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
+        for attempt in (1, 2):  # one reconnect when the server closed an idle connection
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                response = self.conn.getresponse()
+                data = response.read()
+                break
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                if attempt == 2:
+                    raise
+        if response.status >= 400 and response.status != 503:
+            raise DemoError(f"{method} {path}: HTTP {response.status}: {data[:300].decode(errors='replace')}")
+        return json.loads(data)
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def infer(self, png: bytes, label: str | None) -> dict:
+        path = "/infer" + (f"?label={quote(label)}" if label is not None else "")
+        return self.request("POST", path, png, {"content-type": "image/png"})
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class DemoError(RuntimeError):
+    """Something failed (not a rejected cycle: that is an answer, not a failure)."""
+
+
+# ---- the camera -------------------------------------------------------------------------
+def png_bytes(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def camera_stream(data: ImageSet, classes: list[int], per_class: int) -> list[tuple[bytes, str]]:
+    """(PNG, class name) for up to `per_class` images of each class, shuffled, without duplicates
+    (the buffer would store a duplicate once, and the demo counts on every image being a sample)."""
+    picked = [i for c in classes for i in torch.nonzero(data.labels == c).flatten()[:per_class].tolist()]
+    random.Random(0).shuffle(picked)
+    seen, out = set(), []
+    for i in picked:
+        png = png_bytes(data.images[i])
+        if png not in seen:
+            seen.add(png)
+            out.append((png, str(int(data.labels[i]))))
+    return out
+
+
+@dataclass
+class StreamStats:
+    sent: int = 0
+    labelled: int = 0
+    correct: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    versions: set[str] = field(default_factory=set)
+
+    @property
+    def top1(self) -> float:
+        return self.correct / max(1, self.sent)
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latency_ms) if self.latency_ms else float("nan")
+
+
+class Progress:
+    """One updating line on a terminal; a line every ~10 % otherwise (logs, pipes, CI)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.last = ""
+
+    def update(self, text: str, milestone: bool) -> None:
+        if self.tty:
+            print("\r" + text.ljust(len(self.last)), end="", flush=True)
+            self.last = text
+        elif milestone and text != self.last:
+            print(text, flush=True)
+            self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            print(flush=True)
+        self.last = ""
+
+
+def replay(api: Api, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str) -> StreamStats:
+    stats, progress = StreamStats(), Progress()
+    step = max(1, len(stream) // 10)
+    for n, (png, name) in enumerate(stream, 1):
+        label = name if label_every and n % label_every == 0 else None
+        try:
+            reply = api.infer(png, label)
+        except (OSError, http.client.HTTPException):
+            serve.check()
+            raise
+        stats.sent += 1
+        stats.labelled += label is not None
+        stats.correct += reply["top"][0]["class"] == name
+        stats.latency_ms.append(reply["latency_ms"])
+        stats.versions.add(reply["model_version"])
+        progress.update(
+            f"{prefix} {n}/{len(stream)} images, {stats.labelled} labelled, served by {reply['model_version']}: "
+            f"top-1 {stats.top1:.3f}, /infer {stats.p50_ms:.1f} ms p50", milestone=n % step == 0 or n == len(stream),
+        )
+    progress.done()
+    return stats
+
+
+# ---- waiting for the cycle --------------------------------------------------------------
+STEPS = {"snapshot": "reading the buffer", "rank": "fine-tune, rank, prune, retrain", "validate": "validating", "write": "writing the new version"}
+
+
+def describe_cycle(c: dict) -> str:
+    text = f"cycle {c['id']} ({c['trigger']}): {c['state']}"
+    if c.get("step"):
+        text += f", {STEPS.get(c['step'], c['step'])}"
+    if c["request"]["level"] == "auto" and c.get("step") == "rank":
+        text += f" (level search, probe {len(c.get('probes') or []) + 1})"
+    p = c.get("progress") or {}
+    if "epoch" in p and "batches_per_epoch" in p:
+        text += f", training epoch {p['epoch']} batch {p['batch']}/{p['batches_per_epoch']} loss {p['loss']:.3f}"
+    return text
+
+
+def wait_for_cycle(api: Api, serve: ServeProcess, timeout_s: float) -> dict:
+    """Poll /status until the daemon's own cycle ends; print the gate's reasons, steps and probes."""
+    deadline = time.monotonic() + timeout_s
+    progress, reasons, announced, probes_shown, step = Progress(), None, False, 0, None
+    while time.monotonic() < deadline:
+        serve.check()
+        status = api.get("/status")
+        cycle = status["cycle"]
+        if cycle is None:
+            why = status["scheduler"]["why_not_running"]
+            kinds = [r.split(":")[0] for r in why]  # "busy: last inference 0.4s ago" → "busy"
+            if why and kinds != reasons:
+                progress.done()
+                print(f"[gate] closed: {'; '.join(why)}", flush=True)
+                reasons = kinds
+        else:
+            if not announced:
+                announced = True
+                progress.done()
+                print(f"[gate] open: the daemon started cycle {cycle['id']} by itself ({cycle['trigger']})", flush=True)
+            new_step = cycle.get("step") != step
+            if new_step or len(cycle["probes"]) > probes_shown:
+                progress.done()
+            for probe in cycle["probes"][probes_shown:]:
+                verdict = (" (within the search's tolerance)" if probe["feasible"] else " (too lossy)") if cycle["request"]["level"] == "auto" else ""
+                print(f"[cycle] level {probe['level']:.2f}: held-out top-1 {probe['accuracy']:.3f} with {probe['params']:,} params{verdict}", flush=True)
+            probes_shown, step = len(cycle["probes"]), cycle.get("step")
+            if cycle["state"] in FINAL_STATES:
+                progress.done()
+                return cycle
+            progress.update(f"[cycle] {describe_cycle(cycle)}", milestone=new_step)
+        time.sleep(0.5)
+    progress.done()
+    raise DemoError(f"no cycle finished within {timeout_s:g}s; last /status: {json.dumps(status)[:1500]}")
+
+
+# ---- before/after -----------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    version: str
+    params: int
+    macs: int
+    forward_ms: float
+    infer_ms: float
+    top1: float
+
+
+def measure(name: str, version: str, model_dir: Path, held: ImageSet, infer_ms: float, device: torch.device) -> Row:
+    """The served version's own weights, read from the daemon's model store."""
+    model, card = load_model(model_dir, device)
+    top1 = evaluate(model, batches(held, 256, card.mean, card.std, device=device)).top1
+    return Row(name, version, count_params(model), count_macs(model, card.input_size), forward_ms(model, card.input_size), infer_ms, top1)
+
+
+def forward_ms(model: torch.nn.Module, input_size: int) -> float:
+    """Batch-1 forward latency on one CPU thread (or the GPU): with two threads on a CPU that other
+    processes keep busy, a thread descheduled at every synchronisation point inflates it 100-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return latency_ms(model, input_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def print_table(rows: list[Row], classes: list[int], held: int) -> None:
+    head = f"{'':<8}{'version':>8}{'params':>11}{'MACs':>9}{'forward ms':>12}{'/infer ms':>11}   top-1 on {held} held-out {','.join(map(str, classes))}"
+    print(head)
+    for r in rows:
+        print(f"{r.name:<8}{r.version:>8}{r.params:>11,}{r.macs / 1e6:>8.1f}M{r.forward_ms:>12.2f}{r.infer_ms:>11.1f}   {r.top1:.4f}")
+    print(
+        "forward ms: one image through the model in this process, one CPU thread or the GPU (median of 30); /infer ms: the daemon's own time per\n"
+        "request (decode + forward), median over the camera stream before and over a replay of 100 of its images after.",
+    )
+
+
+# ---- the demo ---------------------------------------------------------------------------
+@contextmanager
+def state_lock(state: Path) -> Iterator[None]:
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(f"another `edgetune demo` is using {state} (its daemon may still be running); stop it first") from None
+        yield
+
+
+def previous_run(daemon_dir: Path) -> str | None:
+    models = daemon_dir / "models"
+    if not models.is_dir():
+        return None
+    store = ModelStore(models)
+    active = store.active()
+    cycles = len(list((daemon_dir / "cycles").glob("*/cycle.json")))
+    if active is None:
+        return None
+    return f"the previous run left {active} active ({store.card(active).params:,} params) after {cycles} cycle(s)"
+
+
+def replaceable(daemon_dir: Path) -> bool:
+    """Absent, empty, or a daemon state an earlier demo made (never someone else's directory)."""
+    config = daemon_dir / "config.toml"
+    if not daemon_dir.exists() or not any(daemon_dir.iterdir()):
+        return True
+    return config.is_file() and config.read_text(errors="replace").startswith(CONFIG_HEADER)
+
+
+def log(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def run_demo(opts: DemoOptions) -> int:
+    started = time.monotonic()
+    state = opts.state_dir.resolve()
+    with state_lock(state):
+        device = pick_device(opts.device)
+        data: Digits = digits()
+        t0 = time.monotonic()
+        _, _, trained = base_model(state / "base", data, opts.base_epochs, device)
+        if trained:
+            log(f"trained the base model (cifar_small, all 10 digits, {len(data.base)} images, {opts.base_epochs} epochs) in {time.monotonic() - t0:.0f}s")
+        else:
+            log(f"reusing the base model in {state / 'base'} (delete it to retrain)")
+
+        stream = camera_stream(data.camera, opts.classes, opts.images_per_class)
+        held = only(data.held, opts.classes)
+        daemon_dir = state / "daemon"
+        if (before := previous_run(daemon_dir)) is not None:
+            log(f"{before}; starting again from the base model on a fresh daemon state")
+        if not replaceable(daemon_dir):
+            raise DemoError(f"{daemon_dir} exists but was not made by `edgetune demo`; not replacing it")
+        shutil.rmtree(daemon_dir, ignore_errors=True)
+        daemon_dir.mkdir()
+        telemetry, why = pick_telemetry(opts.telemetry)
+        write_toml(daemon_dir / "config.toml", daemon_config(opts, telemetry, len(stream)))
+        port = pick_port(opts.port)
+        serve = ServeProcess(daemon_dir, state / "base", port, state / "serve.log")
+        api = Api(port)
+        log(f"starting `edgetune serve --state-dir {daemon_dir} --port {port}` (settings in {daemon_dir / 'config.toml'}, log in {serve.log})")
+        log(f"telemetry: {why}")
+        try:
+            serve.start(api)
+            return _live(opts, state, serve, api, stream, held, device, started)
+        except KeyboardInterrupt:
+            print(flush=True)
+            log("interrupted")
+            raise
+        finally:
+            api.close()
+            if serve.alive():
+                log(f"daemon {serve.stop()}")
+
+
+def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: Api, stream: list, held: ImageSet, device, started: float) -> int:
+    status = api.get("/status")
+    log(f"serving {status['model']['version']} ({status['model']['params']:,} params) at {serve.url} on {status['model']['device']}")
+    names = ",".join(map(str, opts.classes))
+    labels = f"a user labels 1 image in {opts.label_every}" if opts.label_every else "no labels"
+    log(f"the camera sees only digits {names}: {len(stream)} images the base model never saw, through POST /infer ({labels})")
+    t0 = time.monotonic()
+    seen = replay(api, stream, opts.label_every, serve, "[camera]")
+    log(f"the camera stopped after {time.monotonic() - t0:.0f}s; the daemon starts a cycle by itself once idle for {opts.idle_seconds:g}s")
+
+    t0 = time.monotonic()
+    cycle = wait_for_cycle(api, serve, opts.timeout_s)
+    m = cycle.get("metrics") or {}
+    log(f"cycle {cycle['state']} after {time.monotonic() - t0:.0f}s: {cycle['reason']}")
+    if cycle["state"] not in ("accepted", "rejected"):
+        raise DemoError(f"the cycle {cycle['state']}: {cycle['reason']}{serve.log_tail()}")
+
+    models = state / "daemon" / "models"
+    rows = [measure("before", cycle["version_before"], models / cycle["version_before"], held, seen.p50_ms, device)]
+    if cycle["state"] == "accepted":
+        after = replay(api, stream[:100], 0, serve, "[replay]")
+        rows.append(measure("after", cycle["version_after"], models / cycle["version_after"], held, after.p50_ms, device))
+    print()
+    print_table(rows, opts.classes, len(held))
+    if cycle["state"] == "rejected":
+        print(
+            f"\nThe cycle was REJECTED by the acceptance rule ({cycle['reason']}); the candidate had "
+            f"{m.get('params_after', 0):,} params and is not kept. Still serving {cycle['version_before']}.",
+        )
+    status = api.get("/status")
+    print("\n/status after the cycle:")
+    print(json.dumps({
+        "model": {k: status["model"][k] for k in ("version", "params", "macs")},
+        "cycle": {k: status["cycle"][k] for k in ("id", "trigger", "state", "version_before", "version_after", "reason")},
+    }, indent=2, ensure_ascii=False))
+    log(f"wall time {time.monotonic() - started:.0f}s")
+
+    if opts.once:
+        log(f"daemon {serve.stop()}")
+        return 0
+    first = int(torch.nonzero(held.labels == opts.classes[0])[0])
+    sample = state / f"digit-{opts.classes[0]}.png"
+    sample.write_bytes(png_bytes(held.images[first]))
+    print(
+        f"\nThe daemon keeps running at {serve.url} (docs at {serve.url}/docs). Try:\n"
+        f"  curl {serve.url}/status\n"
+        f"  curl {serve.url}/cycles\n"
+        f"  curl -X POST {serve.url}/infer -H 'content-type: image/png' --data-binary @{sample}\n"
+        f"  curl -X POST {serve.url}/models/{cycle['version_before']}/activate     # roll back\n"
+        "Ctrl-C stops it.", flush=True,
+    )
+    try:
+        while serve.alive():
+            time.sleep(1)
+    except KeyboardInterrupt:  # the normal way out
+        print(flush=True)
+        log(f"daemon {serve.stop()}")
+        return 0
+    raise DemoError(f"the daemon exited with code {serve.proc.returncode}{serve.log_tail()}")
+
+
+# ---- command line -----------------------------------------------------------------------
+def _level(text: str) -> str | float:
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("--level is 'auto' or a fraction between 0 and 1")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the live demo: train, serve, stream a 3-class camera, watch the daemon specialise and swap")
+    p.add_argument("--state-dir", default="demo-state", help="base model, daemon state and log (reused: the base model is trained once)")
+    p.add_argument("--classes", default="1,4,7", help="the digits the camera sees")
+    p.add_argument("--images-per-class", type=int, default=200, help="camera images per class (at most ~200 exist)")
+    p.add_argument("--label-every", type=int, default=3, help="the user labels every Nth image (0: none)")
+    p.add_argument("--base-epochs", type=int, default=4, help="base model training (first run only)")
+    p.add_argument("--cycle-epochs", type=int, default=3, help="retraining epochs in the cycle")
+    p.add_argument("--cycle-min-steps", type=int, default=40, help="at least this many SGD steps per retraining")
+    p.add_argument("--level", type=_level, default=0.8, help="fraction of parameters to remove, or 'auto' (the level search: slower)")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="camera silence before the gate counts the device idle")
+    p.add_argument("--port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")
+    p.add_argument("--telemetry", choices=["auto", "real", "simulated"], default="auto", help="auto: real on a Jetson, none elsewhere")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the cycle")
+    p.add_argument("--once", action="store_true", help="stop the daemon and exit after the before/after table")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    if args.images_per_class < 1 or args.label_every < 0 or args.base_epochs < 1 or args.cycle_epochs < 0:
+        raise ValueError("--images-per-class and --base-epochs must be >= 1, --label-every and --cycle-epochs >= 0")
+    opts = DemoOptions(
+        state_dir=Path(args.state_dir), classes=parse_classes(args.classes), images_per_class=args.images_per_class,
+        label_every=args.label_every, base_epochs=args.base_epochs, cycle_epochs=args.cycle_epochs,
+        cycle_min_steps=args.cycle_min_steps, level=args.level, idle_seconds=args.idle_seconds, port=args.port,
+        telemetry=args.telemetry, device=args.device, once=args.once, timeout_s=args.timeout,
+    )
+    try:
+        code = run_demo(opts)
+    except DemoError as exc:
+        print(f"edgetune demo: failed: {exc}", file=sys.stderr)
+        code = 1
+    if code:
+        raise SystemExit(code)
