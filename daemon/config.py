@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     cycle_finetune_before: int = Field(1, ge=0)
     cycle_tolerance: float = Field(0.02, ge=0, le=1)
     cycle_batch_size: int = Field(64, ge=2)
+    cycle_hflip: bool = Field(True, description="horizontal-flip augmentation while retraining; off for digits, text, anything a mirror changes")
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")
     cycle_memory_limit_mb: int | None = Field(

@@ -42,6 +42,7 @@ class CycleJob:
     tolerance: float
     batch_size: int
     min_steps: int
+    hflip: bool
     max_accuracy_drop: float
     min_size_gain: float
     device: str | None
@@ -164,7 +165,7 @@ def run_worker(job_dict: dict, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, seed=job.seed),
+            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed),
         )
         result = run_cycle(
             model, card, train_set, held_set, config, should_continue=should_continue,
