@@ -13,7 +13,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
@@ -227,7 +227,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return result
 
     @app.post("/samples/{sample_id}/label", summary="Give the true class of a buffered sample")
-    async def set_label(sample_id: int, body: LabelRequest) -> dict:
+    async def set_label(body: LabelRequest, sample_id: int = Path(ge=1, le=2**63 - 1, description="a SQLite rowid")) -> dict:
         index = label_index(served(), body.label)
         try:
             found = await run_in_threadpool(rt.buffer.set_label, sample_id, index)

@@ -23,6 +23,7 @@ class Notifier:
         self.address = path
         self.watchdog_interval_s = _watchdog_interval(env)
         self._sock: socket.socket | None = None
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -49,7 +50,9 @@ class Notifier:
         self.send(f"STATUS={status}")
 
     def stopping(self) -> None:
-        self.send("STOPPING=1")
+        """Once: both the signal handler and the end of serving announce it."""
+        if not self._stopping:
+            self._stopping = self.send("STOPPING=1")
 
     async def watchdog(self) -> None:
         """Ping every half watchdog period, from the event loop itself: when the loop is blocked the

@@ -81,7 +81,7 @@ class CycleHistory:
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for leftover in self.dir.glob("*/.cycle.json.*.tmp"):  # a write cut short by a crash
+            for leftover in self.dir.glob("*/.*.tmp"):  # a record or report write cut short by a crash
                 leftover.unlink()
         except OSError as exc:
             log.warning("cycle history %s is not writable: %s", self.dir, exc)

@@ -37,9 +37,22 @@ def status_line(rt: Runtime) -> str:
     return "; ".join(parts)
 
 
+class _Server(uvicorn.Server):
+    """Announces STOPPING=1 from the signal handler itself: uvicorn re-raises SIGTERM once it has
+    shut down, which can end the process before a polling loop would notice `should_exit`."""
+
+    def __init__(self, config: uvicorn.Config, notifier: Notifier):
+        super().__init__(config)
+        self._notifier = notifier
+
+    def handle_exit(self, sig, frame) -> None:
+        self._notifier.stopping()
+        super().handle_exit(sig, frame)
+
+
 async def serve(config: uvicorn.Config, rt: Runtime, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
-    server = uvicorn.Server(config)
+    server = _Server(config, notifier)
     serving = asyncio.create_task(server.serve())
     watchdog = asyncio.create_task(notifier.watchdog())
     try:

@@ -3,13 +3,18 @@
 Bounded by MAX_EXAMPLES per operation so it stays around a minute on a 2-core CPU.
 
 (schemathesis's pytest plugin does not run under this pytest, so the operations are driven
-through Hypothesis directly.)"""
+through Hypothesis directly.) The run is derandomized so CI is repeatable; set
+EDGETUNE_FUZZ_RANDOM=1 to explore new inputs (a random run found the rowid overflow of
+/samples/{id}/label, now a 422)."""
 from __future__ import annotations
+
+import os
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 MAX_EXAMPLES = 50
+DERANDOMIZE = os.environ.get("EDGETUNE_FUZZ_RANDOM") != "1"
 
 
 def test_generated_requests_never_get_a_server_error(shared_daemon):
@@ -21,7 +26,8 @@ def test_generated_requests_never_get_a_server_error(shared_daemon):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=DERANDOMIZE)
         def run(case):
             response = case.call(base_url=d.url, timeout=60)
             seen.setdefault(operation.label, set()).add(response.status_code)

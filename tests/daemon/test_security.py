@@ -4,6 +4,7 @@ is ever unpickled."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import pickle
@@ -63,12 +64,25 @@ TRAVERSAL = ["..", "...", "../..", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", 
              "v1", "V0001", "v0001.bak", "%2E%2E", "active", ".staging-x", "v0001%20"]
 
 
+def raw_request(daemon, method: str, path: str) -> int:
+    """The path exactly as given: an HTTP client would resolve `..` segments before sending
+    (`/cycles/..` becomes `/`), an attacker's need not (`curl --path-as-is`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        conn.request(method, path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("name", TRAVERSAL)
 def test_version_and_cycle_names_cannot_escape(shared_daemon, name):
-    r = shared_daemon.client.post(f"/models/{name}/activate")
-    assert r.status_code in (404, 405, 422), (name, r.status_code, r.text)
-    r = shared_daemon.client.get(f"/cycles/{name}")
-    assert r.status_code in (404, 405), (name, r.status_code)
+    for suffix in ("/activate", "/report", "/report.png"):
+        method = "POST" if suffix == "/activate" else "GET"
+        base = "/models" if suffix == "/activate" else "/cycles"
+        status = raw_request(shared_daemon, method, f"{base}/{name}{suffix}")
+        assert status in (404, 405, 422), (name, suffix, status)
+    assert raw_request(shared_daemon, "GET", f"/cycles/{name}") in (404, 405), name
     assert shared_daemon.client.get("/status").json()["model"]["version"] == "v0001"
 
 
