@@ -96,7 +96,6 @@ def daemon_config(opts: DemoOptions, telemetry: str, samples: int) -> dict[str, 
         "cycle_finetune_before": 1,
         "cycle_epochs": opts.cycle_epochs,
         "cycle_min_steps": opts.cycle_min_steps,
-        "cycle_hflip": False,  # a mirrored 4 or 7 is not a digit
         # the level search keeps only probes at least as accurate as the fine-tuned unpruned
         # model, so the acceptance rule (at most 1 point below the served model) rarely says no
         "cycle_tolerance": 0.0,

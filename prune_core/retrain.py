@@ -171,7 +171,7 @@ def train(
             result.history.append(
                 EpochLog(epoch, sum(losses) / max(1, len(losses)), score, optimizer.param_groups[0]["lr"], time.monotonic() - epoch_start)
             )
-            if val_batches is None or score >= best:  # ties: the later, longer-trained epoch
+            if val_batches is None or score > best:
                 best, since_best = score, 0
                 best_state = copy.deepcopy(model.state_dict())
                 result.best_epoch, result.best_score = epoch, score
