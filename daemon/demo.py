@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import http.client
 import io
 import json
 import random
@@ -29,7 +28,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import quote
 
 import torch
 from PIL import Image
@@ -40,6 +38,7 @@ from prune_core.digits import Digits, base_model, digits, only, parse_classes
 from prune_core.measure import count_macs, count_params, evaluate, latency_ms
 from prune_core.model_format import load_model
 
+from .client import ApiClient, ApiError, Unreachable
 from .model_store import ModelStore
 from .scheduler import FINAL_STATES
 from .telemetry import JTOP_SOCKET
@@ -134,16 +133,16 @@ class ServeProcess:
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, api: "Api", timeout: float = 120) -> None:
+    def start(self, api: ApiClient, timeout: float = 120) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check()
             try:
-                if api.get("/readyz").get("ready"):
+                if api.get("/readyz", accept=(503,)).get("ready"):
                     return
-            except (OSError, http.client.HTTPException, ValueError):
+            except Unreachable:
                 pass
             time.sleep(0.3)
         raise DemoError(f"edgetune serve was not ready after {timeout:g}s{self.log_tail()}")
@@ -176,39 +175,6 @@ class ServeProcess:
             return f"killed after not stopping within {timeout:g}s"
         # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit
         return "stopped cleanly" if self.proc.returncode in (0, -signal.SIGTERM) else f"exited with code {self.proc.returncode}"
-
-
-class Api:
-    """A keep-alive HTTP/1.1 client for the daemon (the standard library's; httpx is a test tool)."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Any:
-        for attempt in (1, 2):  # one reconnect when the server closed an idle connection
-            try:
-                self.conn.request(method, path, body=body, headers=headers or {})
-                response = self.conn.getresponse()
-                data = response.read()
-                break
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                if attempt == 2:
-                    raise
-        if response.status >= 400 and response.status != 503:
-            raise DemoError(f"{method} {path}: HTTP {response.status}: {data[:300].decode(errors='replace')}")
-        return json.loads(data)
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def infer(self, png: bytes, label: str | None) -> dict:
-        path = "/infer" + (f"?label={quote(label)}" if label is not None else "")
-        return self.request("POST", path, png, {"content-type": "image/png"})
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class DemoError(RuntimeError):
@@ -274,14 +240,14 @@ class Progress:
         self.last = ""
 
 
-def replay(api: Api, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str) -> StreamStats:
+def replay(api: ApiClient, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str) -> StreamStats:
     stats, progress = StreamStats(), Progress()
     step = max(1, len(stream) // 10)
     for n, (png, name) in enumerate(stream, 1):
         label = name if label_every and n % label_every == 0 else None
         try:
             reply = api.infer(png, label)
-        except (OSError, http.client.HTTPException):
+        except Unreachable:
             serve.check()
             raise
         stats.sent += 1
@@ -313,7 +279,7 @@ def describe_cycle(c: dict) -> str:
     return text
 
 
-def wait_for_cycle(api: Api, serve: ServeProcess, timeout_s: float) -> dict:
+def wait_for_cycle(api: ApiClient, serve: ServeProcess, timeout_s: float) -> dict:
     """Poll /status until the daemon's own cycle ends; print the gate's reasons, steps and probes."""
     deadline = time.monotonic() + timeout_s
     progress, reasons, announced, probes_shown, step = Progress(), None, False, 0, None
@@ -452,7 +418,7 @@ def run_demo(opts: DemoOptions) -> int:
         write_toml(daemon_dir / "config.toml", daemon_config(opts, telemetry, len(stream)))
         port = pick_port(opts.port)
         serve = ServeProcess(daemon_dir, state / "base", port, state / "serve.log")
-        api = Api(port)
+        api = ApiClient(f"http://{HOST}:{port}")
         log(f"starting `edgetune serve --state-dir {daemon_dir} --port {port}` (settings in {daemon_dir / 'config.toml'}, log in {serve.log})")
         log(f"telemetry: {why}")
         try:
@@ -468,7 +434,7 @@ def run_demo(opts: DemoOptions) -> int:
                 log(f"daemon {serve.stop()}")
 
 
-def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: Api, stream: list, held: ImageSet, device, started: float) -> int:
+def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, stream: list, held: ImageSet, device, started: float) -> int:
     status = api.get("/status")
     log(f"serving {status['model']['version']} ({status['model']['params']:,} params) at {serve.url} on {status['model']['device']}")
     names = ",".join(map(str, opts.classes))
@@ -569,7 +535,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     try:
         code = run_demo(opts)
-    except DemoError as exc:
+    except (DemoError, ApiError, Unreachable) as exc:
         print(f"edgetune demo: failed: {exc}", file=sys.stderr)
         code = 1
     if code:

@@ -1,15 +1,12 @@
 """`edgetune status` and `edgetune watch`: the daemon seen from an SSH session on the device.
 
-Both only read the HTTP API (stdlib urllib, no client dependency): `status` prints /status as
+Both only read the HTTP API (daemon.client): `status` prints /status as
 tables, `watch` follows the current or next cycle with progress bars until it ends.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from rich.console import Console
@@ -18,8 +15,9 @@ from rich.table import Table
 
 from prune_core.cli import UsageError
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-FINAL = ("accepted", "rejected", "failed", "aborted")
+from .client import DEFAULT_URL, ApiClient, ApiError, Unreachable
+from .scheduler import FINAL_STATES as FINAL
+
 STYLE = {"accepted": "green", "rejected": "yellow", "failed": "red", "aborted": "yellow", "running": "cyan", "paused": "yellow"}
 
 
@@ -27,25 +25,19 @@ class Daemon:
     """GETs against the daemon; any failure becomes a one-line UsageError."""
 
     def __init__(self, url: str, token: str | None):
-        self.url = url.rstrip("/")
-        self.token = token
+        try:
+            self.client = ApiClient(url, token, timeout=10)
+        except ValueError as exc:
+            raise UsageError(f"--url: {exc}") from None
+        self.url = self.client.url
 
     def get(self, path: str) -> Any:
-        request = urllib.request.Request(self.url + path, headers={"Accept": "application/json"})
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                return json.load(resp)
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.load(exc).get("detail", exc.reason)
-            except (ValueError, AttributeError):
-                detail = exc.reason
-            raise UsageError(f"{self.url}{path}: HTTP {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UsageError(f"cannot reach the daemon at {self.url} ({reason}); is `edgetune serve` running? (--url)") from None
+            return self.client.get(path)
+        except ApiError as exc:
+            raise UsageError(f"{self.url}{path}: HTTP {exc.status}: {exc.detail}") from None
+        except Unreachable as exc:
+            raise UsageError(f"{exc}; is `edgetune serve` running? (--url)") from None
 
 
 def _si(v: Any) -> str:

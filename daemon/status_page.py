@@ -3,6 +3,7 @@ each cycle's report (`GET /cycles/{id}/report`, `/cycles/{id}/report.png`)."""
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from importlib import resources
 
 from fastapi import APIRouter, HTTPException
@@ -14,8 +15,9 @@ from .runtime import Runtime
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
 
 
+@lru_cache(maxsize=None)
 def static_file(name: str) -> bytes:
-    """A file of the page, read through importlib.resources (works from a wheel install)."""
+    """A file of the page, read once through importlib.resources (works from a wheel install)."""
     return resources.files("daemon").joinpath("static", name).read_bytes()
 
 
