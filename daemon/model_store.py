@@ -64,15 +64,12 @@ class ModelStore:
 
     def commit(self, staging: Path, version: str | None = None) -> str:
         """Give a fully written staging directory a version name (the next one unless given) by
-        an atomic rename; its files are fsynced first, so the renamed directory is complete."""
+        an atomic rename. Its files were written with `atomic_write` (save_model, import_model),
+        so they are durable before the rename and the renamed directory is complete."""
         version = version or self.next_version()
         target = self.path(version)
         if target.exists():
             raise FileExistsError(f"model version {version} already exists")
-        for name in (MODEL_JSON, WEIGHTS):
-            with open(staging / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(staging)
         os.replace(staging, target)
         fsync_dir(self.dir)
         return version
@@ -82,7 +79,7 @@ class ModelStore:
         load_model(source)  # raises ModelFormatError on anything wrong
         staging = self.staging_dir()
         for name in (MODEL_JSON, WEIGHTS):
-            shutil.copyfile(Path(source) / name, staging / name)
+            atomic_write(staging / name, lambda tmp, name=name: shutil.copyfile(Path(source) / name, tmp))
         return self.commit(staging)
 
     def card(self, version: str) -> ModelCard:
