@@ -11,7 +11,7 @@ import binascii
 import hmac
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware
+from typing_extensions import Annotated  # typing's is 3.9+; JetPack 5's Python is 3.8
 
 from prune_core.data import DataError, decode_image
 

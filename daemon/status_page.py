@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
@@ -12,13 +12,14 @@ from fastapi.responses import FileResponse, Response
 from .report import REPORT_JSON, REPORT_PNG
 from .runtime import Runtime
 
+STATIC_DIR = Path(__file__).parent / "static"
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
 
 
 @lru_cache(maxsize=None)
 def static_file(name: str) -> bytes:
-    """A file of the page, read once through importlib.resources (works from a wheel install)."""
-    return resources.files("daemon").joinpath("static", name).read_bytes()
+    """A file of the page, read once from the installed package (package data: see pyproject)."""
+    return (STATIC_DIR / name).read_bytes()
 
 
 def router(rt: Runtime) -> APIRouter:

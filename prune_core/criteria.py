@@ -15,14 +15,15 @@ Adding a criterion is one small class:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar, Dict, Iterable, Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-Scores = dict[str, torch.Tensor]
+# typing's spellings: these aliases are evaluated at import, and JetPack 5's Python is 3.8
+Batch = Tuple[torch.Tensor, torch.Tensor]
+Scores = Dict[str, torch.Tensor]
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
