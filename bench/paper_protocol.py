@@ -57,6 +57,7 @@ from prune_core import (
     ImageSet,
     ModelCard,
     TrainConfig,
+    adaptation,
     batches,
     build_model,
     count_macs,
@@ -83,6 +84,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 HOLDOUT = 0.2
 VAL_SALT = "paper-protocol-val"
+RECIPE = 2  # bumped when prune_core's cycle changes what a method does, so old results are not mixed in
 
 METHODS = ("none", "ceiling", "agnostic", "adapt", "activation", "apoz", "taylor")
 DATA_AWARE = ("adapt", "activation", "apoz", "taylor")
@@ -354,6 +356,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
         "per_class": args.per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
+        "recipe": RECIPE,
     }
     root = unpack(tarball, Path(args.cache))
     check_config(out, config)
@@ -416,7 +419,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
                         model, extra = base, dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
                     else:
                         model = copy.deepcopy(base)
-                        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, retrain_cfg(args.epochs), teacher=base)
+                        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(retrain_cfg(args.epochs), args.epochs), teacher=base)
                         extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit))
                     acc = top1(model, test, device)
                     seconds = time.monotonic() - t

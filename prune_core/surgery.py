@@ -19,7 +19,7 @@ from torch import nn
 from torch_pruning.pruner import function as tpf
 
 from .architectures import classifier_module, stem_module
-from .criteria import NORM_TYPES, Scores
+from .criteria import NORM_TYPES, Scores, channel_count
 from .measure import count_params
 from .tp_compat import pruner_setup
 
@@ -38,8 +38,7 @@ _OUT_FNS = (
 class ScoreImportance(tp.importance.Importance):
     """Group importance from precomputed per-layer channel scores.
 
-    Each member layer's scores are divided by their mean (so layers are comparable under global
-    allocation) and averaged over the group. With `prefer_norm_layers`, norm layers' scores are
+    Each member layer's scores are divided by their mean and averaged over the group. With `prefer_norm_layers`, norm layers' scores are
     used when the group has any (data-aware statistics are taken after normalisation).
     Groups with no scored member fall back to the group L1 norm.
     """
@@ -71,6 +70,30 @@ class ScoreImportance(tp.importance.Importance):
             total.scatter_add_(0, root, normed[torch.as_tensor(idxs, dtype=torch.long)])
             hits.scatter_add_(0, root, torch.ones(len(root)))
         return total / hits.clamp(min=1)
+
+
+def _channel_cost(module: nn.Module, out: bool) -> float:
+    """Parameters one output (`out`) or input channel of `module` holds."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight.numel()
+        return w / module.out_channels + (module.bias is not None) if out else w / module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features + (module.bias is not None) if out else module.out_features
+    if isinstance(module, NORM_TYPES):
+        return sum(p.numel() for p in module.parameters(recurse=False)) / channel_count(module)
+    return 0.0
+
+
+def group_channel_cost(group) -> torch.Tensor:
+    """Per channel of a dependency group: the parameters removed with it, summed over every
+    coupled slice (its filter, the next layers' input slices, norm affines)."""
+    cost = torch.zeros(len(group[0].root_idxs))
+    for item in group:
+        if None in item.root_idxs:
+            continue
+        per_channel = float(_channel_cost(item.dep.target.module, item.dep.handler in _OUT_FNS))
+        cost.scatter_add_(0, torch.as_tensor(item.root_idxs, dtype=torch.long), torch.full((len(item.root_idxs),), per_channel))
+    return cost.clamp(min=1.0)
 
 
 @dataclass
@@ -107,41 +130,79 @@ class PruneOutcome:
         return 1.0 - self.params_after / self.params_before
 
 
-def _prune_once(
-    model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool, round_to: int | None
-) -> nn.Module:
-    pruned = copy.deepcopy(model).eval()
-    setup = pruner_setup(pruned)
+def _pruner(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Tensor, prefer_norm: bool,
+            round_to: int | None, ratio: float, layer_ratios: dict[str, float] | None = None) -> tp.pruner.MetaPruner:
+    """A MetaPruner on `model` (traced now): every layer loses `ratio` of its channels, or the
+    ratio `layer_ratios` gives its name. Ranking within a layer is always by `scores`."""
+    setup = pruner_setup(model)
     ignored = list(setup.ignored)
     if spec.protect_stem:
-        ignored.append(stem_module(pruned))
+        ignored.append(stem_module(model))
     if spec.protect_classifier:
-        ignored.append(classifier_module(pruned))
-    names = {m: n for n, m in pruned.named_modules()}
+        ignored.append(classifier_module(model))
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
     with setup.tracing(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TP warns about every unwrapped parameter it handles
-        pruner = tp.pruner.MetaPruner(
-            pruned,
+        return tp.pruner.MetaPruner(
+            model,
             example,
             importance=ScoreImportance(scores, names, prefer_norm),
-            global_pruning=spec.allocation == "global",
             pruning_ratio=ratio,
+            pruning_ratio_dict={modules[n]: r for n, r in (layer_ratios or {}).items()} or None,
             max_pruning_ratio=spec.max_layer_ratio,
             ignored_layers=ignored,
             round_to=round_to if setup.allow_round_to else None,
             **setup.kwargs,
         )
-    pruner.step()
+
+
+def _prune_once(
+    model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool,
+    round_to: int | None, layer_ratios: dict[str, float] | None = None,
+) -> nn.Module:
+    pruned = copy.deepcopy(model).eval()
+    _pruner(pruned, scores, spec, example, prefer_norm, round_to, ratio, layer_ratios).step()
     return pruned.train(model.training)
 
 
+def value_per_parameter(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Tensor, prefer_norm: bool) -> dict[str, torch.Tensor]:
+    """Per prunable group, keyed by its root layer's name: each channel's score (relative to the
+    group's mean) per parameter removed with it. Global allocation ranks on this: the level is
+    counted in parameters, and ranking mean-normalised scores alone would cut every layer by
+    about the same share (uniform in disguise)."""
+    traced = copy.deepcopy(model).eval()
+    pruner = _pruner(traced, scores, spec, example, prefer_norm, None, 0.0)
+    names = {m: n for n, m in traced.named_modules()}
+    values = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        imp = pruner.importance(group)
+        if imp is not None and len(imp):
+            values[names[group[0].dep.target.module]] = imp.float() / (imp.float().mean() + 1e-12) / group_channel_cost(group)
+    return values
+
+
+def global_layer_ratios(values: dict[str, torch.Tensor], share: float, max_ratio: float) -> dict[str, float]:
+    """Per-layer channel ratios removing the `share` of all channels worth least per parameter,
+    no layer more than `max_ratio` of its own."""
+    every = torch.cat(list(values.values()))
+    k = int(share * len(every))
+    if k == 0:
+        return {name: 0.0 for name in values}
+    threshold = torch.kthvalue(every, k).values
+    return {name: min(max_ratio, float((v <= threshold).float().mean())) for name, v in values.items()}
+
+
 def _bisect(model, scores, spec, example, prefer_norm, round_to, before) -> tuple[float, nn.Module, float]:
-    """(achieved level, model, channel ratio) closest to spec.level, by bisection on the ratio."""
+    """(achieved level, model, channel ratio) closest to spec.level, by bisection on the ratio
+    (uniform: every layer's; global: the share of all channels)."""
+    values = value_per_parameter(model, scores, spec, example, prefer_norm) if spec.allocation == "global" else None
     lo, hi = 0.0, spec.max_layer_ratio
     ratio = min(hi, 1.0 - (1.0 - spec.level) ** 0.5)  # exact for uniform pruning of plain conv chains
     best: tuple[float, nn.Module, float] | None = None
     for _ in range(12):
-        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to)
+        layer_ratios = global_layer_ratios(values, ratio, spec.max_layer_ratio) if values is not None else None
+        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to, layer_ratios)
         achieved = 1.0 - count_params(candidate) / before
         if best is None or abs(achieved - spec.level) < abs(best[0] - spec.level):
             best = (achieved, candidate, ratio)

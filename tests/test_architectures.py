@@ -55,13 +55,45 @@ def test_level_zero_is_identity(arch):
     assert outcome.params_after == outcome.params_before
 
 
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
 @pytest.mark.parametrize("arch", ["cifar_resnet18", "cifar_mobilenet_v2", "googlenet"])
 def test_global_allocation(arch):
     model = _model(arch)
-    outcome = prune_to_level(model, get_criterion("l1").score(model), PruneSpec(0.5, allocation="global"), ARCHS[arch].image_size)
+    scores = get_criterion("l1").score(model)
+    outcome = prune_to_level(model, scores, PruneSpec(0.5, allocation="global"), ARCHS[arch].image_size)
     assert abs(outcome.achieved_level - 0.5) <= 0.03
+    assert outcome.allocation == "global"
     with torch.no_grad():
         assert outcome.model.eval()(_input(arch)).shape == (2, NUM_CLASSES)
+    # a different plan from uniform: layers lose different shares of their channels
+    uniform = prune_to_level(model, scores, PruneSpec(0.5), ARCHS[arch].image_size).model
+    assert _widths(outcome.model) != _widths(uniform)
+    kept = {n: w / _widths(model)[n] for n, w in _widths(outcome.model).items()}
+    assert max(kept.values()) - min(kept.values()) > 0.25, kept
+
+
+def test_global_allocation_prunes_where_parameters_are():
+    """cifar_small: with the same spread of scores in every layer, the layers whose channels carry
+    the most parameters (the residual trunk, the widest convs) lose the largest share."""
+    from prune_core.surgery import global_layer_ratios, value_per_parameter
+
+    model = _model("cifar_small")
+    flat = {n: torch.linspace(0.1, 2.0, len(s)) for n, s in get_criterion("l1").score(model).items()}
+    example = torch.zeros(1, 3, 32, 32)
+    values = value_per_parameter(model, flat, PruneSpec(0.5, allocation="global"), example, False)
+    cheapest = max(values, key=lambda n: float(values[n].mean()))
+    dearest = min(values, key=lambda n: float(values[n].mean()))
+    ratios = global_layer_ratios(values, 0.3, 0.9)
+    assert ratios[dearest] > ratios[cheapest]
+    assert global_layer_ratios(values, 0.0, 0.9) == {n: 0.0 for n in values}
+    assert set(global_layer_ratios(values, 0.999, 0.9).values()) == {0.9}  # capped per layer
+    outcome = prune_to_level(model, flat, PruneSpec(0.6, allocation="global"), 32)
+    assert abs(outcome.achieved_level - 0.6) <= 0.03
+    kept = {n: w / _widths(model)[n] for n, w in _widths(outcome.model).items()}
+    assert kept[cheapest] > kept[dearest], kept
 
 
 def test_channels_rounded_and_protected_layers_kept():
