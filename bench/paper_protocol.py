@@ -132,7 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, help="n_f of the data-aware methods (default: epochs // 3, at least 1 when epochs >= 2)")
     p.add_argument("--base-epochs", type=int, help=f"epochs of training the base models (default {FULL['base_epochs']})")
     p.add_argument("--per-class", type=int, help="cap on images per class before the split (default: all 5000)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of fine-tuning and retraining")
+    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
+    p.add_argument("--allocation", choices=["uniform", "global"], default="global",
+                   help="how the level is spread over layers, for every pruning method (global: by score per parameter)")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="share of distillation from the unpruned model on labelled samples while retraining a pruned one "
+                        "(0: cross-entropy alone; bench/retrain_ablation.py measured it)")
     p.add_argument("--base-lr", type=float, default=0.05, help="peak learning rate of base-model training")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training images used for early stopping")
@@ -171,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--epochs, --base-epochs and --subsets-per-size must be at least 1")
     if args.per_class is not None and args.per_class < 10:
         p.error("--per-class must be at least 10")
+    if not 0 <= args.distill_weight <= 1:
+        p.error("--distill-weight must be in [0, 1]")
     if not 0 < args.val_fraction < 0.5:
         p.error("--val-fraction must be in (0, 0.5)")
     if args.finetune_epochs is None:
@@ -356,7 +363,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
         "per_class": args.per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
-        "recipe": RECIPE,
+        "allocation": args.allocation, "distill_weight": args.distill_weight, "recipe": RECIPE,
     }
     root = unpack(tarball, Path(args.cache))
     check_config(out, config)
@@ -367,7 +374,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
         f"base {args.base_epochs} epochs; per class {args.per_class or 'all'}; out {out}")
 
     def retrain_cfg(epochs: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=args.distill_weight)
 
     # work still to do, for the progress line
     todo = 0
@@ -444,7 +451,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
                     log(f"{net} level {level_key(level)} agnostic: loaded from {model_dir}")
                 except (ModelFormatError, OSError, KeyError, ValueError):
                     loaded = False
-                    cfg = CycleConfig(level=level, criterion="l1", finetune_before=0, train=retrain_cfg(args.epochs))
+                    cfg = CycleConfig(level=level, criterion="l1", allocation=args.allocation, finetune_before=0, train=retrain_cfg(args.epochs))
                     result = run_cycle(base, card, splits.fit, splits.val, cfg)
                     agnostic = result.model
                     seconds = time.monotonic() - t
@@ -470,7 +477,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
                         continue
                     criterion = "l1" if method == "adapt" else method
                     t = time.monotonic()
-                    cfg = CycleConfig(level=level, criterion=criterion, finetune_before=n_f, train=retrain_cfg(n_r))
+                    cfg = CycleConfig(level=level, criterion=criterion, allocation=args.allocation, finetune_before=n_f, train=retrain_cfg(n_r))
                     result = run_cycle(base, card, fit, val, cfg)
                     acc = top1(result.model, test, device)
                     seconds = time.monotonic() - t
@@ -667,7 +674,7 @@ def main(argv=None) -> int:
     config_line = (
         f"Budget {args.epochs} epochs per method (data-aware: fine-tune n_f={n_f} + retrain n_r={args.epochs - n_f}); "
         f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split; "
-        f"seed {args.seed}."
+        f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; seed {args.seed}."
     )
     report = write_report(out, args, config_line)
     png = plot(out)

@@ -154,8 +154,10 @@ def train(
             for i, (x, y) in enumerate(stream):
                 if x.shape[0] < 2:  # batch norm cannot train on a single sample
                     continue
+                # the teacher is only asked where its answer counts: unlabelled rows, or any row when distilling labelled ones
+                ask = teacher is not None and (config.distill_weight > 0 or bool((y < 0).any()))
                 with torch.no_grad():
-                    t_logits = teacher(x) if teacher is not None else None
+                    t_logits = teacher(x) if ask else None
                 loss = distillation_loss(model(x), y, t_logits, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -65,3 +65,11 @@ def test_quick_protocol_end_to_end(tmp_path):
     assert "already in results.csv" in again.stderr
     with open(out / "results.csv", newline="") as fh:
         assert list(csv.DictReader(fh)) == rows
+
+    # results of another recipe are never mixed in: changing a setting needs another --out
+    other = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--allocation", "uniform", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert other.returncode != 0 and "differs in: allocation" in other.stderr

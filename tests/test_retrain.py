@@ -116,6 +116,32 @@ def test_unlabelled_samples_with_teacher(splits):
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
+class CountingTeacher(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_teacher_is_not_asked_when_its_answer_would_not_count(splits, seed3_pair):
+    """distill_weight 0 on labelled samples is cross-entropy alone: same weights as training without a
+    teacher, and the teacher costs no forward passes. An unlabelled batch still asks it."""
+    train_set, held = splits
+    (without_teacher, _), _ = seed3_pair
+    teacher = CountingTeacher(fresh_model(1)).eval()
+    student = fresh_model()
+    train(student, train_set, held, MEAN, STD, config(distill_weight=0.0), teacher=teacher)
+    assert teacher.calls == 0
+    for k, v in without_teacher.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+    mixed = ImageSet(train_set.images, torch.where(torch.arange(len(train_set)) % 2 == 0, train_set.labels, -1), list(train_set.keys))
+    train(fresh_model(), mixed, held, MEAN, STD, config(epochs=1, distill_weight=0.0), teacher=teacher)
+    assert teacher.calls > 0
+
+
 def test_unlabelled_samples_without_teacher_raise(splits):
     train_set, held = splits
     with pytest.raises(ValueError, match="labelled samples or a teacher"):
