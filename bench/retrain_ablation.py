@@ -6,17 +6,18 @@ the same base model, class subsets and epoch budget, and reports each variant's 
 (the unpruned base fine-tuned on the subset with the whole budget). A variant is a criterion with
 overrides of the cycle settings:
 
-    taylor                          the protocol's default (uniform allocation, n_f = epochs // 3, lr 0.01)
+    taylor                          library defaults: uniform allocation, n_f = epochs // 3, --lr, distillation 0.5
     taylor:alloc=global             global allocation
-    taylor:nf=1,lr=0.03,kd=0.8      one fine-tuning epoch, retraining peak lr 0.03, distillation weight 0.8
+    taylor:nf=1,lr=0.03,kd=0        one fine-tuning epoch, peak lr 0.03, no distillation on labelled samples
 
 Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria).
+The ceiling is trained at --lr.
 
-The base model is the protocol's (trained and cached by a paper_protocol run with the same --per-class
-cap the base was trained with: --base-per-class). Subsets are drawn with the protocol's generator;
---per-class may be larger than the base's cap: the held-out split is by file name, so the larger held-out
-set is a superset of the base's and never seen in training. Writes results.csv (resumed) and results.md.
+The base model is one a paper_protocol run saved (by default, that of its default --out). Subsets are
+drawn with the protocol's generator; --per-class may be larger than the base's cap: the held-out split
+is by file name, so the larger held-out set is a superset of the base's and never seen in training.
+Writes results.csv (resumed) and results.md.
 
     python bench/retrain_ablation.py --variants taylor taylor:alloc=global --levels 0.8,0.9
 """
@@ -33,12 +34,12 @@ from pathlib import Path
 import torch
 
 from paper_protocol import (
-    CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, REPO, _csv_list, load_splits, log, make_subsets, restrict,
+    CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_OUT as PROTOCOL_OUT, REPO, _csv_list, load_splits, log, make_subsets, restrict,
     subset_name, top1, unpack,
 )
-from prune_core import CycleConfig, TrainConfig, adaptation, load_model, run_cycle, train
+from prune_core import CycleConfig, ModelFormatError, TrainConfig, adaptation, load_model, run_cycle, train
 
-DEFAULT_BASE = REPO / "bench" / "out" / "paper_medium" / "models" / "cifar_small" / "base"
+DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
 KEYS = {"alloc": str, "nf": int, "lr": float, "kd": float, "T": float, "cal": int}
@@ -76,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6, help="budget of every variant and of the ceiling")
     p.add_argument("--lr", type=float, default=0.01, help="peak lr unless a variant sets its own")
     p.add_argument("--base", default=str(DEFAULT_BASE), help="model directory of the 10-class base model")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 tarball of train/<class>/NNNN.jpg")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tarball is unpacked (once)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -123,8 +125,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base, card = load_model(args.base, torch.device("cpu"))
-    splits = load_splits(unpack(Path(args.data), DEFAULT_CACHE), card.input_size, args.per_class, 0.1)
+    try:
+        base, card = load_model(args.base, torch.device("cpu"))
+    except ModelFormatError as exc:
+        raise SystemExit(f"retrain_ablation: no base model ({exc}); train one with bench/paper_protocol.py or pass --base")
+    splits = load_splits(unpack(Path(args.data), Path(args.cache)), card.input_size, args.per_class, 0.1)
     subsets = make_subsets(args.subset_sizes, args.subsets_per_size, args.seed)
     path = out / "results.csv"
     done = load_rows(path)
