@@ -1,0 +1,49 @@
+"""prune_core.cycle: one offline cycle on real digits, and the settings of adapting the unpruned model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prune_core import CycleConfig, ModelCard, TrainConfig, adaptation, build_model, count_params, run_cycle
+from prune_core.criteria import Activation
+
+MEAN = (0.1307, 0.1307, 0.1307)
+STD = (0.3081, 0.3081, 0.3081)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from prune_core.datasets import mnist5k
+
+    data = mnist5k(32)
+    keep = torch.nonzero(data.labels < 3).flatten()[:240]
+    data = data.subset(keep)
+    return data.subset(range(180)), data.subset(range(180, 240))
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("cifar_small", 10).eval(), ModelCard("cifar_small", 10, [str(i) for i in range(10)], 32, mean=MEAN, std=STD)
+
+
+def _config(**kw) -> CycleConfig:
+    train = TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=1, flip=False)
+    return CycleConfig(**{"level": 0.6, "criterion": "activation", "train": train, "calibration_batches": 2, **kw})
+
+
+def test_cycle_ranks_the_adapted_model_once_and_reaches_the_level(digits, monkeypatch):
+    calls = []
+    original = Activation.score
+    monkeypatch.setattr(Activation, "score", lambda self, m, b=None: calls.append(1) or original(self, m, b))
+    model, card = _model()
+    result = run_cycle(model, card, *digits, _config(finetune_before=1))
+    assert len(calls) == 1 and abs(result.summary["level_achieved"] - 0.6) <= 0.03
+    assert result.summary["params_after"] < count_params(model)
+    assert abs(result.summary["probes"][0]["achieved_level"] - result.summary["level_achieved"]) < 1e-9
+    with torch.no_grad():
+        assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_adaptation_uses_cross_entropy_on_labelled_samples():
+    cfg = adaptation(TrainConfig(epochs=5, distill_weight=0.7, lr=0.02), 2)
+    assert (cfg.epochs, cfg.distill_weight, cfg.lr) == (2, 0.0, 0.02)
