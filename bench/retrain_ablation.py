@@ -10,7 +10,8 @@ overrides of the cycle settings:
     taylor:alloc=global             global allocation
     taylor:nf=1,lr=0.03,kd=0        one fine-tuning epoch, peak lr 0.03, no distillation on labelled samples
 
-Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), lr (peak lr of fine-tuning and
+Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
+channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria).
 The ceiling is trained at --lr.
 
@@ -42,7 +43,7 @@ from prune_core import CycleConfig, ModelFormatError, TrainConfig, adaptation, l
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
-KEYS = {"alloc": str, "nf": int, "lr": float, "kd": float, "T": float, "cal": int}
+KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int}
 
 
 def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
@@ -54,14 +55,14 @@ def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
         if not eq or key not in KEYS:
             raise SystemExit(f"retrain_ablation: bad variant option '{item}' in '{text}'; keys: {', '.join(KEYS)}")
         given[key] = KEYS[key](value)
-    n_f = given.get("nf", max(1, epochs // 3))
-    if not 0 <= n_f < epochs:
-        raise SystemExit(f"retrain_ablation: nf must be in [0, {epochs}) in '{text}'")
+    n_f, fade = given.get("nf", max(1, epochs // 3)), given.get("fade", 0)
+    if not (0 <= n_f and 0 <= fade and n_f + fade < epochs):
+        raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
     train_cfg = TrainConfig(
-        epochs=epochs - n_f, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
+        epochs=epochs - n_f - fade, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
     )
     cfg = CycleConfig(
-        criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, train=train_cfg,
+        criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
         calibration_batches=given.get("cal", 32),
     )
     return text, cfg

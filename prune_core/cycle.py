@@ -2,7 +2,9 @@
 
 This is the unit both the CLI (`edgetune prune`) and the daemon run. With `finetune_before`
 it is the seed paper's ADaPT recipe (adapt the unpruned model to the local data, then rank and
-prune it); with `level="auto"` the level is chosen by `search_level`.
+prune it); with `fade_epochs` the channels chosen for removal are faded out while the whole
+network trains before they are removed (`fade`); with `level="auto"` the level is chosen by
+`search_level`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from torch import nn
 
 from .criteria import get_criterion
 from .data import ImageSet, batches
+from .fade import ChannelFade
 from .level_search import Probe, search_level
 from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, train
-from .surgery import PruneSpec, prune_to_level
+from .surgery import PruneSpec, prune_to_level, removed_channels, replay
 
 
 @dataclass
@@ -28,6 +31,7 @@ class CycleConfig:
     criterion: str = "l1"
     allocation: Literal["uniform", "global"] = "uniform"
     finetune_before: int = 0  # n_f epochs of adapting the unpruned model first (ADaPT)
+    fade_epochs: int = 0  # epochs of fading out the doomed channels in the unpruned model before removing them
     tolerance: float = 0.02  # for level="auto"
     round_to: int = 8
     protect_stem: bool = True
@@ -100,6 +104,14 @@ def run_cycle(
         spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier)
         outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
         pruned = outcome.model
+        if config.fade_epochs > 0 and not state["stopped"]:
+            fading = copy.deepcopy(reference)
+            fade = ChannelFade(fading, removed_channels(reference, outcome.history, card.input_size))
+            # no held-out selection here: an earlier epoch is a half-faded network, not a better one
+            fade_cfg = replace(config.train, epochs=config.fade_epochs)
+            train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule)
+            fade.apply(0.0)
+            pruned = replay(fading, outcome.history, card.input_size)
         if not state["stopped"]:
             train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
         acc = evaluate(pruned, held())
@@ -132,6 +144,7 @@ def run_cycle(
         "criterion": config.criterion,
         "allocation": config.allocation,
         "finetune_before": config.finetune_before,
+        "fade_epochs": config.fade_epochs,
         "level_requested": config.level,
         "level": level,
         "level_achieved": 1 - params_after / params_before,

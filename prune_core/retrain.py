@@ -3,6 +3,7 @@ distillation from a teacher (the unpruned model), so unlabelled traffic is usabl
 
 Held-out early stopping keeps the best epoch. A `should_continue` callback is called after every
 batch: returning False stops cleanly (best weights so far restored); blocking in it pauses.
+`on_step` is told after every optimizer step what share of the run is done (a channel fade uses it).
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def train(
     teacher: nn.Module | None = None,
     should_continue: Callable[[TrainProgress], bool] | None = None,
     progress: bool = False,
+    on_step: Callable[[float], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place; returns the history. Deterministic on CPU for a given seed."""
     if teacher is None and train_set.labelled == 0:
@@ -133,9 +135,11 @@ def train(
     )
     per_epoch = math.ceil(len(train_set) / config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))  # small device buffers need more passes
+    total_steps = max(1, epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(1, epochs * per_epoch), pct_start=0.15, anneal_strategy="cos"
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"
     )
+    steps = 0
     val_batches = (lambda: batches(val_set, 256, mean, std, device=device)) if val_set is not None and len(val_set) else None
     best_state = copy.deepcopy(model.state_dict())
     best = _val_score(model, teacher, val_batches) if val_batches else float("-inf")
@@ -163,6 +167,9 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                steps += 1
+                if on_step is not None:
+                    on_step(steps / total_steps)
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")

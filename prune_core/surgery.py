@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import List, Literal
 
 import torch
 import torch_pruning as tp
@@ -117,6 +117,9 @@ class PruneSpec:
             raise ValueError("round_to must be at least 1")
 
 
+History = List[list]  # Torch-Pruning's pruning history: [root layer name, out-channel pruning?, root indices] per group
+
+
 @dataclass
 class PruneOutcome:
     model: nn.Module
@@ -124,10 +127,19 @@ class PruneOutcome:
     params_after: int
     channel_ratio: float
     allocation: str  # what was used: uniform falls back to global where it cannot reach the level
+    history: History = field(default_factory=list)  # replays the same surgery on the unpruned model (`replay`)
 
     @property
     def achieved_level(self) -> float:
         return 1.0 - self.params_after / self.params_before
+
+
+@dataclass
+class _Candidate:
+    achieved: float
+    model: nn.Module
+    ratio: float
+    history: History
 
 
 def _pruner(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Tensor, prefer_norm: bool,
@@ -159,11 +171,13 @@ def _pruner(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Te
 
 def _prune_once(
     model: nn.Module, scores: Scores, spec: PruneSpec, ratio: float, example: torch.Tensor, prefer_norm: bool,
-    round_to: int | None, layer_ratios: dict[str, float] | None = None,
-) -> nn.Module:
+    round_to: int | None, before: int, layer_ratios: dict[str, float] | None = None,
+) -> _Candidate:
     pruned = copy.deepcopy(model).eval()
-    _pruner(pruned, scores, spec, example, prefer_norm, round_to, ratio, layer_ratios).step()
-    return pruned.train(model.training)
+    pruner = _pruner(pruned, scores, spec, example, prefer_norm, round_to, ratio, layer_ratios)
+    pruner.step()
+    pruned.train(model.training)
+    return _Candidate(1.0 - count_params(pruned) / before, pruned, ratio, copy.deepcopy(pruner.pruning_history()))
 
 
 def value_per_parameter(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Tensor, prefer_norm: bool) -> dict[str, torch.Tensor]:
@@ -193,22 +207,21 @@ def global_layer_ratios(values: dict[str, torch.Tensor], share: float, max_ratio
     return {name: min(max_ratio, float((v <= threshold).float().mean())) for name, v in values.items()}
 
 
-def _bisect(model, scores, spec, example, prefer_norm, round_to, before) -> tuple[float, nn.Module, float]:
-    """(achieved level, model, channel ratio) closest to spec.level, by bisection on the ratio
-    (uniform: every layer's; global: the share of all channels)."""
+def _bisect(model, scores, spec, example, prefer_norm, round_to, before) -> _Candidate:
+    """The candidate closest to spec.level, by bisection on the channel ratio (uniform: every
+    layer's; global: the share of all channels)."""
     values = value_per_parameter(model, scores, spec, example, prefer_norm) if spec.allocation == "global" else None
     lo, hi = 0.0, spec.max_layer_ratio
     ratio = min(hi, 1.0 - (1.0 - spec.level) ** 0.5)  # exact for uniform pruning of plain conv chains
-    best: tuple[float, nn.Module, float] | None = None
+    best: _Candidate | None = None
     for _ in range(12):
         layer_ratios = global_layer_ratios(values, ratio, spec.max_layer_ratio) if values is not None else None
-        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to, layer_ratios)
-        achieved = 1.0 - count_params(candidate) / before
-        if best is None or abs(achieved - spec.level) < abs(best[0] - spec.level):
-            best = (achieved, candidate, ratio)
-        if abs(achieved - spec.level) <= spec.tolerance:
+        candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to, before, layer_ratios)
+        if best is None or abs(candidate.achieved - spec.level) < abs(best.achieved - spec.level):
+            best = candidate
+        if abs(candidate.achieved - spec.level) <= spec.tolerance:
             break
-        if achieved < spec.level:
+        if candidate.achieved < spec.level:
             lo = ratio
         else:
             hi = ratio
@@ -243,18 +256,60 @@ def prune_to_level(
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     round_to = spec.round_to if spec.round_to > 1 else None
-    achieved, pruned, ratio = _bisect(model, scores, spec, example, prefer_norm_layers, round_to, before)
-    if round_to and abs(achieved - spec.level) > ROUNDING_SLACK:
+    best = _bisect(model, scores, spec, example, prefer_norm_layers, round_to, before)
+    if round_to and abs(best.achieved - spec.level) > ROUNDING_SLACK:
         # Small layers move in steps of `round_to` channels (densenet's growth convs,
         # squeezenet's squeeze layers): where that overshoots the level, drop the rounding.
-        achieved, pruned, ratio = _bisect(model, scores, spec, example, prefer_norm_layers, None, before)
+        best = _bisect(model, scores, spec, example, prefer_norm_layers, None, before)
     allocation = spec.allocation
-    if allocation == "uniform" and abs(achieved - spec.level) > ROUNDING_SLACK:
+    if allocation == "uniform" and abs(best.achieved - spec.level) > ROUNDING_SLACK:
         # Grouped convolutions (RegNet, ResNeXt) lose whole groups, so a uniform ratio moves the
         # level in coarse steps; global allocation can then land closer.
         glob = dataclasses.replace(spec, allocation="global")
         candidate = _bisect(model, scores, glob, example, prefer_norm_layers, round_to, before)
-        if abs(candidate[0] - spec.level) < abs(achieved - spec.level):
-            (achieved, pruned, ratio), allocation = candidate, "global"
+        if abs(candidate.achieved - spec.level) < abs(best.achieved - spec.level):
+            best, allocation = candidate, "global"
+    _check_no_empty_layer(best.model)
+    return PruneOutcome(best.model, before, count_params(best.model), best.ratio, allocation, best.history)
+
+
+def _graph(model: nn.Module, input_size: int) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of `model`, traced with the same workarounds as pruning."""
+    device = next(model.parameters()).device
+    setup = pruner_setup(model)
+    with setup.tracing(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(
+            model, torch.zeros(1, 3, input_size, input_size, device=device),
+            unwrapped_parameters=setup.kwargs.get("unwrapped_parameters"),
+        )
+
+
+def replay(model: nn.Module, history: History, input_size: int) -> nn.Module:
+    """A copy of `model` with the surgery `history` recorded (PruneOutcome.history) done again:
+    the same channels of the same layers removed, whatever the weights are now."""
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    _graph(pruned.eval(), input_size).load_pruning_history(copy.deepcopy(history))
     _check_no_empty_layer(pruned)
-    return PruneOutcome(pruned, before, count_params(pruned), ratio, allocation)
+    return pruned.train(was_training)
+
+
+def removed_channels(model: nn.Module, history: History, input_size: int) -> dict[str, list[int]]:
+    """{layer name: indices of its output channels} that replaying `history` on `model` removes:
+    every conv, linear and norm layer whose outputs are coupled to a pruned group, in the
+    unpruned model's numbering (groups never share output channels, so pruning one group does not
+    renumber another's)."""
+    scratch = copy.deepcopy(model).eval()
+    graph = _graph(scratch, input_size)
+    names = {m: n for n, m in scratch.named_modules()}
+    removed: dict[str, set[int]] = {}
+    for root_name, out, idxs in copy.deepcopy(history):
+        root = scratch.get_submodule(root_name)
+        handler = graph.get_pruner_of_module(root)
+        group = graph.get_pruning_group(root, handler.prune_out_channels if out else handler.prune_in_channels, idxs)
+        for item in group:
+            if item.dep.handler in _OUT_FNS and item.dep.target.module in names:
+                removed.setdefault(names[item.dep.target.module], set()).update(int(i) for i in item.idxs)
+        group.prune(record_history=False)
+    return {name: sorted(idxs) for name, idxs in removed.items()}
