@@ -6,12 +6,17 @@ A model trained on all 10 classes is deployed on a device that only ever sees a 
   none        the base model as deployed, evaluated on the device's classes;
   agnostic    data-agnostic pruning: l1-ranked, pruned to the level, retrained on the WHOLE 10-class training
               set (the device's data is unknown), `--epochs` epochs. It does not depend on the subset, so it is
-              computed once per (network, level) and evaluated on every subset;
+              computed once per (network, level) and evaluated on every subset; trained with and without
+              augmentation, each subset scores the better;
   adapt       the seed's data-aware recipe: fine-tune the unpruned model on the subset (n_f epochs), rank by l1,
               prune, retrain on the subset (n_r epochs), n_f + n_r = `--epochs`;
   activation, apoz, taylor
               the same recipe with a data-aware criterion ranking on the subset's images;
-  ceiling     the unpruned base model fine-tuned on the subset for `--epochs` epochs.
+  ceiling     the unpruned base model fine-tuned on the subset for `--epochs` epochs, with and without
+              augmentation, the better scored (the baselines get every benefit of the doubt).
+
+The data-aware methods train without crop/flip augmentation unless `--augment` (within a 6-epoch budget it
+slows learning: bench/retrain_ablation.py), n_f = 1 by default.
 
 Everything is evaluated on the subset's held-out images (10-way argmax; the classifier keeps all 10 outputs).
 The held-out split is `split_holdout(data, 0.2)`; a further `--val-fraction` of the training part is set aside
@@ -84,7 +89,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 HOLDOUT = 0.2
 VAL_SALT = "paper-protocol-val"
-RECIPE = 2  # bumped when prune_core's cycle changes what a method does, so old results are not mixed in
+RECIPE = 3  # bumped when prune_core's cycle changes what a method does, so old results are not mixed in
 
 METHODS = ("none", "ceiling", "agnostic", "adapt", "activation", "apoz", "taylor")
 DATA_AWARE = ("adapt", "activation", "apoz", "taylor")
@@ -92,7 +97,9 @@ PER_SUBSET_ONCE = ("none", "ceiling")  # do not depend on the level: computed on
 CSV_FIELDS = [
     "network", "level", "subset", "subset_size", "method", "criterion", "finetune_epochs", "retrain_epochs",
     "accuracy", "correct", "test_samples", "train_samples", "params", "macs", "level_achieved", "seconds", "reused",
+    "augment",
 ]
+BASELINE_AUGMENT = (True, False)  # the ceiling and agnostic runs are trained both ways; each subset scores the better
 
 QUICK = dict(
     networks="cifar_small", subset_sizes="2", subsets_per_size=2, levels="0.5,0.9",
@@ -129,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subsets-per-size", type=int, help=f"random subsets per size (default {FULL['subsets_per_size']})")
     p.add_argument("--levels", help=f"comma-separated pruning levels, fraction of parameters removed (default {FULL['levels']})")
     p.add_argument("--epochs", type=int, help=f"retraining budget of every method, n_f + n_r (default {FULL['epochs']})")
-    p.add_argument("--finetune-epochs", type=int, help="n_f of the data-aware methods (default: epochs // 3, at least 1 when epochs >= 2)")
+    p.add_argument("--finetune-epochs", type=int, help="n_f of the data-aware methods (default: 1 when epochs >= 2)")
     p.add_argument("--base-epochs", type=int, help=f"epochs of training the base models (default {FULL['base_epochs']})")
     p.add_argument("--per-class", type=int, help="cap on images per class before the split (default: all 5000)")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
@@ -138,6 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="share of distillation from the unpruned model on labelled samples while retraining a pruned one "
                         "(0: cross-entropy alone; bench/retrain_ablation.py measured it)")
+    p.add_argument("--augment", action="store_true",
+                   help="crop/flip augmentation while the data-aware methods fine-tune and retrain (off without it: within "
+                        "a 6-epoch budget it slows learning; bench/retrain_ablation.py measured it). The ceiling and "
+                        "agnostic baselines are trained both ways and score the better on each subset")
     p.add_argument("--base-lr", type=float, default=0.05, help="peak learning rate of base-model training")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training images used for early stopping")
@@ -181,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 < args.val_fraction < 0.5:
         p.error("--val-fraction must be in (0, 0.5)")
     if args.finetune_epochs is None:
-        args.finetune_epochs = max(1, args.epochs // 3) if args.epochs >= 2 else 0
+        args.finetune_epochs = 1 if args.epochs >= 2 else 0
     if not 0 <= args.finetune_epochs < args.epochs:
         p.error("--finetune-epochs must be in [0, epochs): the data-aware methods need at least one retraining epoch")
     args.levels = sorted(set(args.levels))
@@ -363,7 +374,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
         "per_class": args.per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
-        "allocation": args.allocation, "distill_weight": args.distill_weight, "recipe": RECIPE,
+        "allocation": args.allocation, "distill_weight": args.distill_weight, "augment": args.augment, "recipe": RECIPE,
     }
     root = unpack(tarball, Path(args.cache))
     check_config(out, config)
@@ -373,8 +384,10 @@ def run_protocol(args: argparse.Namespace) -> Path:
         f"{args.subset_sizes} classes; budget {args.epochs} epochs (data-aware: n_f={n_f} + n_r={n_r}); "
         f"base {args.base_epochs} epochs; per class {args.per_class or 'all'}; out {out}")
 
-    def retrain_cfg(epochs: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=args.distill_weight)
+    def retrain_cfg(epochs: int, augment: bool = args.augment) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=args.distill_weight, augment=augment,
+        )
 
     # work still to do, for the progress line
     todo = 0
@@ -423,12 +436,16 @@ def run_protocol(args: argparse.Namespace) -> Path:
                 if prior is None:
                     t = time.monotonic()
                     if method == "none":
-                        model, extra = base, dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
+                        acc, extra = top1(base, test, device), dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
                     else:
-                        model = copy.deepcopy(base)
-                        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(retrain_cfg(args.epochs), args.epochs), teacher=base)
-                        extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit))
-                    acc = top1(model, test, device)
+                        scored = []
+                        for augment in BASELINE_AUGMENT:
+                            model = copy.deepcopy(base)
+                            cfg = adaptation(retrain_cfg(args.epochs, augment), args.epochs)
+                            train(model, fit, val, CIFAR_MEAN, CIFAR_STD, cfg, teacher=base)
+                            scored.append((top1(model, test, device), int(augment)))
+                        acc, augment = max(scored)
+                        extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment)
                     seconds = time.monotonic() - t
                     for i, lv in enumerate(args.levels):
                         results.add(row(lv, classes, method, acc, base_params, base_macs, seconds, i > 0, level_achieved=0.0, **extra))
@@ -442,55 +459,72 @@ def run_protocol(args: argparse.Namespace) -> Path:
             # data-agnostic: once per (network, level), on all 10 classes; evaluated on every subset
             missing = [c for c in subsets if not results.has(net, level, subset_name(c), "agnostic")]
             if missing:
-                model_dir = out / "models" / net / f"agnostic-{level_key(level)}"
-                t = time.monotonic()
-                try:
-                    agnostic, _ = load_model(model_dir, device)
-                    seconds = float(json.loads((model_dir / "seconds.json").read_text())["seconds"])
-                    loaded = True
-                    log(f"{net} level {level_key(level)} agnostic: loaded from {model_dir}")
-                except (ModelFormatError, OSError, KeyError, ValueError):
-                    loaded = False
-                    cfg = CycleConfig(level=level, criterion="l1", allocation=args.allocation, finetune_before=0, train=retrain_cfg(args.epochs))
-                    result = run_cycle(base, card, splits.fit, splits.val, cfg)
-                    agnostic = result.model
-                    seconds = time.monotonic() - t
-                    save_model(agnostic, result.card, model_dir)
-                    (model_dir / "seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
-                params, macs = count_params(agnostic), count_macs(agnostic, size)
+                runs = {aug: agnostic_model(net, level, aug, base, card, splits, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
                 for i, classes in enumerate(missing):
-                    acc = top1(agnostic, per_subset[classes][2], device)
+                    scored = {aug: top1(runs[aug][0], per_subset[classes][2], device) for aug in BASELINE_AUGMENT}
+                    augment = max(BASELINE_AUGMENT, key=lambda aug: scored[aug])
+                    acc, (model, seconds, loaded) = scored[augment], runs[augment]
+                    params, macs = count_params(model), count_macs(model, size)
                     results.add(row(
-                        level, classes, "agnostic", acc, params, macs, seconds, i > 0 or (loaded and len(missing) < len(subsets)),
+                        level, classes, "agnostic", acc, params, macs, seconds,
+                        i > 0 or (loaded and len(missing) < len(subsets)),
                         criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(splits.fit),
-                        level_achieved=1 - params / base_params,
+                        level_achieved=1 - params / base_params, augment=int(augment),
                     ))
                     progress.step(f"{net} level {level_key(level)} {subset_name(classes)} agnostic: top1 {acc[0]:.4f}"
                                   + (f" ({seconds:.1f}s, shared by all subsets)" if i == 0 else ""))
 
-            # data-aware: on each subset's own images, same total budget
-            for classes in subsets:
-                fit, val, test = per_subset[classes]
-                name = subset_name(classes)
-                for method in DATA_AWARE:
-                    if results.has(net, level, name, method):
-                        continue
-                    criterion = "l1" if method == "adapt" else method
-                    t = time.monotonic()
-                    cfg = CycleConfig(level=level, criterion=criterion, allocation=args.allocation, finetune_before=n_f, train=retrain_cfg(n_r))
-                    result = run_cycle(base, card, fit, val, cfg)
-                    acc = top1(result.model, test, device)
-                    seconds = time.monotonic() - t
-                    s = result.summary
-                    results.add(row(
-                        level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
-                        criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
-                        level_achieved=s["level_achieved"],
-                    ))
-                    progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
+        # data-aware: on each subset's own images, same total budget. The n_f epochs of adapting the
+        # unpruned model do not depend on the level or the criterion, so they run once per subset and
+        # every method starts from the adapted model (what run_cycle's finetune_before would redo each
+        # time, with identical results); each row's seconds include that shared cost.
+        for classes in subsets:
+            fit, val, test = per_subset[classes]
+            name = subset_name(classes)
+            todo = [(lv, m) for lv in args.levels for m in DATA_AWARE if not results.has(net, lv, name, m)]
+            if not todo:
+                continue
+            t = time.monotonic()
+            adapted = copy.deepcopy(base)
+            train(adapted, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(retrain_cfg(n_r), n_f), teacher=base)
+            adapt_seconds = time.monotonic() - t
+            for level, method in todo:
+                criterion = "l1" if method == "adapt" else method
+                t = time.monotonic()
+                cfg = CycleConfig(level=level, criterion=criterion, allocation=args.allocation, train=retrain_cfg(n_r))
+                result = run_cycle(adapted, card, fit, val, cfg)
+                acc = top1(result.model, test, device)
+                seconds = time.monotonic() - t + adapt_seconds
+                s = result.summary
+                results.add(row(
+                    level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
+                    criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
+                    level_achieved=s["level_achieved"], augment=int(args.augment),
+                ))
+                progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
         del splits, per_subset
     results.close()
     return out
+
+
+def agnostic_model(net, level, augment, base, card, splits, args, out, device, retrain_cfg):
+    """(model, seconds, loaded): data-agnostic l1 pruning of the base model retrained on all classes, once per
+    (network, level, augmentation setting); loaded from its model directory when an earlier run saved it."""
+    model_dir = out / "models" / net / f"agnostic-{level_key(level)}{'' if augment else '-noaug'}"
+    try:
+        model, _ = load_model(model_dir, device)
+        seconds = float(json.loads((model_dir / "seconds.json").read_text())["seconds"])
+        log(f"{net} level {level_key(level)} agnostic (augment={augment}): loaded from {model_dir}")
+        return model, seconds, True
+    except (ModelFormatError, OSError, KeyError, ValueError):
+        pass
+    t = time.monotonic()
+    cfg = CycleConfig(level=level, criterion="l1", allocation=args.allocation, train=retrain_cfg(args.epochs, augment))
+    result = run_cycle(base, card, splits.fit, splits.val, cfg)
+    seconds = time.monotonic() - t
+    save_model(result.model, result.card, model_dir)
+    (model_dir / "seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    return result.model, seconds, False
 
 
 def get_base(net: str, size: int, splits: Splits, args, model_dir: Path, device):
@@ -674,7 +708,8 @@ def main(argv=None) -> int:
     config_line = (
         f"Budget {args.epochs} epochs per method (data-aware: fine-tune n_f={n_f} + retrain n_r={args.epochs - n_f}); "
         f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split; "
-        f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; seed {args.seed}."
+        f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; data-aware methods "
+        f"{'with' if args.augment else 'without'} augmentation, ceiling and agnostic the better of with and without; seed {args.seed}."
     )
     report = write_report(out, args, config_line)
     png = plot(out)

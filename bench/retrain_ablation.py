@@ -12,7 +12,8 @@ overrides of the cycle settings:
 
 Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
-retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria).
+retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
+crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it).
 The ceiling is trained at --lr.
 
 The base model is one a paper_protocol run saved (by default, that of its default --out). Subsets are
@@ -43,7 +44,7 @@ from prune_core import CycleConfig, ModelFormatError, TrainConfig, adaptation, l
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
-KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int}
+KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int}
 
 
 def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
@@ -60,6 +61,7 @@ def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
         raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
     train_cfg = TrainConfig(
         epochs=epochs - n_f - fade, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
+        augment=bool(given.get("aug", 1)),
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
