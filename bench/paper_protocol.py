@@ -158,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"or {QUICK_OUT.relative_to(REPO)} with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seeds the class subsets, initialisation and training order")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new row after this many minutes, then write the report of what is done (a device lease)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, or 1 with --quick: on a CPU that other jobs "
                         "use, two threads oversubscribe it and run several times slower than one)")
@@ -345,15 +347,22 @@ def check_config(out: Path, config: dict) -> None:
 # --------------------------------------------------------------------------- the protocol
 
 
+class OutOfTime(Exception):
+    """--max-minutes has passed: no new row is started; the report covers the rows done."""
+
+
 class Progress:
-    def __init__(self, total: int):
+    def __init__(self, total: int, max_minutes: float | None = None):
         self.total, self.done, self.started = total, 0, time.monotonic()
+        self.deadline = self.started + 60 * max_minutes if max_minutes else None
 
     def step(self, what: str) -> None:
         self.done += 1
         spent = time.monotonic() - self.started
         eta = spent / self.done * (self.total - self.done) if self.done else 0.0
         log(f"[{self.done}/{self.total}] {what}  (elapsed {spent / 60:.1f} min, eta {eta / 60:.1f} min)")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime(f"--max-minutes reached after {self.done} of {self.total} rows; rerun with the same --out to resume")
 
 
 def top1(model, data: ImageSet, device) -> tuple[float, int]:
@@ -396,115 +405,123 @@ def run_protocol(args: argparse.Namespace) -> Path:
             todo += sum(results.any_level(net, sub, m) is None for m in PER_SUBSET_ONCE)
             for lv in args.levels:
                 todo += sum(not results.has(net, lv, sub, m) for m in ("agnostic",) + DATA_AWARE)
-    progress = Progress(todo)
+    progress = Progress(todo, args.max_minutes)
     if todo == 0:
         log("every row is already in results.csv; writing the report")
 
-    for net in args.networks:
-        names = list(map(subset_name, subsets))
-        if not any(
-            results.any_level(net, s, m) is None or not all(results.has(net, lv, s, m) for lv in args.levels)
-            for s in names for m in METHODS
-        ):
-            continue
-        size = ARCHS[net].image_size
-        t0 = time.monotonic()
-        splits = load_splits(root, size, args.per_class, args.val_fraction)
-        log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
-            f"at {size}x{size} ({time.monotonic() - t0:.1f}s)")
-        base, card = get_base(net, size, splits, args, out / "models" / net / "base", device)
-        base_params, base_macs = count_params(base), count_macs(base, size)
-
-        per_subset = {}
-        for classes in subsets:
-            per_subset[classes] = (restrict(splits.fit, classes), restrict(splits.val, classes), restrict(splits.test, classes))
-
-        def row(level, classes, method, model_acc, params, macs, seconds, reused, **extra) -> dict:
-            acc, correct = model_acc
-            return dict(
-                network=net, level=level_key(level), subset=subset_name(classes), subset_size=len(classes),
-                method=method, accuracy=acc, correct=correct, test_samples=len(per_subset[classes][2]),
-                params=params, macs=macs, seconds=seconds, reused=int(reused), **extra,
-            )
-
-        # none and ceiling: independent of the level
-        for classes in subsets:
-            fit, val, test = per_subset[classes]
-            name = subset_name(classes)
-            for method in PER_SUBSET_ONCE:
-                prior = results.any_level(net, name, method)
-                if prior is None:
-                    t = time.monotonic()
-                    if method == "none":
-                        acc, extra = top1(base, test, device), dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
-                    else:
-                        scored = []
-                        for augment in BASELINE_AUGMENT:
-                            model = copy.deepcopy(base)
-                            cfg = adaptation(retrain_cfg(args.epochs, augment), args.epochs)
-                            train(model, fit, val, CIFAR_MEAN, CIFAR_STD, cfg, teacher=base)
-                            scored.append((top1(model, test, device), int(augment)))
-                        acc, augment = max(scored)
-                        extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment)
-                    seconds = time.monotonic() - t
-                    for i, lv in enumerate(args.levels):
-                        results.add(row(lv, classes, method, acc, base_params, base_macs, seconds, i > 0, level_achieved=0.0, **extra))
-                    progress.step(f"{net} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
-                else:  # known from another level
-                    for lv in args.levels:
-                        if not results.has(net, lv, name, method):
-                            results.add({**prior, "level": level_key(lv), "reused": 1})
-
-        for level in args.levels:
-            # data-agnostic: once per (network, level), on all 10 classes; evaluated on every subset
-            missing = [c for c in subsets if not results.has(net, level, subset_name(c), "agnostic")]
-            if missing:
-                runs = {aug: agnostic_model(net, level, aug, base, card, splits, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
-                for i, classes in enumerate(missing):
-                    scored = {aug: top1(runs[aug][0], per_subset[classes][2], device) for aug in BASELINE_AUGMENT}
-                    augment = max(BASELINE_AUGMENT, key=lambda aug: scored[aug])
-                    acc, (model, seconds, loaded) = scored[augment], runs[augment]
-                    params, macs = count_params(model), count_macs(model, size)
-                    results.add(row(
-                        level, classes, "agnostic", acc, params, macs, seconds,
-                        i > 0 or (loaded and len(missing) < len(subsets)),
-                        criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(splits.fit),
-                        level_achieved=1 - params / base_params, augment=int(augment),
-                    ))
-                    progress.step(f"{net} level {level_key(level)} {subset_name(classes)} agnostic: top1 {acc[0]:.4f}"
-                                  + (f" ({seconds:.1f}s, shared by all subsets)" if i == 0 else ""))
-
-        # data-aware: on each subset's own images, same total budget. The n_f epochs of adapting the
-        # unpruned model do not depend on the level or the criterion, so they run once per subset and
-        # every method starts from the adapted model (what run_cycle's finetune_before would redo each
-        # time, with identical results); each row's seconds include that shared cost.
-        for classes in subsets:
-            fit, val, test = per_subset[classes]
-            name = subset_name(classes)
-            todo = [(lv, m) for lv in args.levels for m in DATA_AWARE if not results.has(net, lv, name, m)]
-            if not todo:
-                continue
-            t = time.monotonic()
-            adapted = copy.deepcopy(base)
-            train(adapted, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(retrain_cfg(n_r), n_f), teacher=base)
-            adapt_seconds = time.monotonic() - t
-            for level, method in todo:
-                criterion = "l1" if method == "adapt" else method
-                t = time.monotonic()
-                cfg = CycleConfig(level=level, criterion=criterion, allocation=args.allocation, train=retrain_cfg(n_r))
-                result = run_cycle(adapted, card, fit, val, cfg)
-                acc = top1(result.model, test, device)
-                seconds = time.monotonic() - t + adapt_seconds
-                s = result.summary
-                results.add(row(
-                    level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
-                    criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
-                    level_achieved=s["level_achieved"], augment=int(args.augment),
-                ))
-                progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
-        del splits, per_subset
-    results.close()
+    try:
+        for net in args.networks:
+            run_network(net, args, results, subsets, progress, root, out, device, n_f, n_r, retrain_cfg)
+    except OutOfTime as stop:
+        log(str(stop))
+    finally:
+        results.close()
     return out
+
+
+def run_network(net, args, results, subsets, progress, root, out, device, n_f, n_r, retrain_cfg) -> None:
+    """Every missing row of one network: its base model, the per-subset baselines, agnostic and data-aware runs."""
+    names = list(map(subset_name, subsets))
+    if not any(
+        results.any_level(net, s, m) is None or not all(results.has(net, lv, s, m) for lv in args.levels)
+        for s in names for m in METHODS
+    ):
+        return
+    size = ARCHS[net].image_size
+    t0 = time.monotonic()
+    splits = load_splits(root, size, args.per_class, args.val_fraction)
+    log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
+        f"at {size}x{size} ({time.monotonic() - t0:.1f}s)")
+    base, card = get_base(net, size, splits, args, out / "models" / net / "base", device)
+    base_params, base_macs = count_params(base), count_macs(base, size)
+
+    per_subset = {}
+    for classes in subsets:
+        per_subset[classes] = (restrict(splits.fit, classes), restrict(splits.val, classes), restrict(splits.test, classes))
+
+    def row(level, classes, method, model_acc, params, macs, seconds, reused, **extra) -> dict:
+        acc, correct = model_acc
+        return dict(
+            network=net, level=level_key(level), subset=subset_name(classes), subset_size=len(classes),
+            method=method, accuracy=acc, correct=correct, test_samples=len(per_subset[classes][2]),
+            params=params, macs=macs, seconds=seconds, reused=int(reused), **extra,
+        )
+
+    # none and ceiling: independent of the level
+    for classes in subsets:
+        fit, val, test = per_subset[classes]
+        name = subset_name(classes)
+        for method in PER_SUBSET_ONCE:
+            prior = results.any_level(net, name, method)
+            if prior is None:
+                t = time.monotonic()
+                if method == "none":
+                    acc, extra = top1(base, test, device), dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
+                else:
+                    scored = []
+                    for augment in BASELINE_AUGMENT:
+                        model = copy.deepcopy(base)
+                        cfg = adaptation(retrain_cfg(args.epochs, augment), args.epochs)
+                        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, cfg, teacher=base)
+                        scored.append((top1(model, test, device), int(augment)))
+                    acc, augment = max(scored)
+                    extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment)
+                seconds = time.monotonic() - t
+                for i, lv in enumerate(args.levels):
+                    results.add(row(lv, classes, method, acc, base_params, base_macs, seconds, i > 0, level_achieved=0.0, **extra))
+                progress.step(f"{net} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
+            else:  # known from another level
+                for lv in args.levels:
+                    if not results.has(net, lv, name, method):
+                        results.add({**prior, "level": level_key(lv), "reused": 1})
+
+    for level in args.levels:
+        # data-agnostic: once per (network, level), on all 10 classes; evaluated on every subset
+        missing = [c for c in subsets if not results.has(net, level, subset_name(c), "agnostic")]
+        if missing:
+            runs = {aug: agnostic_model(net, level, aug, base, card, splits, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
+            for i, classes in enumerate(missing):
+                scored = {aug: top1(runs[aug][0], per_subset[classes][2], device) for aug in BASELINE_AUGMENT}
+                augment = max(BASELINE_AUGMENT, key=lambda aug: scored[aug])
+                acc, (model, seconds, loaded) = scored[augment], runs[augment]
+                params, macs = count_params(model), count_macs(model, size)
+                results.add(row(
+                    level, classes, "agnostic", acc, params, macs, seconds,
+                    i > 0 or (loaded and len(missing) < len(subsets)),
+                    criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(splits.fit),
+                    level_achieved=1 - params / base_params, augment=int(augment),
+                ))
+                progress.step(f"{net} level {level_key(level)} {subset_name(classes)} agnostic: top1 {acc[0]:.4f}"
+                              + (f" ({seconds:.1f}s, shared by all subsets)" if i == 0 else ""))
+
+    # data-aware: on each subset's own images, same total budget. The n_f epochs of adapting the
+    # unpruned model do not depend on the level or the criterion, so they run once per subset and
+    # every method starts from the adapted model (what run_cycle's finetune_before would redo each
+    # time, with identical results); each row's seconds include that shared cost.
+    for classes in subsets:
+        fit, val, test = per_subset[classes]
+        name = subset_name(classes)
+        todo = [(lv, m) for lv in args.levels for m in DATA_AWARE if not results.has(net, lv, name, m)]
+        if not todo:
+            continue
+        t = time.monotonic()
+        adapted = copy.deepcopy(base)
+        train(adapted, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(retrain_cfg(n_r), n_f), teacher=base)
+        adapt_seconds = time.monotonic() - t
+        for level, method in todo:
+            criterion = "l1" if method == "adapt" else method
+            t = time.monotonic()
+            cfg = CycleConfig(level=level, criterion=criterion, allocation=args.allocation, train=retrain_cfg(n_r))
+            result = run_cycle(adapted, card, fit, val, cfg)
+            acc = top1(result.model, test, device)
+            seconds = time.monotonic() - t + adapt_seconds
+            s = result.summary
+            results.add(row(
+                level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
+                criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
+                level_achieved=s["level_achieved"], augment=int(args.augment),
+            ))
+            progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
 
 
 def agnostic_model(net, level, augment, base, card, splits, args, out, device, retrain_cfg):

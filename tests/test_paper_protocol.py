@@ -24,6 +24,14 @@ def test_quick_protocol_end_to_end(tmp_path):
     if not DATA.is_file():
         pytest.skip(f"{DATA} is missing")
     out = tmp_path / "out"
+    # a lease-sized run: --max-minutes stops starting rows, still writes the report, and the next run resumes
+    partial = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--out", str(out), "--cache", str(tmp_path / "cache"), "--max-minutes", "0.001"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert partial.returncode == 0, partial.stderr[-4000:]
+    assert "--max-minutes reached after 1 of" in partial.stderr and (out / "results.md").is_file()
+
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--out", str(out), "--cache", str(tmp_path / "cache")],
         cwd=REPO, capture_output=True, text=True, timeout=1200,

@@ -1,5 +1,5 @@
 """The deployment files checked without a Jetson or a Docker engine: hadolint on Dockerfile.l4t,
-shellcheck on install.sh, and the default config.toml and the README's configuration table
+shellcheck on the shell scripts, and the default config.toml and the README's configuration table
 against daemon.config.Settings, so neither drifts from the code."""
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def test_dockerfile_shape():
     assert re.search(r'^ENTRYPOINT \["edgetune", "serve"\]$', text, re.M)
 
 
-def test_install_sh_passes_shellcheck():
-    r = subprocess.run([_tool("shellcheck"), "deploy/install.sh"], cwd=REPO, capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("script", ["deploy/install.sh", "bench/device_protocol.sh", "scripts/env.sh", "scripts/test.sh", "scripts/demo.sh"])
+def test_shell_scripts_pass_shellcheck(script):
+    r = subprocess.run([_tool("shellcheck"), script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
