@@ -159,7 +159,7 @@ def cmd_prune(args) -> dict:
     train_set, held_set = split_holdout(data, HOLDOUT)
     config = CycleConfig(
         level=args.level, criterion=args.criterion, allocation=args.allocation, finetune_before=args.finetune_before,
-        tolerance=args.tolerance, round_to=args.round_to, train=_train_config(args),
+        fade_epochs=args.fade, tolerance=args.tolerance, round_to=args.round_to, train=_train_config(args),
     )
 
     def show_probe(probe) -> None:
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="l1", choices=sorted(CRITERIA))
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     p.add_argument("--finetune-before", type=_positive_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
+    p.add_argument("--fade", type=_positive_int, default=0, metavar="N",
+                   help="fade the channels to remove out over N epochs of training before removing them (then --epochs of retraining)")
     p.add_argument("--tolerance", type=float, default=0.02, help="accuracy drop allowed by --level auto")
     p.add_argument("--round-to", type=int, default=8, help="keep channel counts a multiple of this")
     p.add_argument("--out", required=True, help="directory for the pruned model")
