@@ -414,12 +414,13 @@ class Scheduler:
             record.paused_seconds += time.time() - self._paused_at
             self._paused_at = None
         record.state, record.reason, record.finished = state, reason, time.time()
-        self.history.save(record)
-        write_report_async(self.history.dir / record.id, record.to_dict(), self._final_event)
-        self._final_event = {}
+        # Metrics first: whoever sees the finished record must also see it counted.
         self.metrics.cycles.labels(outcome=state).inc()
         if record.started:
             self.metrics.cycle_duration.observe(record.finished - record.started)
+        self.history.save(record)
+        write_report_async(self.history.dir / record.id, record.to_dict(), self._final_event)
+        self._final_event = {}
         log.info("cycle %s %s: %s", record.id, state, reason)
 
     # ---- reporting ----------------------------------------------------------------------
