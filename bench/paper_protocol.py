@@ -458,13 +458,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
                 if method == "none":
                     acc, extra = top1(base, test, device), dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
                 else:
-                    tried = []
-                    for augment in BASELINE_AUGMENT:
-                        model = copy.deepcopy(base)
-                        cfg = adaptation(retrain_cfg(args.epochs, augment), args.epochs)
-                        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, cfg, teacher=base)
-                        tried.append((top1(model, val, device)[0], int(augment), top1(model, test, device)))
-                    _, augment, acc = max(tried)  # chosen on validation, never on the scored images
+                    acc, augment = ceiling(base, fit, val, test, lambda aug: retrain_cfg(args.epochs, aug), device)
                     extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment)
                 seconds = time.monotonic() - t
                 for i, lv in enumerate(args.levels):
@@ -521,6 +515,19 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
                 level_achieved=s["level_achieved"], augment=int(args.augment),
             ))
             progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
+
+
+def ceiling(base, fit: ImageSet, val: ImageSet, test: ImageSet, config_for, device) -> tuple[tuple[float, int], int]:
+    """((top-1, correct) on `test`, augment used) of the base model fine-tuned on the subset with the whole budget,
+    `config_for(augment)`, with and without augmentation: the one better on `val` is kept, never chosen on `test`."""
+    tried = []
+    for augment in BASELINE_AUGMENT:
+        model = copy.deepcopy(base)
+        config = config_for(augment)
+        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(config, config.epochs), teacher=base)
+        tried.append((top1(model, val, device)[0], int(augment), top1(model, test, device)))
+    _, augment, acc = max(tried)
+    return acc, augment
 
 
 def agnostic_model(net, level, augment, base, card, splits, args, out, device, retrain_cfg):

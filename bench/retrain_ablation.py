@@ -14,7 +14,7 @@ Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epoc
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
 crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it).
-The ceiling is trained at --lr.
+The ceiling is trained at --lr, with and without augmentation; validation picks one (as in the protocol).
 
 The base model is one a paper_protocol run saved (by default, that of its default --out). Subsets are
 drawn with the protocol's generator; --per-class may be larger than the base's cap: the held-out split
@@ -26,7 +26,6 @@ Writes results.csv (resumed) and results.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import sys
 import time
@@ -36,10 +35,10 @@ from pathlib import Path
 import torch
 
 from paper_protocol import (
-    CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_OUT as PROTOCOL_OUT, REPO, _csv_list, load_splits, log, make_subsets, restrict,
+    DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_OUT as PROTOCOL_OUT, REPO, _csv_list, ceiling, load_splits, log, make_subsets, restrict,
     subset_name, top1, unpack,
 )
-from prune_core import CycleConfig, ModelFormatError, TrainConfig, adaptation, load_model, run_cycle, train
+from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, run_cycle
 
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
@@ -153,11 +152,9 @@ def main(argv=None) -> int:
                         if known:
                             ceilings[name] = float(known[0]["ceiling"])
                         else:
-                            ceiling = copy.deepcopy(base)
-                            budget = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
-                            train(ceiling, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(budget, args.epochs), teacher=base)
-                            ceilings[name] = top1(ceiling, test, torch.device("cpu"))[0]
-                            log(f"{name}: ceiling {ceilings[name]:.4f}")
+                            budget = lambda aug: TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, augment=aug)  # noqa: E731
+                            (ceilings[name], _), augment = ceiling(base, fit, val, test, budget, torch.device("cpu"))
+                            log(f"{name}: ceiling {ceilings[name]:.4f} (augment={bool(augment)})")
                     t = time.monotonic()
                     cfg = replace(cfg, level=level, train=replace(cfg.train, seed=args.seed))
                     result = run_cycle(base, card, fit, val, cfg)
