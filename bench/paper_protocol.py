@@ -474,10 +474,11 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
         missing = [c for c in subsets if not results.has(net, level, subset_name(c), "agnostic")]
         if missing:
             runs = {aug: agnostic_model(net, level, aug, base, card, splits, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
+            sizes = {aug: (count_params(model), count_macs(model, size)) for aug, (model, _, _) in runs.items()}
             for i, classes in enumerate(missing):
-                augment = max(BASELINE_AUGMENT, key=lambda aug: top1(runs[aug][0], per_subset[classes][1], device))
-                (model, seconds, loaded), acc = runs[augment], top1(runs[augment][0], per_subset[classes][2], device)
-                params, macs = count_params(model), count_macs(model, size)
+                _, val, test = per_subset[classes]
+                acc, augment = pick_on_validation({aug: run[0] for aug, run in runs.items()}, val, test, device)
+                (_, seconds, loaded), (params, macs) = runs[augment], sizes[augment]
                 results.add(row(
                     level, classes, "agnostic", acc, params, macs, seconds,
                     i > 0 or (loaded and len(missing) < len(subsets)),
@@ -517,17 +518,22 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
             progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
 
 
+def pick_on_validation(models: dict[bool, torch.nn.Module], val: ImageSet, test: ImageSet, device) -> tuple[tuple[float, int], int]:
+    """((top-1, correct) on `test`, augment) of the model, keyed by its augmentation setting, that scores best on
+    `val`: the choice never sees the scored images (ties go to the first key)."""
+    augment = max(models, key=lambda aug: top1(models[aug], val, device))
+    return top1(models[augment], test, device), int(augment)
+
+
 def ceiling(base, fit: ImageSet, val: ImageSet, test: ImageSet, config_for, device) -> tuple[tuple[float, int], int]:
     """((top-1, correct) on `test`, augment used) of the base model fine-tuned on the subset with the whole budget,
-    `config_for(augment)`, with and without augmentation: the one better on `val` is kept, never chosen on `test`."""
-    tried = []
+    `config_for(augment)`, with and without augmentation; validation picks one."""
+    models = {}
     for augment in BASELINE_AUGMENT:
-        model = copy.deepcopy(base)
+        models[augment] = copy.deepcopy(base)
         config = config_for(augment)
-        train(model, fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(config, config.epochs), teacher=base)
-        tried.append((top1(model, val, device)[0], int(augment), top1(model, test, device)))
-    _, augment, acc = max(tried)
-    return acc, augment
+        train(models[augment], fit, val, CIFAR_MEAN, CIFAR_STD, adaptation(config, config.epochs), teacher=base)
+    return pick_on_validation(models, val, test, device)
 
 
 def agnostic_model(net, level, augment, base, card, splits, args, out, device, retrain_cfg):

@@ -152,8 +152,10 @@ def main(argv=None) -> int:
                         if known:
                             ceilings[name] = float(known[0]["ceiling"])
                         else:
-                            budget = lambda aug: TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, augment=aug)  # noqa: E731
-                            (ceilings[name], _), augment = ceiling(base, fit, val, test, budget, torch.device("cpu"))
+                            (ceilings[name], _), augment = ceiling(
+                                base, fit, val, test,
+                                lambda aug: TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, augment=aug), torch.device("cpu"),
+                            )
                             log(f"{name}: ceiling {ceilings[name]:.4f} (augment={bool(augment)})")
                     t = time.monotonic()
                     cfg = replace(cfg, level=level, train=replace(cfg.train, seed=args.seed))
