@@ -93,11 +93,14 @@ RECIPE = 4  # bumped when prune_core's cycle changes what a method does, so old 
 
 METHODS = ("none", "ceiling", "agnostic", "adapt", "activation", "apoz", "taylor")
 DATA_AWARE = ("adapt", "activation", "apoz", "taylor")
+# not a run of its own: per subset, the data-aware run that scores best on the validation split (what a
+# device that tries every criterion and keeps the winner would serve; it costs their four cycles)
+PICKED = "picked"
 PER_SUBSET_ONCE = ("none", "ceiling")  # do not depend on the level: computed once, one row per level
 CSV_FIELDS = [
     "network", "level", "subset", "subset_size", "method", "criterion", "finetune_epochs", "retrain_epochs",
     "accuracy", "correct", "test_samples", "train_samples", "params", "macs", "level_achieved", "seconds", "reused",
-    "augment",
+    "augment", "val_accuracy",
 ]
 BASELINE_AUGMENT = (True, False)  # the ceiling and agnostic runs are trained both ways; validation picks one per subset
 
@@ -458,8 +461,11 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
                 if method == "none":
                     acc, extra = top1(base, test, device), dict(criterion="", finetune_epochs=0, retrain_epochs=0, train_samples=0)
                 else:
-                    acc, augment = ceiling(base, fit, val, test, lambda aug: retrain_cfg(args.epochs, aug), device)
-                    extra = dict(criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment)
+                    acc, augment, val_acc = ceiling(base, fit, val, test, lambda aug: retrain_cfg(args.epochs, aug), device)
+                    extra = dict(
+                        criterion="", finetune_epochs=args.epochs, retrain_epochs=0, train_samples=len(fit), augment=augment,
+                        val_accuracy=val_acc,
+                    )
                 seconds = time.monotonic() - t
                 for i, lv in enumerate(args.levels):
                     results.add(row(lv, classes, method, acc, base_params, base_macs, seconds, i > 0, level_achieved=0.0, **extra))
@@ -477,13 +483,13 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
             sizes = {aug: (count_params(model), count_macs(model, size)) for aug, (model, _, _) in runs.items()}
             for i, classes in enumerate(missing):
                 _, val, test = per_subset[classes]
-                acc, augment = pick_on_validation({aug: run[0] for aug, run in runs.items()}, val, test, device)
+                acc, augment, val_acc = pick_on_validation({aug: run[0] for aug, run in runs.items()}, val, test, device)
                 (_, seconds, loaded), (params, macs) = runs[augment], sizes[augment]
                 results.add(row(
                     level, classes, "agnostic", acc, params, macs, seconds,
                     i > 0 or (loaded and len(missing) < len(subsets)),
                     criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(splits.fit),
-                    level_achieved=1 - params / base_params, augment=int(augment),
+                    level_achieved=1 - params / base_params, augment=int(augment), val_accuracy=val_acc,
                 ))
                 progress.step(f"{net} level {level_key(level)} {subset_name(classes)} agnostic: top1 {acc[0]:.4f}"
                               + (f" ({seconds:.1f}s, shared by all subsets)" if i == 0 else ""))
@@ -513,20 +519,23 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
             results.add(row(
                 level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
                 criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
-                level_achieved=s["level_achieved"], augment=int(args.augment),
+                level_achieved=s["level_achieved"], augment=int(args.augment), val_accuracy=top1(result.model, val, device)[0],
             ))
             progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
 
 
-def pick_on_validation(models: dict[bool, torch.nn.Module], val: ImageSet, test: ImageSet, device) -> tuple[tuple[float, int], int]:
-    """((top-1, correct) on `test`, augment) of the model, keyed by its augmentation setting, that scores best on
-    `val`: the choice never sees the scored images (ties go to the first key)."""
-    augment = max(models, key=lambda aug: top1(models[aug], val, device))
-    return top1(models[augment], test, device), int(augment)
+def pick_on_validation(
+    models: dict[bool, torch.nn.Module], val: ImageSet, test: ImageSet, device,
+) -> tuple[tuple[float, int], int, float]:
+    """((top-1, correct) on `test`, augment, top-1 on `val`) of the model, keyed by its augmentation setting, that
+    scores best on `val`: the choice never sees the scored images (ties go to the first key)."""
+    scores = {aug: top1(model, val, device)[0] for aug, model in models.items()}
+    augment = max(scores, key=scores.get)
+    return top1(models[augment], test, device), int(augment), scores[augment]
 
 
-def ceiling(base, fit: ImageSet, val: ImageSet, test: ImageSet, config_for, device) -> tuple[tuple[float, int], int]:
-    """((top-1, correct) on `test`, augment used) of the base model fine-tuned on the subset with the whole budget,
+def ceiling(base, fit: ImageSet, val: ImageSet, test: ImageSet, config_for, device) -> tuple[tuple[float, int], int, float]:
+    """((top-1, correct) on `test`, augment used, top-1 on `val`) of the base model fine-tuned on the subset with the whole budget,
     `config_for(augment)`, with and without augmentation; validation picks one."""
     models = {}
     for augment in BASELINE_AUGMENT:
@@ -597,13 +606,21 @@ def _pts(x: float) -> str:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """{(network, level): {method: {subset: accuracy}}} plus subset sizes."""
+    """{(network, level): {method: {subset: accuracy}}} plus subset sizes; method PICKED where every data-aware
+    run of a subset recorded its validation score."""
     table: dict[tuple[str, float], dict[str, dict[str, float]]] = {}
     sizes: dict[str, int] = {}
+    val: dict[tuple[str, float, str], dict[str, float]] = {}
     for r in rows:
-        cell = table.setdefault((r["network"], float(r["level"])), {})
-        cell.setdefault(r["method"], {})[r["subset"]] = float(r["accuracy"])
+        key = (r["network"], float(r["level"]))
+        table.setdefault(key, {}).setdefault(r["method"], {})[r["subset"]] = float(r["accuracy"])
         sizes[r["subset"]] = int(r["subset_size"])
+        if r["method"] in DATA_AWARE and r.get("val_accuracy"):
+            val.setdefault((*key, r["subset"]), {})[r["method"]] = float(r["val_accuracy"])
+    for (net, level, subset), scores in val.items():
+        if len(scores) == len(DATA_AWARE):
+            winner = max(DATA_AWARE, key=lambda m: scores[m])  # ties go to the first in DATA_AWARE
+            table[(net, level)].setdefault(PICKED, {})[subset] = table[(net, level)][winner][subset]
     return {"table": {key: complete(cell) for key, cell in table.items()}, "sizes": sizes}
 
 
@@ -618,12 +635,12 @@ def complete(cell: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def best_data_aware(cell: dict[str, dict[str, float]], subsets: list[str] | None = None) -> str | None:
-    """The data-aware method with the highest mean accuracy over the subsets it was run on."""
+    """The data-aware method (or PICKED) with the highest mean accuracy over the subsets it was run on."""
     scored = []
-    for m in DATA_AWARE:
+    for i, m in enumerate(DATA_AWARE + (PICKED,)):
         accs = [a for s, a in cell.get(m, {}).items() if subsets is None or s in subsets]
         if accs:
-            scored.append((_mean(accs), -DATA_AWARE.index(m), m))
+            scored.append((_mean(accs), -i, m))
     return max(scored)[2] if scored else None
 
 
@@ -648,16 +665,18 @@ def write_report(out: Path, args, config_line: str) -> str:
         "Top-1 (%) on each class subset's held-out images, mean over subsets. *best* is the data-aware method "
         "(adapt, activation, apoz, taylor) with the highest mean at that network and level; *gain* is best − agnostic "
         "in accuracy points per subset (mean and max over subsets); *to ceiling* is the mean of ceiling − best. "
-        "Each row averages over the subsets that have every method.",
+        f"*{PICKED}* is, per subset, the data-aware run with the best top-1 on the validation split (never on the "
+        "held-out images), as a device that tried all four would keep (the ceiling and agnostic rows are picked the same "
+        "way between their two augmentation settings). Each row averages over the subsets that have every method.",
         "",
-        "| network | level | subsets | none | ceiling | agnostic | adapt | activation | apoz | taylor | best | gain mean | gain max | to ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| network | level | subsets | none | ceiling | agnostic | adapt | activation | apoz | taylor | {PICKED} | best | gain mean | gain max | to ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (net, level), cell in sorted(table.items()):
         best = best_data_aware(cell)
         gain, gap = gains(cell, best) if best else ([], [])
         n = len(cell.get("agnostic", cell.get("none", {})))
-        accs = [_pct(_mean(list(cell.get(m, {}).values()))) for m in METHODS]
+        accs = [_pct(_mean(list(cell.get(m, {}).values()))) for m in METHODS + (PICKED,)]
         lines.append(
             f"| {net} | {level:.2f} | {n} | " + " | ".join(accs)
             + f" | {best or '–'} | {_pts(_mean(gain))} | {_pts(max(gain) if gain else float('nan'))} | {_pts(_mean(gap))} |"
@@ -707,10 +726,11 @@ def plot(out: Path) -> Path:
         "activation": dict(color="tab:green", linestyle="-", marker="^"),
         "apoz": dict(color="tab:orange", linestyle="-", marker="v"),
         "taylor": dict(color="tab:purple", linestyle="-", marker="D"),
+        PICKED: dict(color="tab:cyan", linestyle="-.", marker="*"),
     }
     for ax, net in zip(axes[0], networks):
         levels = sorted(lv for n, lv in table if n == net)
-        for method in METHODS:
+        for method in METHODS + (PICKED,):
             pts = [(lv, _mean(list(table[(net, lv)][method].values()))) for lv in levels if table[(net, lv)].get(method)]
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=method, **styles[method])

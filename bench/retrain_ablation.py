@@ -13,8 +13,9 @@ overrides of the cycle settings:
 Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
-crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it).
-The ceiling is trained at --lr, with and without augmentation; validation picks one (as in the protocol).
+crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it), bs (batch size).
+The ceiling is trained at --lr and --batch-size, with and without augmentation; validation picks one (as in the
+protocol).
 
 The base model is one a paper_protocol run saved (by default, that of its default --out). Subsets are
 drawn with the protocol's generator; --per-class may be larger than the base's cap: the held-out split
@@ -43,10 +44,10 @@ from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, r
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
-KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int}
+KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int}
 
 
-def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
+def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[str, CycleConfig]:
     """'taylor:alloc=global,nf=1' → (text, CycleConfig) with the protocol's defaults for what is not given."""
     criterion, _, opts = text.partition(":")
     given: dict = {}
@@ -60,7 +61,7 @@ def parse_variant(text: str, epochs: int, lr: float) -> tuple[str, CycleConfig]:
         raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
     train_cfg = TrainConfig(
         epochs=epochs - n_f - fade, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
-        augment=bool(given.get("aug", 1)),
+        augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size),
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
@@ -78,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=1000, help="images per class before the split")
     p.add_argument("--epochs", type=int, default=6, help="budget of every variant and of the ceiling")
     p.add_argument("--lr", type=float, default=0.01, help="peak lr unless a variant sets its own")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the ceiling, and of variants that set none")
     p.add_argument("--base", default=str(DEFAULT_BASE), help="model directory of the 10-class base model")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 tarball of train/<class>/NNNN.jpg")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tarball is unpacked (once)")
@@ -87,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.levels = _csv_list(args.levels, float)
     args.subset_sizes = _csv_list(args.subset_sizes, int)
-    args.variants = [parse_variant(v, args.epochs, args.lr) for v in args.variants]
+    args.variants = [parse_variant(v, args.epochs, args.lr, args.batch_size) for v in args.variants]
     return args
 
 
@@ -152,9 +154,11 @@ def main(argv=None) -> int:
                         if known:
                             ceilings[name] = float(known[0]["ceiling"])
                         else:
-                            (ceilings[name], _), augment = ceiling(
+                            (ceilings[name], _), augment, _ = ceiling(
                                 base, fit, val, test,
-                                lambda aug: TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, augment=aug), torch.device("cpu"),
+                                lambda aug: TrainConfig(
+                                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, augment=aug,
+                                ), torch.device("cpu"),
                             )
                             log(f"{name}: ceiling {ceilings[name]:.4f} (augment={bool(augment)})")
                     t = time.monotonic()

@@ -262,11 +262,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         return {"sample_ids": [x.id for x in stored], "stored": sum(not x.duplicate for x in stored), "duplicates": sum(x.duplicate for x in stored)}
 
     def start_cycle(body: PruneRequest) -> JSONResponse:
-        from prune_core.criteria import CRITERIA
+        from prune_core.criteria import parse_criteria
 
         criterion = body.criterion or s.cycle_criterion
-        if criterion not in CRITERIA:
-            raise _error(422, f"unknown criterion '{criterion}'; choose from {', '.join(sorted(CRITERIA))}")
+        try:
+            parse_criteria(criterion)
+        except ValueError as exc:
+            raise _error(422, str(exc)) from None
         level = body.level if body.level is not None else s.cycle_level
         epochs = body.epochs if body.epochs is not None else s.cycle_epochs
         try:

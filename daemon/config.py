@@ -89,10 +89,9 @@ class Settings(BaseSettings):
     @field_validator("cycle_criterion")
     @classmethod
     def _criterion(cls, v: str) -> str:
-        from prune_core.criteria import CRITERIA
+        from prune_core.criteria import parse_criteria
 
-        if v not in CRITERIA:
-            raise ValueError(f"unknown criterion; choose from {', '.join(sorted(CRITERIA))}")
+        parse_criteria(v)  # its ValueError names the problem
         return v
 
     @property

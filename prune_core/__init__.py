@@ -7,7 +7,7 @@ The data path, top to bottom:
 No web, SQL or daemon code lives here.
 """
 from .architectures import ARCHS, build_model
-from .criteria import CRITERIA, Criterion, get_criterion, register
+from .criteria import CRITERIA, Criterion, get_criterion, parse_criteria, register
 from .cycle import CycleConfig, CycleResult, adaptation, run_cycle
 from .data import DataError, ImageSet, batches, decode_image, load_image_folder, split_holdout
 from .device import pick_device
@@ -18,7 +18,7 @@ from .retrain import TrainConfig, TrainResult, train
 from .surgery import PruneOutcome, PruneSpec, prune_to_level
 
 __all__ = [
-    "ARCHS", "build_model", "CRITERIA", "Criterion", "get_criterion", "register", "CycleConfig", "CycleResult",
+    "ARCHS", "build_model", "CRITERIA", "Criterion", "get_criterion", "parse_criteria", "register", "CycleConfig", "CycleResult",
     "adaptation", "run_cycle", "DataError", "ImageSet", "batches", "decode_image", "load_image_folder", "split_holdout",
     "pick_device", "Probe", "search_level", "Accuracy", "agreement", "count_macs", "count_params", "evaluate",
     "Lineage", "ModelCard", "ModelFormatError", "load_model", "read_card", "save_model", "TrainConfig",

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from .architectures import ARCHS, build_model
-from .criteria import CRITERIA
+from .criteria import CRITERIA, parse_criteria
 from .data import DataError, ImageSet, load_image_folder, split_holdout
 from .device import pick_device
 from .measure import count_macs, count_params, evaluate
@@ -44,6 +44,14 @@ def _positive_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
     return value
+
+
+def _criteria(text: str) -> str:
+    try:
+        parse_criteria(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _level(text: str) -> float | str:
@@ -248,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one offline rank → prune → retrain → evaluate cycle")
     _add_common(p, training=True)
     p.add_argument("--level", type=_level, required=True, help="fraction of parameters to remove, or 'auto'")
-    p.add_argument("--criterion", default="l1", choices=sorted(CRITERIA))
+    p.add_argument("--criterion", default="l1", type=_criteria,
+                   help=f"how channels are ranked: one of {', '.join(sorted(CRITERIA))}, or several comma-separated "
+                        "(each is tried, the model best on the held-out split is kept; costs one retraining each)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     p.add_argument("--finetune-before", type=_positive_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
     p.add_argument("--fade", type=_positive_int, default=0, metavar="N",

@@ -42,6 +42,18 @@ def get_criterion(name: str, **options) -> "Criterion":
         raise ValueError(f"unknown criterion '{name}'; choose from {', '.join(sorted(CRITERIA))}") from None
 
 
+def parse_criteria(text: str) -> tuple[str, ...]:
+    """'taylor', or 'activation,apoz,taylor' for a cycle that tries each and keeps the model best on the
+    held-out split (per-subset differences between criteria are often larger than their mean differences)."""
+    names = tuple(n.strip() for n in text.split(","))
+    for name in names:
+        if name not in CRITERIA:
+            raise ValueError(f"unknown criterion '{name}'; choose from {', '.join(sorted(CRITERIA))} (or several, comma-separated)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"criterion '{text}' names one twice")
+    return names
+
+
 def prunable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_TYPES) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, types) and getattr(module, "weight", None) is not None:

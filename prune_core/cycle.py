@@ -15,7 +15,7 @@ from typing import Callable, Literal
 
 from torch import nn
 
-from .criteria import get_criterion
+from .criteria import get_criterion, parse_criteria
 from .data import ImageSet, batches
 from .fade import ChannelFade
 from .level_search import Probe, search_level
@@ -28,7 +28,7 @@ from .surgery import PruneSpec, prune_to_level, removed_channels, replay
 @dataclass
 class CycleConfig:
     level: float | Literal["auto"] = 0.5
-    criterion: str = "l1"
+    criterion: str = "l1"  # or several, comma-separated: each is tried and the best on the held-out split kept
     allocation: Literal["uniform", "global"] = "uniform"
     finetune_before: int = 0  # n_f epochs of adapting the unpruned model first (ADaPT)
     fade_epochs: int = 0  # epochs of fading out the doomed channels in the unpruned model before removing them
@@ -95,11 +95,28 @@ def run_cycle(
         ft = adaptation(config.train, config.finetune_before)
         train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
 
-    criterion = get_criterion(config.criterion, seed=config.train.seed, max_batches=config.calibration_batches)
-    calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
-    scores = criterion.score(reference, calibration if criterion.data_aware else None)
+    rankings = []
+    for name in parse_criteria(config.criterion):
+        criterion = get_criterion(name, seed=config.train.seed, max_batches=config.calibration_batches)
+        calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
+        rankings.append((name, criterion, criterion.score(reference, calibration if criterion.data_aware else None)))
 
-    def prune_and_retrain(level: float) -> tuple[Probe, nn.Module]:
+    def prune_and_retrain(level: float) -> tuple[Probe, tuple[nn.Module, str]]:
+        """Prune and retrain with each criterion at `level`; the model best on the held-out split wins (ties: the
+        first named). The probe's seconds are those of every try."""
+        t0 = time.monotonic()
+        best: tuple[Probe, tuple[nn.Module, str]] | None = None
+        tried: dict[str, float] = {}
+        for name, criterion, scores in rankings:
+            probe, pruned = prune_and_retrain_one(level, criterion, scores)
+            tried[name] = probe.accuracy
+            if best is None or probe.accuracy > best[0].accuracy:
+                best = probe, (pruned, name)
+        probe, (pruned, name) = best
+        probe.criterion, probe.tried, probe.seconds = name, tried, time.monotonic() - t0
+        return probe, (pruned, name)
+
+    def prune_and_retrain_one(level: float, criterion, scores) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
         spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier)
         outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
@@ -130,10 +147,10 @@ def run_cycle(
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes = found.probes
         level = found.level
-        pruned = found.best if found.best is not None else ceiling_model
+        pruned, used = found.best if found.best is not None else (ceiling_model, None)
     else:
         level = float(config.level)
-        probe, pruned = prune_and_retrain(level)
+        probe, (pruned, used) = prune_and_retrain(level)
         probes = [probe]
         if on_probe is not None:
             on_probe(probe)
@@ -142,6 +159,7 @@ def run_cycle(
     params_before, params_after = count_params(base), count_params(pruned)
     summary = {
         "criterion": config.criterion,
+        "criterion_used": used,  # the one whose model this is (None: no level kept accuracy, the unpruned model)
         "allocation": config.allocation,
         "finetune_before": config.finetune_before,
         "fade_epochs": config.fade_epochs,
@@ -167,7 +185,7 @@ def run_cycle(
     new_card = copy.deepcopy(card)
     new_card.lineage = Lineage(
         parent=parent,
-        criterion=config.criterion,
+        criterion=used or config.criterion,
         level=level,
         allocation=config.allocation,
         finetune_before=config.finetune_before,

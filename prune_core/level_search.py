@@ -2,7 +2,7 @@
 tolerance of the unpruned model fine-tuned on the same data, by binary search over a level grid."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -21,6 +21,8 @@ class Probe:
     macs: int
     seconds: float
     feasible: bool = False
+    criterion: str = ""  # the criterion whose model this is
+    tried: dict[str, float] = field(default_factory=dict)  # held-out top-1 of each criterion tried at this level
 
     def to_dict(self) -> dict:
         return asdict(self)

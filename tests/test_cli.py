@@ -86,6 +86,8 @@ ERROR_CASES = {
     "unknown_arch": (lambda w: ["init", w["root"] / "new", "--arch", "resnet9000", "--num-classes", "3"], "init", ["unknown architecture 'resnet9000'"]),
     "level_too_big": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "1.5", "--out", w["root"] / "o1"], "prune", ["--level", "1.5"]),
     "level_not_a_number": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "abc", "--out", w["root"] / "o2"], "prune", ["--level", "abc"]),
+    "unknown_criterion_in_a_list": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--criterion", "taylor,magic",
+                                               "--out", w["root"] / "o3"], "prune", ["--criterion", "unknown criterion 'magic'"]),
     "missing_model_dir": (lambda w: ["eval", w["root"] / "no_model", "--data", w["subset"]], "eval", ["no_model", "not found"]),
     "corrupted_model_json": (lambda w: ["info", w["broken"]], "info", ["model.json", "not valid JSON"]),
     # initial weights that cannot be read are a user error too, not a traceback

@@ -44,6 +44,32 @@ def test_cycle_ranks_the_adapted_model_once_and_reaches_the_level(digits, monkey
         assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_several_criteria_keep_the_one_best_on_held_out(digits):
+    """Each criterion's try is exactly its own single-criterion cycle (CPU runs are deterministic for a seed);
+    the kept model is the try with the best held-out top-1, and its lineage names that criterion."""
+    model, card = _model()
+    both = run_cycle(model, card, *digits, _config(criterion="l1,activation"))
+    probe = both.summary["probes"][0]
+    assert set(probe["tried"]) == {"l1", "activation"}
+    for name in ("l1", "activation"):
+        alone = run_cycle(model, card, *digits, _config(criterion=name))
+        assert alone.summary["top1_after"] == pytest.approx(probe["tried"][name], abs=1e-9)
+        assert alone.summary["criterion_used"] == name
+    used = max(("l1", "activation"), key=lambda n: (probe["tried"][n], n == "l1"))  # ties: the first named
+    assert both.summary["criterion_used"] == probe["criterion"] == used == both.card.lineage.criterion
+    assert both.summary["top1_after"] == pytest.approx(probe["tried"][used], abs=1e-9)
+    assert both.summary["criterion"] == "l1,activation"
+
+
+@pytest.mark.parametrize("bad, message", [("magic", "unknown criterion 'magic'"), ("l1,l1", "twice"), ("", "unknown criterion ''")])
+def test_bad_criterion_lists_are_refused(bad, message):
+    from prune_core import parse_criteria
+
+    with pytest.raises(ValueError, match=message):
+        parse_criteria(bad)
+    assert parse_criteria("taylor, apoz") == ("taylor", "apoz")
+
+
 def test_adaptation_uses_cross_entropy_on_labelled_samples():
     cfg = adaptation(TrainConfig(epochs=5, distill_weight=0.7, lr=0.02), 2)
     assert (cfg.epochs, cfg.distill_weight, cfg.lr) == (2, 0.0, 0.02)

@@ -49,12 +49,15 @@ def test_quick_protocol_end_to_end(tmp_path):
         assert sorted(methods) == sorted(METHODS), cell
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
+        if r["method"] != "none":  # every trained row records the validation score its pick (or PICKED) uses
+            assert 0.0 <= float(r["val_accuracy"]) <= 1.0, r
         assert int(r["params"]) > 0 and int(r["macs"]) > 0 and float(r["seconds"]) >= 0
     base = {r["params"] for r in rows if r["method"] in ("none", "ceiling")}
     assert len(base) == 1
     assert all(int(r["params"]) < int(next(iter(base))) for r in rows if r["method"] not in ("none", "ceiling"))
 
     md = (out / "results.md").read_text()
+    assert "| taylor | picked | best |" in md
     assert "| cifar_small | 0.50 |" in md and "| cifar_small | 0.90 |" in md
     assert "| cifar_small | 0.50 |" in proc.stdout  # the table is printed too
     png = out / "accuracy_vs_level.png"
@@ -81,3 +84,23 @@ def test_quick_protocol_end_to_end(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert other.returncode != 0 and "differs in: allocation" in other.stderr
+
+
+def _row(subset: str, method: str, accuracy: float, val: float | str = "") -> dict:
+    return dict(network="n", level="0.90", subset=subset, subset_size="2", method=method, accuracy=str(accuracy), val_accuracy=str(val))
+
+
+def test_picked_is_the_data_aware_run_best_on_validation_not_on_test():
+    sys.path.insert(0, str(REPO / "bench"))
+    import paper_protocol as pp
+
+    rows = [_row(s, m, 0.5) for s in ("a", "b") for m in ("none", "ceiling", "agnostic")]
+    # subset a: taylor has the best validation score but not the best test score
+    rows += [_row("a", "adapt", 0.80, 0.70), _row("a", "activation", 0.90, 0.60), _row("a", "apoz", 0.70, 0.65), _row("a", "taylor", 0.75, 0.71)]
+    # subset b: a tie on validation goes to the first data-aware method
+    rows += [_row("b", m, acc, 0.6) for m, acc in zip(pp.DATA_AWARE, (0.60, 0.65, 0.70, 0.75))]
+    cell = pp.summarise(rows)["table"][("n", 0.9)]
+    assert cell[pp.PICKED] == {"a": 0.75, "b": 0.60}
+    # without validation scores for every data-aware run (results of older runs) there is no pick
+    cell = pp.summarise([r for r in rows if not (r["subset"] == "b" and r["method"] == "apoz")] + [_row("b", "apoz", 0.7)])["table"][("n", 0.9)]
+    assert set(cell[pp.PICKED]) == {"a"}
