@@ -13,7 +13,9 @@ A model trained on all 10 classes is deployed on a device that only ever sees a 
   activation, apoz, taylor
               the same recipe with a data-aware criterion ranking on the subset's images;
   ceiling     the unpruned base model fine-tuned on the subset for `--epochs` epochs, with and without
-              augmentation; the one that scores better on the subset's validation images is kept.
+              augmentation; the one that scores better on the subset's validation images is kept;
+  picked      (in the report, not a run) per subset, the data-aware run that scores best on the validation
+              images: what run_cycle keeps with criterion "l1,activation,apoz,taylor" and the same n_f.
 
 The data-aware methods train without crop/flip augmentation unless `--augment` (within a 6-epoch budget it
 slows learning: bench/retrain_ablation.py), n_f = 1 by default.
