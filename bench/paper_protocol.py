@@ -521,7 +521,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
             results.add(row(
                 level, classes, method, acc, s["params_after"], s["macs_after"], seconds, False,
                 criterion=criterion, finetune_epochs=n_f, retrain_epochs=n_r, train_samples=len(fit),
-                level_achieved=s["level_achieved"], augment=int(args.augment), val_accuracy=top1(result.model, val, device)[0],
+                level_achieved=s["level_achieved"], augment=int(args.augment), val_accuracy=s["top1_after"],
             ))
             progress.step(f"{net} level {level_key(level)} {name} {method}: top1 {acc[0]:.4f} ({seconds:.1f}s)")
 

@@ -112,9 +112,9 @@ def run_cycle(
             tried[name] = probe.accuracy
             if best is None or probe.accuracy > best[0].accuracy:
                 best = probe, (pruned, name)
-        probe, (pruned, name) = best
+        probe, (_, name) = best
         probe.criterion, probe.tried, probe.seconds = name, tried, time.monotonic() - t0
-        return probe, (pruned, name)
+        return best
 
     def prune_and_retrain_one(level: float, criterion, scores) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
