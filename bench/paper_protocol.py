@@ -144,6 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, help="n_f of the data-aware methods (default: 1 when epochs >= 2)")
     p.add_argument("--base-epochs", type=int, help=f"epochs of training the base models (default {FULL['base_epochs']})")
     p.add_argument("--per-class", type=int, help="cap on images per class before the split (default: all 5000)")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="score every method on the held-out images of this larger cap per class (a superset of "
+                        "--per-class's held-out images, none of them trained on): the same training data, less noise")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
     p.add_argument("--allocation", choices=["uniform", "global"], default="global",
                    help="how the level is spread over layers, for every pruning method (global: by score per parameter)")
@@ -194,6 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--epochs, --base-epochs and --subsets-per-size must be at least 1")
     if args.per_class is not None and args.per_class < 10:
         p.error("--per-class must be at least 10")
+    if args.test_per_class is not None and args.test_per_class < (args.per_class or 5000):
+        p.error("--test-per-class must be at least --per-class (a larger cap's held-out images)")
     if not 0 <= args.distill_weight <= 1:
         p.error("--distill-weight must be in [0, 1]")
     if not 0 < args.val_fraction < 0.5:
@@ -246,10 +251,15 @@ class Splits:
     test: ImageSet  # held-out images everything is scored on
 
 
-def load_splits(root: Path, size: int, per_class: int | None, val_fraction: float) -> Splits:
+def load_splits(root: Path, size: int, per_class: int | None, val_fraction: float, test_per_class: int | None = None) -> Splits:
+    """Train/validation/held-out splits of the first `per_class` images of each class. With `test_per_class`, the
+    held-out images are those of a larger cap: the split is by file name, so they are a superset of the small cap's
+    held-out images and hold none of its training images (less noise in each score, the same training data)."""
     data = load_image_folder(root, CLASSES, size, limit_per_class=per_class)
     trainval, test = split_holdout(data, HOLDOUT)
     fit, val = split_holdout(trainval, val_fraction, salt=VAL_SALT)
+    if test_per_class is not None:
+        _, test = split_holdout(load_image_folder(root, CLASSES, size, limit_per_class=test_per_class), HOLDOUT)
     return Splits(fit, val, test)
 
 
@@ -385,7 +395,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     n_f, n_r = args.finetune_epochs, args.epochs - args.finetune_epochs
     config = {
         "data": tarball.name, "data_bytes": tarball.stat().st_size if tarball.is_file() else None,
-        "per_class": args.per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
+        "per_class": args.per_class, "test_per_class": args.test_per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
         "allocation": args.allocation, "distill_weight": args.distill_weight, "augment": args.augment, "recipe": RECIPE,
@@ -434,7 +444,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
         return
     size = ARCHS[net].image_size
     t0 = time.monotonic()
-    splits = load_splits(root, size, args.per_class, args.val_fraction)
+    splits = load_splits(root, size, args.per_class, args.val_fraction, args.test_per_class)
     log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
         f"at {size}x{size} ({time.monotonic() - t0:.1f}s)")
     base, card = get_base(net, size, splits, args, out / "models" / net / "base", device)
@@ -758,7 +768,8 @@ def main(argv=None) -> int:
     n_f = args.finetune_epochs
     config_line = (
         f"Budget {args.epochs} epochs per method (data-aware: fine-tune n_f={n_f} + retrain n_r={args.epochs - n_f}); "
-        f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split; "
+        f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split"
+        f"{f' (scored on the held-out images of the first {args.test_per_class})' if args.test_per_class else ''}; "
         f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; data-aware methods "
         f"{'with' if args.augment else 'without'} augmentation, ceiling and agnostic with or without, as validation picks; seed {args.seed}."
     )

@@ -13,7 +13,8 @@ overrides of the cycle settings:
 Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
-crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it), bs (batch size).
+crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it), bs (batch size),
+mlr (the largest share of its channels any one layer may lose).
 The ceiling is trained at --lr and --batch-size, with and without augmentation; validation picks one (as in the
 protocol).
 
@@ -44,7 +45,7 @@ from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, r
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
-KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int}
+KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int, "mlr": float}
 
 
 def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[str, CycleConfig]:
@@ -65,7 +66,7 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[s
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
-        calibration_batches=given.get("cal", 32),
+        calibration_batches=given.get("cal", 32), max_layer_ratio=given.get("mlr", 0.9),
     )
     return text, cfg
 
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset-sizes", default="2,3,5", help="comma-separated class-subset sizes")
     p.add_argument("--subsets-per-size", type=int, default=3)
     p.add_argument("--per-class", type=int, default=1000, help="images per class before the split")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="score on the held-out images of a larger cap per class (a superset of --per-class's, never trained "
+                        "on): less noise in each subset's score at the same training data")
     p.add_argument("--epochs", type=int, default=6, help="budget of every variant and of the ceiling")
     p.add_argument("--lr", type=float, default=0.01, help="peak lr unless a variant sets its own")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the ceiling, and of variants that set none")
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
         base, card = load_model(args.base, torch.device("cpu"))
     except ModelFormatError as exc:
         raise SystemExit(f"retrain_ablation: no base model ({exc}); train one with bench/paper_protocol.py or pass --base")
-    splits = load_splits(unpack(Path(args.data), Path(args.cache)), card.input_size, args.per_class, 0.1)
+    splits = load_splits(unpack(Path(args.data), Path(args.cache)), card.input_size, args.per_class, 0.1, args.test_per_class)
     subsets = make_subsets(args.subset_sizes, args.subsets_per_size, args.seed)
     path = out / "results.csv"
     done = load_rows(path)

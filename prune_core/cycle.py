@@ -34,6 +34,7 @@ class CycleConfig:
     fade_epochs: int = 0  # epochs of fading out the doomed channels in the unpruned model before removing them
     tolerance: float = 0.02  # for level="auto"
     round_to: int = 8
+    max_layer_ratio: float = 0.9  # no layer loses more than this share of its channels
     protect_stem: bool = True
     protect_classifier: bool = True
     calibration_batches: int = 32  # batches the data-aware criteria see
@@ -118,7 +119,7 @@ def run_cycle(
 
     def prune_and_retrain_one(level: float, criterion, scores) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
-        spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier)
+        spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier, config.max_layer_ratio)
         outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
         pruned = outcome.model
         if config.fade_epochs > 0 and not state["stopped"]:

@@ -73,3 +73,17 @@ def test_bad_criterion_lists_are_refused(bad, message):
 def test_adaptation_uses_cross_entropy_on_labelled_samples():
     cfg = adaptation(TrainConfig(epochs=5, distill_weight=0.7, lr=0.02), 2)
     assert (cfg.epochs, cfg.distill_weight, cfg.lr) == (2, 0.0, 0.02)
+
+
+def test_max_layer_ratio_caps_what_any_layer_loses(digits):
+    """Global allocation spends the level where parameters are; `max_layer_ratio` keeps it from cutting one
+    layer (cifar_small's residual trunk) down to a few channels."""
+    model, card = _model()
+    widths = lambda m: {n: c.out_channels for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d)}  # noqa: E731
+    full = widths(model)
+    lost = {}
+    for cap in (0.9, 0.5):
+        result = run_cycle(model, card, *digits, _config(level=0.7, allocation="global", max_layer_ratio=cap, train=TrainConfig(epochs=0)))
+        assert abs(result.summary["level_achieved"] - 0.7) <= 0.03
+        lost[cap] = max(1 - w / full[n] for n, w in widths(result.model).items())
+    assert lost[0.5] <= 0.5 < lost[0.9]

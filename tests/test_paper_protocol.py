@@ -104,3 +104,20 @@ def test_picked_is_the_data_aware_run_best_on_validation_not_on_test():
     # without validation scores for every data-aware run (results of older runs) there is no pick
     cell = pp.summarise([r for r in rows if not (r["subset"] == "b" and r["method"] == "apoz")] + [_row("b", "apoz", 0.7)])["table"][("n", 0.9)]
     assert set(cell[pp.PICKED]) == {"a"}
+
+
+def test_a_larger_test_cap_scores_on_more_held_out_images_never_trained_on(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import paper_protocol as pp
+    from PIL import Image
+
+    for c in pp.CLASSES:
+        (tmp_path / c).mkdir()
+        for i in range(40):
+            Image.new("RGB", (8, 8), (i * 6, 0, 0)).save(tmp_path / c / f"{i:04d}.jpg")
+    small = pp.load_splits(tmp_path, 8, 10, 0.1)
+    wide = pp.load_splits(tmp_path, 8, 10, 0.1, test_per_class=40)
+    assert (wide.fit.keys, wide.val.keys) == (small.fit.keys, small.val.keys)
+    assert set(small.test.keys) < set(wide.test.keys)
+    assert not set(wide.test.keys) & set(small.fit.keys + small.val.keys)
+    assert len(wide.test) > 2 * len(small.test)

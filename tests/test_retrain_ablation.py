@@ -30,13 +30,13 @@ def test_variants_side_by_side_and_resume(tmp_path):
     base = tmp_path / "base"
     save_model(build_model("cifar_small", 10), ModelCard("cifar_small", 10, CLASSES, 32), base)
     common = ["--base", str(base), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
-              "--per-class", "30", "--subset-sizes", "2", "--subsets-per-size", "1", "--levels", "0.5",
-              "--epochs", "2", "--threads", "1", "--variants", "l1", "l1:alloc=global,nf=0,kd=0,lr=0.05"]
+              "--per-class", "30", "--test-per-class", "60", "--subset-sizes", "2", "--subsets-per-size", "1", "--levels", "0.5",
+              "--epochs", "2", "--threads", "1", "--variants", "l1", "l1:alloc=global,nf=0,kd=0,lr=0.05,mlr=0.5"]
     proc = run(*common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["variant"] for r in rows] == ["l1", "l1:alloc=global,nf=0,kd=0,lr=0.05"]
+    assert [r["variant"] for r in rows] == ["l1", "l1:alloc=global,nf=0,kd=0,lr=0.05,mlr=0.5"]
     assert len({r["ceiling"] for r in rows}) == 1  # one ceiling per subset, shared by the variants
     assert all(abs(float(r["level_achieved"]) - 0.5) < 0.03 for r in rows)
     assert "| 0.50 | l1 |" in proc.stdout and "to ceiling (2 cl.)" in proc.stdout
