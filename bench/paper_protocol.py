@@ -148,8 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score every method on the held-out images of this larger cap per class (a superset of "
                         "--per-class's held-out images, none of them trained on): the same training data, less noise")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="global",
-                   help="how the level is spread over layers, for every pruning method (global: by score per parameter)")
+    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                   help="how the level is spread over layers, for every pruning method (global: by score per parameter; at "
+                        "deep levels it cuts the layers whose channels hold the most parameters to the per-layer cap, which "
+                        "cost 0.5-2 points against uniform in the README's measurements)")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="share of distillation from the unpruned model on labelled samples while retraining a pruned one "
                         "(0: cross-entropy alone; bench/retrain_ablation.py measured it)")

@@ -79,7 +79,7 @@ def test_quick_protocol_end_to_end(tmp_path):
 
     # results of another recipe are never mixed in: changing a setting needs another --out
     other = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--allocation", "uniform", "--out", str(out),
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--allocation", "global", "--out", str(out),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
