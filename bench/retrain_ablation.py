@@ -66,7 +66,7 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[s
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
-        calibration_batches=given.get("cal", 32), max_layer_ratio=given.get("mlr", 0.9),
+        calibration_batches=given.get("cal", 32), max_layer_ratio=given.get("mlr", CycleConfig.max_layer_ratio),
     )
     return text, cfg
 

@@ -34,7 +34,7 @@ class CycleConfig:
     fade_epochs: int = 0  # epochs of fading out the doomed channels in the unpruned model before removing them
     tolerance: float = 0.02  # for level="auto"
     round_to: int = 8
-    max_layer_ratio: float = 0.9  # no layer loses more than this share of its channels
+    max_layer_ratio: float = PruneSpec.max_layer_ratio  # no layer loses more than this share of its channels
     protect_stem: bool = True
     protect_classifier: bool = True
     calibration_batches: int = 32  # batches the data-aware criteria see
