@@ -147,6 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-per-class", type=int, default=None,
                    help="score every method on the held-out images of this larger cap per class (a superset of "
                         "--per-class's held-out images, none of them trained on): the same training data, less noise")
+    p.add_argument("--base-per-class", type=int, default=None,
+                   help="cap per class of the whole dataset the base model and the data-agnostic baseline train on (the "
+                        "paper's base model saw all of CIFAR-100's training images, its subsets are drawn from them; "
+                        "default: --per-class). The split is by file name: its held-out images are never trained on either")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
     p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
                    help="how the level is spread over layers, for every pruning method (global: by score per parameter; at "
@@ -201,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--per-class must be at least 10")
     if args.test_per_class is not None and args.test_per_class < (args.per_class or 5000):
         p.error("--test-per-class must be at least --per-class (a larger cap's held-out images)")
+    if args.base_per_class is not None and args.base_per_class < (args.per_class or 5000):
+        p.error("--base-per-class must be at least --per-class (the subsets' images are part of the whole dataset)")
     if not 0 <= args.distill_weight <= 1:
         p.error("--distill-weight must be in [0, 1]")
     if not 0 < args.val_fraction < 0.5:
@@ -397,7 +403,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
     n_f, n_r = args.finetune_epochs, args.epochs - args.finetune_epochs
     config = {
         "data": tarball.name, "data_bytes": tarball.stat().st_size if tarball.is_file() else None,
-        "per_class": args.per_class, "test_per_class": args.test_per_class, "holdout": HOLDOUT, "val_fraction": args.val_fraction,
+        "per_class": args.per_class, "test_per_class": args.test_per_class,
+        **({"base_per_class": args.base_per_class} if args.base_per_class else {}), "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
         "allocation": args.allocation, "distill_weight": args.distill_weight, "augment": args.augment, "recipe": RECIPE,
@@ -449,7 +456,10 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
     splits = load_splits(root, size, args.per_class, args.val_fraction, args.test_per_class)
     log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
         f"at {size}x{size} ({time.monotonic() - t0:.1f}s)")
-    base, card = get_base(net, size, splits, args, out / "models" / net / "base", device)
+    whole = load_splits(root, size, args.base_per_class, args.val_fraction) if args.base_per_class else splits
+    if whole is not splits:
+        log(f"{net}: base model and data-agnostic baseline on {len(whole.fit)} training, {len(whole.val)} validation images")
+    base, card = get_base(net, size, whole, args, out / "models" / net / "base", device)
     base_params, base_macs = count_params(base), count_macs(base, size)
 
     per_subset = {}
@@ -493,7 +503,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
         # data-agnostic: once per (network, level), on all 10 classes; evaluated on every subset
         missing = [c for c in subsets if not results.has(net, level, subset_name(c), "agnostic")]
         if missing:
-            runs = {aug: agnostic_model(net, level, aug, base, card, splits, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
+            runs = {aug: agnostic_model(net, level, aug, base, card, whole, args, out, device, retrain_cfg) for aug in BASELINE_AUGMENT}
             sizes = {aug: (count_params(model), count_macs(model, size)) for aug, (model, _, _) in runs.items()}
             for i, classes in enumerate(missing):
                 _, val, test = per_subset[classes]
@@ -502,7 +512,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
                 results.add(row(
                     level, classes, "agnostic", acc, params, macs, seconds,
                     i > 0 or (loaded and len(missing) < len(subsets)),
-                    criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(splits.fit),
+                    criterion="l1", finetune_epochs=0, retrain_epochs=args.epochs, train_samples=len(whole.fit),
                     level_achieved=1 - params / base_params, augment=int(augment), val_accuracy=val_acc,
                 ))
                 progress.step(f"{net} level {level_key(level)} {subset_name(classes)} agnostic: top1 {acc[0]:.4f}"
@@ -771,7 +781,8 @@ def main(argv=None) -> int:
     config_line = (
         f"Budget {args.epochs} epochs per method (data-aware: fine-tune n_f={n_f} + retrain n_r={args.epochs - n_f}); "
         f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split"
-        f"{f' (scored on the held-out images of the first {args.test_per_class})' if args.test_per_class else ''}; "
+        f"{f' (scored on the held-out images of the first {args.test_per_class})' if args.test_per_class else ''}"
+        f"{f', base model and agnostic baseline on the first {args.base_per_class}' if args.base_per_class else ''}; "
         f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; data-aware methods "
         f"{'with' if args.augment else 'without'} augmentation, ceiling and agnostic with or without, as validation picks; seed {args.seed}."
     )

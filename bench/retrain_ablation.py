@@ -48,7 +48,7 @@ FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "p
 KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int, "mlr": float}
 
 
-def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[str, CycleConfig]:
+def parse_variant(text: str, epochs: int, lr: float, batch_size: int, patience: int) -> tuple[str, CycleConfig]:
     """'taylor:alloc=global,nf=1' → (text, CycleConfig) with the protocol's defaults for what is not given."""
     criterion, _, opts = text.partition(":")
     given: dict = {}
@@ -62,7 +62,7 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int) -> tuple[s
         raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
     train_cfg = TrainConfig(
         epochs=epochs - n_f - fade, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
-        augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size),
+        augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size), patience=patience,
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6, help="budget of every variant and of the ceiling")
     p.add_argument("--lr", type=float, default=0.01, help="peak lr unless a variant sets its own")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the ceiling, and of variants that set none")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="early-stopping patience of the ceiling and every variant (epochs; larger than --epochs: never stop)")
     p.add_argument("--base", default=str(DEFAULT_BASE), help="model directory of the 10-class base model")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 tarball of train/<class>/NNNN.jpg")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tarball is unpacked (once)")
@@ -93,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.levels = _csv_list(args.levels, float)
     args.subset_sizes = _csv_list(args.subset_sizes, int)
-    args.variants = [parse_variant(v, args.epochs, args.lr, args.batch_size) for v in args.variants]
+    args.variants = [parse_variant(v, args.epochs, args.lr, args.batch_size, args.patience) for v in args.variants]
     return args
 
 
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
                                 base, fit, val, test,
                                 lambda aug: TrainConfig(
                                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, augment=aug,
+                                    patience=args.patience,
                                 ), torch.device("cpu"),
                             )
                             log(f"{name}: ceiling {ceilings[name]:.4f} (augment={bool(augment)})")

@@ -16,7 +16,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --quick, made smaller still for CI: the test checks the protocol's mechanics, not its numbers.
-SMALLER = ["--per-class", "120", "--base-epochs", "2"]
+# The base model and the agnostic baseline train on a larger cap than the subsets (--base-per-class).
+SMALLER = ["--per-class", "120", "--base-per-class", "160", "--base-epochs", "2"]
 
 
 @pytest.mark.slow
@@ -54,6 +55,9 @@ def test_quick_protocol_end_to_end(tmp_path):
         assert int(r["params"]) > 0 and int(r["macs"]) > 0 and float(r["seconds"]) >= 0
     base = {r["params"] for r in rows if r["method"] in ("none", "ceiling")}
     assert len(base) == 1
+    for agnostic in (r for r in rows if r["method"] == "agnostic"):  # on 160 images per class, the subsets on 120
+        ceiling = next(r for r in rows if r["method"] == "ceiling" and r["subset"] == agnostic["subset"])
+        assert int(agnostic["train_samples"]) / 10 > 1.2 * int(ceiling["train_samples"]) / int(ceiling["subset_size"])
     assert all(int(r["params"]) < int(next(iter(base))) for r in rows if r["method"] not in ("none", "ceiling"))
 
     md = (out / "results.md").read_text()
@@ -106,7 +110,9 @@ def test_picked_is_the_data_aware_run_best_on_validation_not_on_test():
     assert set(cell[pp.PICKED]) == {"a"}
 
 
-def test_a_larger_test_cap_scores_on_more_held_out_images_never_trained_on(tmp_path):
+def test_larger_caps_add_held_out_images_never_trained_on(tmp_path):
+    """--test-per-class scores on a superset of the held-out images; --base-per-class trains the base model on a
+    superset of the subsets' training images; neither ever trains on a held-out image."""
     sys.path.insert(0, str(REPO / "bench"))
     import paper_protocol as pp
     from PIL import Image
@@ -121,3 +127,6 @@ def test_a_larger_test_cap_scores_on_more_held_out_images_never_trained_on(tmp_p
     assert set(small.test.keys) < set(wide.test.keys)
     assert not set(wide.test.keys) & set(small.fit.keys + small.val.keys)
     assert len(wide.test) > 2 * len(small.test)
+    whole = pp.load_splits(tmp_path, 8, 40, 0.1)
+    assert set(small.fit.keys) < set(whole.fit.keys) and set(small.val.keys) <= set(whole.val.keys)
+    assert not set(whole.fit.keys + whole.val.keys) & set(wide.test.keys)
