@@ -456,8 +456,9 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
     splits = load_splits(root, size, args.per_class, args.val_fraction, args.test_per_class)
     log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
         f"at {size}x{size} ({time.monotonic() - t0:.1f}s)")
-    whole = load_splits(root, size, args.base_per_class, args.val_fraction) if args.base_per_class else splits
-    if whole is not splits:
+    whole = splits  # what the base model and the data-agnostic baseline train on
+    if args.base_per_class:
+        whole = load_splits(root, size, args.base_per_class, args.val_fraction)
         log(f"{net}: base model and data-agnostic baseline on {len(whole.fit)} training, {len(whole.val)} validation images")
     base, card = get_base(net, size, whole, args, out / "models" / net / "base", device)
     base_params, base_macs = count_params(base), count_macs(base, size)
