@@ -151,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap per class of the whole dataset the base model and the data-agnostic baseline train on (the "
                         "paper's base model saw all of CIFAR-100's training images, its subsets are drawn from them; "
                         "default: --per-class). The split is by file name: its held-out images are never trained on either")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size of every network (default: each network's own, e.g. 32 for cifar_*, 64 for "
+                        "torchvision's; the images are 32x32, so a larger size only upsamples them)")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
     p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
                    help="how the level is spread over layers, for every pruning method (global: by score per parameter; at "
@@ -193,8 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if net not in ARCHS:
             p.error(f"unknown network '{net}'; choose from {', '.join(sorted(ARCHS))}")
         spec = ARCHS[net]
-        if spec.image_size < spec.min_image_size:
-            p.error(f"{net}: image size {spec.image_size} is below its minimum {spec.min_image_size}")
+        size = args.image_size or spec.image_size
+        if size < spec.min_image_size:
+            p.error(f"{net}: image size {size} is below its minimum {spec.min_image_size}")
     if any(not 0 < lv < 1 for lv in args.levels):
         p.error("levels must be in (0, 1)")
     if any(not 1 <= k < len(CLASSES) for k in args.subset_sizes):
@@ -404,7 +408,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
     config = {
         "data": tarball.name, "data_bytes": tarball.stat().st_size if tarball.is_file() else None,
         "per_class": args.per_class, "test_per_class": args.test_per_class,
-        **({"base_per_class": args.base_per_class} if args.base_per_class else {}), "holdout": HOLDOUT, "val_fraction": args.val_fraction,
+        **({"base_per_class": args.base_per_class} if args.base_per_class else {}),
+        **({"image_size": args.image_size} if args.image_size else {}), "holdout": HOLDOUT, "val_fraction": args.val_fraction,
         "epochs": args.epochs, "finetune_epochs": n_f, "base_epochs": args.base_epochs,
         "lr": args.lr, "base_lr": args.base_lr, "batch_size": args.batch_size, "seed": args.seed,
         "allocation": args.allocation, "distill_weight": args.distill_weight, "augment": args.augment, "recipe": RECIPE,
@@ -451,7 +456,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
         for s in names for m in METHODS
     ):
         return
-    size = ARCHS[net].image_size
+    size = args.image_size or ARCHS[net].image_size
     t0 = time.monotonic()
     splits = load_splits(root, size, args.per_class, args.val_fraction, args.test_per_class)
     log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
@@ -783,7 +788,8 @@ def main(argv=None) -> int:
         f"Budget {args.epochs} epochs per method (data-aware: fine-tune n_f={n_f} + retrain n_r={args.epochs - n_f}); "
         f"base models {args.base_epochs} epochs; {args.per_class or 'all'} images per class before the 80/20 split"
         f"{f' (scored on the held-out images of the first {args.test_per_class})' if args.test_per_class else ''}"
-        f"{f', base model and agnostic baseline on the first {args.base_per_class}' if args.base_per_class else ''}; "
+        f"{f', base model and agnostic baseline on the first {args.base_per_class}' if args.base_per_class else ''}"
+        f"{f'; input {args.image_size}x{args.image_size}' if args.image_size else ''}; "
         f"peak lr {args.lr}; {args.allocation} allocation; distillation weight {args.distill_weight}; data-aware methods "
         f"{'with' if args.augment else 'without'} augmentation, ceiling and agnostic with or without, as validation picks; seed {args.seed}."
     )

@@ -88,6 +88,12 @@ def test_quick_protocol_end_to_end(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert other.returncode != 0 and "differs in: allocation" in other.stderr
+    resized = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *SMALLER, "--image-size", "24", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert resized.returncode != 0 and "differs in: image_size" in resized.stderr
 
 
 def _row(subset: str, method: str, accuracy: float, val: float | str = "") -> dict:
@@ -130,3 +136,14 @@ def test_larger_caps_add_held_out_images_never_trained_on(tmp_path):
     whole = pp.load_splits(tmp_path, 8, 40, 0.1)
     assert set(small.fit.keys) < set(whole.fit.keys) and set(small.val.keys) <= set(whole.val.keys)
     assert not set(whole.fit.keys + whole.val.keys) & set(wide.test.keys)
+
+
+def test_image_size_overrides_each_networks_own_and_is_checked_against_its_minimum(capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    import paper_protocol as pp
+
+    assert pp.parse_args(["--quick", "--networks", "resnet18", "--image-size", "32"]).image_size == 32
+    assert pp.parse_args(["--quick", "--networks", "resnet18"]).image_size is None  # resnet18's own 64
+    with pytest.raises(SystemExit):
+        pp.parse_args(["--quick", "--networks", "squeezenet1_1", "--image-size", "16"])
+    assert "squeezenet1_1: image size 16 is below its minimum 17" in capsys.readouterr().err
