@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if net not in ARCHS:
             p.error(f"unknown network '{net}'; choose from {', '.join(sorted(ARCHS))}")
         spec = ARCHS[net]
-        size = args.image_size or spec.image_size
+        size = spec.image_size if args.image_size is None else args.image_size
         if size < spec.min_image_size:
             p.error(f"{net}: image size {size} is below its minimum {spec.min_image_size}")
     if any(not 0 < lv < 1 for lv in args.levels):

@@ -147,3 +147,6 @@ def test_image_size_overrides_each_networks_own_and_is_checked_against_its_minim
     with pytest.raises(SystemExit):
         pp.parse_args(["--quick", "--networks", "squeezenet1_1", "--image-size", "16"])
     assert "squeezenet1_1: image size 16 is below its minimum 17" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not silently "the default"
+        pp.parse_args(["--quick", "--image-size", "0"])
+    assert "cifar_small: image size 0 is below its minimum 1" in capsys.readouterr().err
