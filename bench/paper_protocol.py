@@ -130,6 +130,11 @@ def _csv_list(text: str, kind) -> list:
     return [kind(t) for t in items]
 
 
+def input_size(net: str, args: argparse.Namespace) -> int:
+    """--image-size when given, else the network's own default."""
+    return ARCHS[net].image_size if args.image_size is None else args.image_size
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Reproduce the ADaPT paper's data-aware vs data-agnostic pruning experiment on CIFAR-10.",
@@ -195,10 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for net in args.networks:
         if net not in ARCHS:
             p.error(f"unknown network '{net}'; choose from {', '.join(sorted(ARCHS))}")
-        spec = ARCHS[net]
-        size = spec.image_size if args.image_size is None else args.image_size
-        if size < spec.min_image_size:
-            p.error(f"{net}: image size {size} is below its minimum {spec.min_image_size}")
+        size, least = input_size(net, args), ARCHS[net].min_image_size
+        if size < least:
+            p.error(f"{net}: image size {size} is below its minimum {least}")
     if any(not 0 < lv < 1 for lv in args.levels):
         p.error("levels must be in (0, 1)")
     if any(not 1 <= k < len(CLASSES) for k in args.subset_sizes):
@@ -456,7 +460,7 @@ def run_network(net, args, results, subsets, progress, root, out, device, n_f, n
         for s in names for m in METHODS
     ):
         return
-    size = args.image_size or ARCHS[net].image_size
+    size = input_size(net, args)
     t0 = time.monotonic()
     splits = load_splits(root, size, args.per_class, args.val_fraction, args.test_per_class)
     log(f"{net}: {len(splits.fit)} training, {len(splits.val)} validation, {len(splits.test)} held-out images "
