@@ -72,12 +72,14 @@ from prune_core import (
     evaluate,
     load_image_folder,
     load_model,
+    parse_allocations,
     pick_device,
     run_cycle,
     save_model,
     split_holdout,
     train,
 )
+from prune_core.cli import checked_by
 from prune_core.model_format import ModelFormatError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input size of every network (default: each network's own, e.g. 32 for cifar_*, 64 for "
                         "torchvision's; the images are 32x32, so a larger size only upsamples them)")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate of fine-tuning and retraining (every method and the ceiling)")
-    p.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
-                   help="how the level is spread over layers, for every pruning method (global: by score per parameter; at "
-                        "deep levels it cuts the layers whose channels hold the most parameters to the per-layer cap, which "
-                        "cost 0.5-2 points against uniform in the README's measurements)")
+    p.add_argument("--allocation", type=checked_by(parse_allocations), default="uniform",
+                   help="how the level is spread over layers, for every pruning method: uniform, global (by score per "
+                        "parameter), or uniform,global (each run tries both and keeps the better on its validation split; "
+                        "twice the retraining). Which wins depends on the network: README, 'Allocation on resnet18'")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="share of distillation from the unpruned model on labelled samples while retraining a pruned one "
                         "(0: cross-entropy alone; bench/retrain_ablation.py measured it)")

@@ -8,9 +8,10 @@ overrides of the cycle settings:
 
     taylor                          library defaults: uniform allocation, n_f = epochs // 3, --lr, distillation 0.5
     taylor:alloc=global             global allocation
+    taylor:alloc=uniform+global     both allocations tried, the better on the validation split kept
     taylor:nf=1,lr=0.03,kd=0        one fine-tuning epoch, peak lr 0.03, no distillation on labelled samples
 
-Keys: alloc (uniform|global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
+Keys: alloc (uniform|global|uniform+global), nf (fine-tuning epochs before pruning), fade (epochs of fading the doomed
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
 crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it), bs (batch size),
@@ -40,7 +41,7 @@ from paper_protocol import (
     DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_OUT as PROTOCOL_OUT, REPO, _csv_list, ceiling, load_splits, log, make_subsets, restrict,
     subset_name, top1, unpack,
 )
-from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, run_cycle
+from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, parse_allocations, run_cycle
 
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
@@ -57,6 +58,11 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int, patience: 
         if not eq or key not in KEYS:
             raise SystemExit(f"retrain_ablation: bad variant option '{item}' in '{text}'; keys: {', '.join(KEYS)}")
         given[key] = KEYS[key](value)
+    allocation = given.get("alloc", "uniform").replace("+", ",")
+    try:
+        parse_allocations(allocation)
+    except ValueError as exc:
+        raise SystemExit(f"retrain_ablation: {exc} in '{text}'") from None
     n_f, fade = given.get("nf", max(1, epochs // 3)), given.get("fade", 0)
     if not (0 <= n_f and 0 <= fade and n_f + fade < epochs):
         raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
@@ -65,7 +71,7 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int, patience: 
         augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size), patience=patience,
     )
     cfg = CycleConfig(
-        criterion=criterion, allocation=given.get("alloc", "uniform"), finetune_before=n_f, fade_epochs=fade, train=train_cfg,
+        criterion=criterion, allocation=allocation, finetune_before=n_f, fade_epochs=fade, train=train_cfg,
         calibration_batches=given.get("cal", 32), max_layer_ratio=given.get("mlr", CycleConfig.max_layer_ratio),
     )
     return text, cfg

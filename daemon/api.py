@@ -66,6 +66,7 @@ class SamplesRequest(BaseModel):
 class PruneRequest(BaseModel):
     level: Union[Literal["auto"], Annotated[float, Field(gt=0, lt=1)], None] = None
     criterion: str | None = None
+    allocation: str | None = None
     epochs: int | None = Field(None, ge=0, le=1000)
     force: bool = False
 
@@ -263,16 +264,19 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     def start_cycle(body: PruneRequest) -> JSONResponse:
         from prune_core.criteria import parse_criteria
+        from prune_core.surgery import parse_allocations
 
         criterion = body.criterion or s.cycle_criterion
+        allocation = body.allocation or s.cycle_allocation
         try:
             parse_criteria(criterion)
+            parse_allocations(allocation)
         except ValueError as exc:
             raise _error(422, str(exc)) from None
         level = body.level if body.level is not None else s.cycle_level
         epochs = body.epochs if body.epochs is not None else s.cycle_epochs
         try:
-            record = rt.scheduler.request(level, criterion, epochs, body.force)
+            record = rt.scheduler.request(level, criterion, allocation, epochs, body.force)
         except Conflict as exc:
             raise _error(409, str(exc)) from None
         return JSONResponse({"cycle_id": record.id, "state": record.state}, status_code=202, headers={"Location": f"/cycles/{record.id}"})

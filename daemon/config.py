@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     # The cycle
     cycle_level: Union[Literal["auto"], float] = Field("auto", description="fraction of parameters to remove, or auto")
     cycle_criterion: str = "activation"
-    cycle_allocation: Literal["uniform", "global"] = "uniform"
+    cycle_allocation: str = Field("uniform", description="uniform, global, or uniform,global (both tried, the better kept)")
     cycle_epochs: int = Field(3, ge=0)
     cycle_finetune_before: int = Field(1, ge=0)
     cycle_tolerance: float = Field(0.02, ge=0, le=1)
@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         from prune_core.criteria import parse_criteria
 
         parse_criteria(v)  # its ValueError names the problem
+        return v
+
+    @field_validator("cycle_allocation")
+    @classmethod
+    def _allocation(cls, v: str) -> str:
+        from prune_core.surgery import parse_allocations
+
+        parse_allocations(v)
         return v
 
     @property

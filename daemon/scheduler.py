@@ -186,14 +186,14 @@ class Scheduler:
                 self._finish(self.current, "aborted", "the daemon is shutting down")
 
     # ---- requests -----------------------------------------------------------------------
-    def request(self, level: Any, criterion: str, epochs: int, force: bool, trigger: str = "api") -> CycleRecord:
+    def request(self, level: Any, criterion: str, allocation: str, epochs: int, force: bool, trigger: str = "api") -> CycleRecord:
         with self._lock:
             if self.current is not None and self.current.state not in FINAL_STATES:
                 raise Conflict(f"cycle {self.current.id} is {self.current.state}")
             record = CycleRecord(
                 id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
                 state="queued", created=time.time(), forced=force, trigger=trigger,
-                request={"level": level, "criterion": criterion, "epochs": epochs, "force": force},
+                request={"level": level, "criterion": criterion, "allocation": allocation, "epochs": epochs, "force": force},
             )
             self.records[record.id] = record
             self.current = record
@@ -268,7 +268,8 @@ class Scheduler:
             return
         last = max((r.max_sample_id or 0 for r in self.records.values()), default=0)
         if stats["last_id"] - last >= self.s.new_samples_per_cycle:
-            self.request(self.s.cycle_level, self.s.cycle_criterion, self.s.cycle_epochs, force=False, trigger="periodic")
+            s = self.s
+            self.request(s.cycle_level, s.cycle_criterion, s.cycle_allocation, s.cycle_epochs, force=False, trigger="periodic")
 
     def _launch(self, record: CycleRecord, stats: dict) -> None:
         served = self.holder.current
@@ -284,7 +285,8 @@ class Scheduler:
         job = CycleJob(
             cycle_id=record.id, buffer_path=str(self.buffer.path), model_dir=str(self.store.path(served.version)),
             served_version=served.version, staging_dir=str(self._staging), max_sample_id=stats["last_id"],
-            level=req["level"], criterion=req["criterion"], allocation=self.s.cycle_allocation, epochs=req["epochs"],
+            level=req["level"], criterion=req["criterion"], allocation=req.get("allocation", self.s.cycle_allocation),
+            epochs=req["epochs"],
             finetune_before=self.s.cycle_finetune_before, tolerance=self.s.cycle_tolerance,
             batch_size=self.s.cycle_batch_size, min_steps=self.s.cycle_min_steps, hflip=self.s.cycle_hflip, max_accuracy_drop=self.s.max_accuracy_drop,
             min_size_gain=self.s.min_size_gain, device=self.s.device, nice=self.s.worker_nice,

@@ -15,12 +15,12 @@ from .level_search import Probe, search_level
 from .measure import Accuracy, agreement, count_macs, count_params, evaluate
 from .model_format import Lineage, ModelCard, ModelFormatError, load_model, read_card, save_model
 from .retrain import TrainConfig, TrainResult, train
-from .surgery import PruneOutcome, PruneSpec, prune_to_level
+from .surgery import ALLOCATIONS, PruneOutcome, PruneSpec, parse_allocations, prune_to_level
 
 __all__ = [
     "ARCHS", "build_model", "CRITERIA", "Criterion", "get_criterion", "parse_criteria", "register", "CycleConfig", "CycleResult",
     "adaptation", "run_cycle", "DataError", "ImageSet", "batches", "decode_image", "load_image_folder", "split_holdout",
     "pick_device", "Probe", "search_level", "Accuracy", "agreement", "count_macs", "count_params", "evaluate",
     "Lineage", "ModelCard", "ModelFormatError", "load_model", "read_card", "save_model", "TrainConfig",
-    "TrainResult", "train", "PruneOutcome", "PruneSpec", "prune_to_level",
+    "TrainResult", "train", "ALLOCATIONS", "PruneOutcome", "PruneSpec", "parse_allocations", "prune_to_level",
 ]

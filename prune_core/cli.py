@@ -20,6 +20,7 @@ from .device import pick_device
 from .measure import count_macs, count_params, evaluate
 from .model_format import ModelCard, ModelFormatError, load_model, save_model
 from .retrain import TrainConfig, train
+from .surgery import parse_allocations
 
 HOLDOUT = 0.2
 
@@ -46,12 +47,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _criteria(text: str) -> str:
-    try:
-        parse_criteria(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def checked_by(parse: Callable[[str], tuple[str, ...]]) -> Callable[[str], str]:
+    """An argparse type that keeps the text and turns the parser's ValueError into a one-line usage error."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
 def _level(text: str) -> float | str:
@@ -256,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one offline rank → prune → retrain → evaluate cycle")
     _add_common(p, training=True)
     p.add_argument("--level", type=_level, required=True, help="fraction of parameters to remove, or 'auto'")
-    p.add_argument("--criterion", default="l1", type=_criteria,
+    p.add_argument("--criterion", default="l1", type=checked_by(parse_criteria),
                    help=f"how channels are ranked: one of {', '.join(sorted(CRITERIA))}, or several comma-separated "
                         "(each is tried, the model best on the held-out split is kept; costs one retraining each)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--allocation", default="uniform", type=checked_by(parse_allocations),
+                   help="how the level is spread over the layers: uniform (the same share of channels each), global (by "
+                        "score per parameter), or uniform,global (both tried, the better on the held-out split kept)")
     p.add_argument("--finetune-before", type=_positive_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
     p.add_argument("--fade", type=_positive_int, default=0, metavar="N",
                    help="fade the channels to remove out over N epochs of training before removing them (then --epochs of retraining)")

@@ -22,14 +22,14 @@ from .level_search import Probe, search_level
 from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, train
-from .surgery import PruneSpec, prune_to_level, removed_channels, replay
+from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
 
 
 @dataclass
 class CycleConfig:
     level: float | Literal["auto"] = 0.5
     criterion: str = "l1"  # or several, comma-separated: each is tried and the best on the held-out split kept
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: str = "uniform"  # "global", or "uniform,global": both are tried and the best on the held-out split kept
     finetune_before: int = 0  # n_f epochs of adapting the unpruned model first (ADaPT)
     fade_epochs: int = 0  # epochs of fading out the doomed channels in the unpruned model before removing them
     tolerance: float = 0.02  # for level="auto"
@@ -96,30 +96,32 @@ def run_cycle(
         ft = adaptation(config.train, config.finetune_before)
         train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
 
+    allocations = parse_allocations(config.allocation)
     rankings = []
     for name in parse_criteria(config.criterion):
         criterion = get_criterion(name, seed=config.train.seed, max_batches=config.calibration_batches)
         calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
         rankings.append((name, criterion, criterion.score(reference, calibration if criterion.data_aware else None)))
 
-    def prune_and_retrain(level: float) -> tuple[Probe, tuple[nn.Module, str]]:
-        """Prune and retrain with each criterion at `level`; the model best on the held-out split wins (ties: the
-        first named). The probe's seconds are those of every try."""
+    def prune_and_retrain(level: float) -> tuple[Probe, tuple[nn.Module, str, str]]:
+        """Prune and retrain with each criterion and allocation at `level`; the model best on the held-out split
+        wins (ties: the first named). The probe's seconds are those of every try."""
         t0 = time.monotonic()
-        best: tuple[Probe, tuple[nn.Module, str]] | None = None
+        best: tuple[Probe, tuple[nn.Module, str, str]] | None = None
         tried: dict[str, float] = {}
         for name, criterion, scores in rankings:
-            probe, pruned = prune_and_retrain_one(level, criterion, scores)
-            tried[name] = probe.accuracy
-            if best is None or probe.accuracy > best[0].accuracy:
-                best = probe, (pruned, name)
-        probe, (_, name) = best
+            for allocation in allocations:
+                probe, pruned = prune_and_retrain_one(level, criterion, scores, allocation)
+                tried[f"{name}/{allocation}"] = probe.accuracy
+                if best is None or probe.accuracy > best[0].accuracy:
+                    best = probe, (pruned, name, probe.allocation)
+        probe, (_, name, _) = best
         probe.criterion, probe.tried, probe.seconds = name, tried, time.monotonic() - t0
         return best
 
-    def prune_and_retrain_one(level: float, criterion, scores) -> tuple[Probe, nn.Module]:
+    def prune_and_retrain_one(level: float, criterion, scores, allocation: str) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
-        spec = PruneSpec(level, config.allocation, config.round_to, config.protect_stem, config.protect_classifier, config.max_layer_ratio)
+        spec = PruneSpec(level, allocation, config.round_to, config.protect_stem, config.protect_classifier, config.max_layer_ratio)
         outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
         pruned = outcome.model
         if config.fade_epochs > 0 and not state["stopped"]:
@@ -133,7 +135,10 @@ def run_cycle(
         if not state["stopped"]:
             train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
         acc = evaluate(pruned, held())
-        probe = Probe(level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size), time.monotonic() - t0)
+        probe = Probe(
+            level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size),
+            time.monotonic() - t0, allocation=outcome.allocation,
+        )
         return probe, pruned
 
     probes: list[Probe] = []
@@ -148,10 +153,10 @@ def run_cycle(
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes = found.probes
         level = found.level
-        pruned, used = found.best if found.best is not None else (ceiling_model, None)
+        pruned, used, allocation_used = found.best if found.best is not None else (ceiling_model, None, None)
     else:
         level = float(config.level)
-        probe, (pruned, used) = prune_and_retrain(level)
+        probe, (pruned, used, allocation_used) = prune_and_retrain(level)
         probes = [probe]
         if on_probe is not None:
             on_probe(probe)
@@ -162,6 +167,7 @@ def run_cycle(
         "criterion": config.criterion,
         "criterion_used": used,  # the one whose model this is (None: no level kept accuracy, the unpruned model)
         "allocation": config.allocation,
+        "allocation_used": allocation_used,  # uniform falls back to global where it cannot reach the level
         "finetune_before": config.finetune_before,
         "fade_epochs": config.fade_epochs,
         "level_requested": config.level,
@@ -188,7 +194,7 @@ def run_cycle(
         parent=parent,
         criterion=used or config.criterion,
         level=level,
-        allocation=config.allocation,
+        allocation=allocation_used or config.allocation,
         finetune_before=config.finetune_before,
         metrics={k: summary[k] for k in ("top1_before", "top1_after", "params_before", "params_after", "macs_before", "macs_after")},
     )

@@ -22,7 +22,8 @@ class Probe:
     seconds: float
     feasible: bool = False
     criterion: str = ""  # the criterion whose model this is
-    tried: dict[str, float] = field(default_factory=dict)  # held-out top-1 of each criterion tried at this level
+    allocation: str = ""  # how its level was spread over the layers (uniform or global)
+    tried: dict[str, float] = field(default_factory=dict)  # held-out top-1 of each criterion/allocation tried here
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -96,6 +96,22 @@ def group_channel_cost(group) -> torch.Tensor:
     return cost.clamp(min=1.0)
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
+def parse_allocations(text: str) -> tuple[str, ...]:
+    """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
+    held-out split: which one wins is a property of the network at its input size (on CIFAR-10 subsets at 0.8,
+    global by 3 points on resnet18 at 32x32, uniform by half a point on cifar_small)."""
+    names = tuple(n.strip() for n in text.split(","))
+    for name in names:
+        if name not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation '{name}'; choose from {', '.join(ALLOCATIONS)} (or both, comma-separated)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"allocation '{text}' names one twice")
+    return names
+
+
 @dataclass
 class PruneSpec:
     """How to prune: `level` is the fraction of parameters to remove."""
@@ -111,7 +127,7 @@ class PruneSpec:
     def __post_init__(self):
         if not 0.0 <= self.level < 1.0:
             raise ValueError(f"pruning level must be in [0, 1), got {self.level}")
-        if self.allocation not in ("uniform", "global"):
+        if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be 'uniform' or 'global', got '{self.allocation}'")
         if self.round_to < 1:
             raise ValueError("round_to must be at least 1")

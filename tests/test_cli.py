@@ -88,6 +88,8 @@ ERROR_CASES = {
     "level_not_a_number": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "abc", "--out", w["root"] / "o2"], "prune", ["--level", "abc"]),
     "unknown_criterion_in_a_list": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--criterion", "taylor,magic",
                                                "--out", w["root"] / "o3"], "prune", ["--criterion", "unknown criterion 'magic'"]),
+    "unknown_allocation": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--allocation", "uniform,even",
+                                      "--out", w["root"] / "o4"], "prune", ["--allocation", "unknown allocation 'even'"]),
     "missing_model_dir": (lambda w: ["eval", w["root"] / "no_model", "--data", w["subset"]], "eval", ["no_model", "not found"]),
     "corrupted_model_json": (lambda w: ["info", w["broken"]], "info", ["model.json", "not valid JSON"]),
     # initial weights that cannot be read are a user error too, not a traceback
@@ -126,7 +128,7 @@ def flow(tmp_path_factory, mnist_folder, work, edgetune) -> dict:
     out["init"] = ok(run_edgetune("init", base, "--arch", "cifar_small", "--classes-from", mnist_folder))
     out["train"] = ok(run_edgetune("train", base, "--data", mnist_folder, "--epochs", "1", "--no-flip", "--quiet"))
     out["prune"] = ok(run_edgetune(
-        "prune", base, "--data", mnist_folder, "--level", "0.5", "--criterion", "activation", "--epochs", "1",
+        "prune", base, "--data", mnist_folder, "--level", "0.5", "--criterion", "activation", "--allocation", "global", "--epochs", "1",
         "--fade", "1", "--no-flip", "--quiet", "--out", pruned,
     ))
     with ThreadPoolExecutor(max_workers=2) as pool:  # read-only commands on the pruned model
@@ -163,6 +165,7 @@ def test_train(flow):
 def test_prune_summary(flow):
     s = flow["prune"]
     assert s["criterion"] == "activation" and s["level"] == 0.5 and s["level_requested"] == 0.5 and s["fade_epochs"] == 1
+    assert s["allocation"] == s["allocation_used"] == s["probes"][0]["allocation"] == "global"
     for key in ("params_before", "params_after", "macs_before", "macs_after", "top1_before", "top1_after", "seconds", "peak_rss_mb"):
         assert key in s, key
     assert s["params_before"] == flow["init"]["params"]
@@ -202,7 +205,7 @@ def test_info(flow):
     assert info["params"] == flow["prune"]["params_after"]
     assert info["macs"] == flow["prune"]["macs_after"]
     lineage = info["lineage"]
-    assert lineage["criterion"] == "activation" and lineage["level"] == 0.5
+    assert lineage["criterion"] == "activation" and lineage["level"] == 0.5 and lineage["allocation"] == "global"
     assert lineage["parent"] == str(flow["base"].resolve())
     assert lineage["metrics"]["params_after"] == info["params"]
     assert info["layers"]["fc"] == 10

@@ -50,15 +50,35 @@ def test_several_criteria_keep_the_one_best_on_held_out(digits):
     model, card = _model()
     both = run_cycle(model, card, *digits, _config(criterion="l1,activation"))
     probe = both.summary["probes"][0]
-    assert set(probe["tried"]) == {"l1", "activation"}
+    assert set(probe["tried"]) == {"l1/uniform", "activation/uniform"}
     for name in ("l1", "activation"):
         alone = run_cycle(model, card, *digits, _config(criterion=name))
-        assert alone.summary["top1_after"] == pytest.approx(probe["tried"][name], abs=1e-9)
+        assert alone.summary["top1_after"] == pytest.approx(probe["tried"][f"{name}/uniform"], abs=1e-9)
         assert alone.summary["criterion_used"] == name
-    used = max(("l1", "activation"), key=lambda n: (probe["tried"][n], n == "l1"))  # ties: the first named
+    used = max(("l1", "activation"), key=lambda n: (probe["tried"][f"{n}/uniform"], n == "l1"))  # ties: the first named
     assert both.summary["criterion_used"] == probe["criterion"] == used == both.card.lineage.criterion
-    assert both.summary["top1_after"] == pytest.approx(probe["tried"][used], abs=1e-9)
+    assert both.summary["top1_after"] == pytest.approx(probe["tried"][f"{used}/uniform"], abs=1e-9)
     assert both.summary["criterion"] == "l1,activation"
+
+
+def test_both_allocations_keep_the_one_best_on_held_out(digits):
+    """'uniform,global' retrains one model per allocation, each exactly its single-allocation cycle, and keeps
+    the better on the held-out split; the summary, probe and lineage name the allocation of the kept model."""
+    model, card = _model()
+    both = run_cycle(model, card, *digits, _config(level=0.7, allocation="uniform,global"))
+    probe = both.summary["probes"][0]
+    assert set(probe["tried"]) == {"activation/uniform", "activation/global"}
+    alone = {a: run_cycle(model, card, *digits, _config(level=0.7, allocation=a)) for a in ("uniform", "global")}
+    widths = lambda m: [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert widths(alone["uniform"].model) != widths(alone["global"].model)  # two different models were tried
+    for a, result in alone.items():
+        assert result.summary["top1_after"] == pytest.approx(probe["tried"][f"activation/{a}"], abs=1e-9)
+        assert result.summary["allocation_used"] == result.card.lineage.allocation == a
+    used = max(("uniform", "global"), key=lambda a: (probe["tried"][f"activation/{a}"], a == "uniform"))  # ties: the first
+    assert both.summary["allocation_used"] == probe["allocation"] == both.card.lineage.allocation == used
+    assert widths(both.model) == widths(alone[used].model)
+    assert both.summary["top1_after"] == pytest.approx(probe["tried"][f"activation/{used}"], abs=1e-9)
+    assert both.summary["allocation"] == "uniform,global"
 
 
 @pytest.mark.parametrize("bad, message", [("magic", "unknown criterion 'magic'"), ("l1,l1", "twice"), ("", "unknown criterion ''")])
@@ -68,6 +88,17 @@ def test_bad_criterion_lists_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         parse_criteria(bad)
     assert parse_criteria("taylor, apoz") == ("taylor", "apoz")
+
+
+@pytest.mark.parametrize("bad, message", [("even", "unknown allocation 'even'"), ("global,global", "twice"), ("", "unknown allocation ''")])
+def test_bad_allocation_lists_are_refused(bad, message):
+    from prune_core import PruneSpec, parse_allocations
+
+    with pytest.raises(ValueError, match=message):
+        parse_allocations(bad)
+    assert parse_allocations("global, uniform") == ("global", "uniform")
+    with pytest.raises(ValueError, match="allocation must be"):
+        PruneSpec(0.5, allocation="uniform,global")  # one spec is one allocation; the cycle tries a list
 
 
 def test_adaptation_uses_cross_entropy_on_labelled_samples():

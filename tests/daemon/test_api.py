@@ -99,6 +99,8 @@ def test_prune_validation_and_cross_site(api):
     assert api.client.post("/prune", json={"criterion": "nope"}).status_code == 422
     r = api.client.post("/prune", json={"criterion": "taylor,taylor"})
     assert r.status_code == 422 and "twice" in r.json()["detail"]
+    r = api.client.post("/prune", json={"allocation": "uniform,sideways"})
+    assert r.status_code == 422 and "unknown allocation 'sideways'" in r.json()["detail"]
     assert api.client.post("/prune", json={"epochs": -1}).status_code == 422
     assert api.client.get("/prune", headers={"Origin": "http://evil.example"}).status_code == 403
     assert api.client.get("/prune", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403

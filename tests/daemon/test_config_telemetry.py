@@ -31,6 +31,7 @@ def test_toml_then_env_then_arguments(tmp_path, monkeypatch):
         ("no_such_key = 1\n", {}, "no_such_key"),
         ("", {"EDGETUNE_CYCLE_LEVEL": "1.5"}, "cycle_level"),
         ("", {"EDGETUNE_CYCLE_CRITERION": "magic"}, "cycle_criterion"),
+        ("cycle_allocation = 'global,global'\n", {}, "cycle_allocation"),
         ("", {"EDGETUNE_MIN_SAMPLES": "0"}, "min_samples"),
     ],
 )

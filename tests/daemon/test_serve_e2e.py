@@ -15,7 +15,7 @@ def _feed(daemon, images, n=None) -> list[int]:
 
 
 def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
-    d = make_daemon().start()
+    d = make_daemon({"EDGETUNE_CYCLE_ALLOCATION": "global"}).start()
     before = d.client.get("/status").json()
     assert before["model"]["version"] == "v0001"
 
@@ -26,7 +26,7 @@ def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
     assert set(status["buffer"]["per_class"]) == {"1", "4", "7"}
     assert status["telemetry"]["provider"] == "simulated"
 
-    r = d.client.post("/prune", json={"level": 0.5, "epochs": 3})
+    r = d.client.post("/prune", json={"level": 0.5, "epochs": 3, "allocation": "uniform"})
     assert r.status_code == 202, r.text
     cycle_id = r.json()["cycle_id"]
     assert d.client.post("/prune").status_code == 409  # one cycle at a time
@@ -58,6 +58,7 @@ def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
     models = d.client.get("/models").json()
     assert [m["version"] for m in models] == ["v0002", "v0001"]
     assert models[0]["active"] and models[0]["lineage"]["parent"] == "v0001"
+    assert models[0]["lineage"]["allocation"] == "uniform" == record["request"]["allocation"]  # the request's, not the configured one
 
     # the active version survives a restart
     d.stop()
