@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import parse_choices
+
 # typing's spellings: these aliases are evaluated at import, and JetPack 5's Python is 3.8
 Batch = Tuple[torch.Tensor, torch.Tensor]
 Scores = Dict[str, torch.Tensor]
@@ -45,13 +47,7 @@ def get_criterion(name: str, **options) -> "Criterion":
 def parse_criteria(text: str) -> tuple[str, ...]:
     """'taylor', or 'activation,apoz,taylor' for a cycle that tries each and keeps the model best on the
     held-out split (per-subset differences between criteria are often larger than their mean differences)."""
-    names = tuple(n.strip() for n in text.split(","))
-    for name in names:
-        if name not in CRITERIA:
-            raise ValueError(f"unknown criterion '{name}'; choose from {', '.join(sorted(CRITERIA))} (or several, comma-separated)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"criterion '{text}' names one twice")
-    return names
+    return parse_choices(text, sorted(CRITERIA), "criterion")
 
 
 def prunable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_TYPES) -> Iterator[tuple[str, nn.Module]]:

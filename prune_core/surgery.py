@@ -19,6 +19,7 @@ from torch import nn
 from torch_pruning.pruner import function as tpf
 
 from .architectures import classifier_module, stem_module
+from .choices import parse_choices
 from .criteria import NORM_TYPES, Scores, channel_count
 from .measure import count_params
 from .tp_compat import pruner_setup
@@ -103,13 +104,7 @@ def parse_allocations(text: str) -> tuple[str, ...]:
     """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
     held-out split: which one wins is a property of the network at its input size (on CIFAR-10 subsets at 0.8,
     global by 3 points on resnet18 at 32x32, uniform by half a point on cifar_small)."""
-    names = tuple(n.strip() for n in text.split(","))
-    for name in names:
-        if name not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation '{name}'; choose from {', '.join(ALLOCATIONS)} (or both, comma-separated)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"allocation '{text}' names one twice")
-    return names
+    return parse_choices(text, ALLOCATIONS, "allocation", plural="both")
 
 
 @dataclass
