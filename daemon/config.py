@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgetune")
@@ -86,20 +86,13 @@ class Settings(BaseSettings):
             raise ValueError("must be 'auto' or a number between 0 and 1")
         return v
 
-    @field_validator("cycle_criterion")
+    @field_validator("cycle_criterion", "cycle_allocation")
     @classmethod
-    def _criterion(cls, v: str) -> str:
-        from prune_core.criteria import parse_criteria
+    def _option_list(cls, v: str, info: ValidationInfo) -> str:
+        from prune_core import parse_allocations, parse_criteria
 
-        parse_criteria(v)  # its ValueError names the problem
-        return v
-
-    @field_validator("cycle_allocation")
-    @classmethod
-    def _allocation(cls, v: str) -> str:
-        from prune_core.surgery import parse_allocations
-
-        parse_allocations(v)
+        parse = parse_criteria if info.field_name == "cycle_criterion" else parse_allocations
+        parse(v)  # its ValueError names the problem
         return v
 
     @property

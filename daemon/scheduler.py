@@ -285,8 +285,7 @@ class Scheduler:
         job = CycleJob(
             cycle_id=record.id, buffer_path=str(self.buffer.path), model_dir=str(self.store.path(served.version)),
             served_version=served.version, staging_dir=str(self._staging), max_sample_id=stats["last_id"],
-            level=req["level"], criterion=req["criterion"], allocation=req.get("allocation", self.s.cycle_allocation),
-            epochs=req["epochs"],
+            level=req["level"], criterion=req["criterion"], allocation=req["allocation"], epochs=req["epochs"],
             finetune_before=self.s.cycle_finetune_before, tolerance=self.s.cycle_tolerance,
             batch_size=self.s.cycle_batch_size, min_steps=self.s.cycle_min_steps, hflip=self.s.cycle_hflip, max_accuracy_drop=self.s.max_accuracy_drop,
             min_size_gain=self.s.min_size_gain, device=self.s.device, nice=self.s.worker_nice,

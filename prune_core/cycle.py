@@ -103,23 +103,22 @@ def run_cycle(
         calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
         rankings.append((name, criterion, criterion.score(reference, calibration if criterion.data_aware else None)))
 
-    def prune_and_retrain(level: float) -> tuple[Probe, tuple[nn.Module, str, str]]:
+    def prune_and_retrain(level: float) -> tuple[Probe, nn.Module]:
         """Prune and retrain with each criterion and allocation at `level`; the model best on the held-out split
         wins (ties: the first named). The probe's seconds are those of every try."""
         t0 = time.monotonic()
-        best: tuple[Probe, tuple[nn.Module, str, str]] | None = None
+        best: tuple[Probe, nn.Module] | None = None
         tried: dict[str, float] = {}
         for name, criterion, scores in rankings:
             for allocation in allocations:
-                probe, pruned = prune_and_retrain_one(level, criterion, scores, allocation)
+                probe, pruned = prune_and_retrain_one(level, name, criterion, scores, allocation)
                 tried[f"{name}/{allocation}"] = probe.accuracy
                 if best is None or probe.accuracy > best[0].accuracy:
-                    best = probe, (pruned, name, probe.allocation)
-        probe, (_, name, _) = best
-        probe.criterion, probe.tried, probe.seconds = name, tried, time.monotonic() - t0
+                    best = probe, pruned
+        best[0].tried, best[0].seconds = tried, time.monotonic() - t0
         return best
 
-    def prune_and_retrain_one(level: float, criterion, scores, allocation: str) -> tuple[Probe, nn.Module]:
+    def prune_and_retrain_one(level: float, name: str, criterion, scores, allocation: str) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
         spec = PruneSpec(level, allocation, config.round_to, config.protect_stem, config.protect_classifier, config.max_layer_ratio)
         outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
@@ -137,7 +136,7 @@ def run_cycle(
         acc = evaluate(pruned, held())
         probe = Probe(
             level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size),
-            time.monotonic() - t0, allocation=outcome.allocation,
+            time.monotonic() - t0, criterion=name, allocation=outcome.allocation,
         )
         return probe, pruned
 
@@ -151,15 +150,15 @@ def run_cycle(
             train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
         ceiling = evaluate(ceiling_model, held()).top1
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
-        probes = found.probes
-        level = found.level
-        pruned, used, allocation_used = found.best if found.best is not None else (ceiling_model, None, None)
+        probes, level, kept = found.probes, found.level, found.best_probe
+        pruned = found.best if found.best is not None else ceiling_model
     else:
         level = float(config.level)
-        probe, (pruned, used, allocation_used) = prune_and_retrain(level)
-        probes = [probe]
+        kept, pruned = prune_and_retrain(level)
+        probes = [kept]
         if on_probe is not None:
-            on_probe(probe)
+            on_probe(kept)
+    used, allocation_used = (kept.criterion, kept.allocation) if kept is not None else (None, None)
 
     acc_after = evaluate(pruned, held())
     params_before, params_after = count_params(base), count_params(pruned)

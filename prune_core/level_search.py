@@ -34,6 +34,7 @@ class SearchResult(Generic[T]):
     level: float  # 0.0 when no grid level kept accuracy
     best: T | None
     probes: list[Probe]
+    best_probe: Probe | None = None  # the probe of `best`: its criterion, allocation and cost
 
 
 def search_level(
@@ -50,7 +51,7 @@ def search_level(
     """
     lo, hi = 0, len(grid) - 1
     best: T | None = None
-    best_level = 0.0
+    best_level, best_probe = 0.0, None
     probes: list[Probe] = []
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -60,8 +61,8 @@ def search_level(
         if on_probe is not None:
             on_probe(probe)
         if probe.feasible:
-            best, best_level = candidate, grid[mid]
+            best, best_level, best_probe = candidate, grid[mid], probe
             lo = mid + 1
         else:
             hi = mid - 1
-    return SearchResult(best_level, best, probes)
+    return SearchResult(best_level, best, probes, best_probe)
