@@ -15,7 +15,8 @@ Keys: alloc (uniform|global|uniform+global), nf (fine-tuning epochs before pruni
 channels out before removing them; the retraining gets what is left of the budget), lr (peak lr of fine-tuning and
 retraining), kd (distill_weight), T (temperature), cal (calibration batches of data-aware criteria), aug (0: no
 crop/flip augmentation while fading and retraining; fine-tuning the unpruned model keeps it), bs (batch size),
-mlr (the largest share of its channels any one layer may lose).
+mlr (the largest share of its channels any one layer may lose), pat (early-stopping patience, overriding --patience),
+cool (share of the schedule over which an early stop at a high lr anneals it; 0: stop at once).
 The ceiling is trained at --lr and --batch-size, with and without augmentation; validation picks one (as in the
 protocol).
 
@@ -46,7 +47,7 @@ from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, p
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_ablation"
 FIELDS = ["variant", "level", "subset", "subset_size", "accuracy", "ceiling", "params", "level_achieved", "seconds"]
-KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int, "mlr": float}
+KEYS = {"alloc": str, "nf": int, "fade": int, "lr": float, "kd": float, "T": float, "cal": int, "aug": int, "bs": int, "mlr": float, "pat": int, "cool": float}
 
 
 def parse_variant(text: str, epochs: int, lr: float, batch_size: int, patience: int) -> tuple[str, CycleConfig]:
@@ -68,7 +69,8 @@ def parse_variant(text: str, epochs: int, lr: float, batch_size: int, patience: 
         raise SystemExit(f"retrain_ablation: nf + fade must be in [0, {epochs}) in '{text}'")
     train_cfg = TrainConfig(
         epochs=epochs - n_f - fade, lr=given.get("lr", lr), distill_weight=given.get("kd", 0.5), temperature=given.get("T", 4.0),
-        augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size), patience=patience,
+        augment=bool(given.get("aug", 1)), batch_size=given.get("bs", batch_size), patience=given.get("pat", patience),
+        cooldown=given.get("cool", TrainConfig.cooldown),
     )
     cfg = CycleConfig(
         criterion=criterion, allocation=allocation, finetune_before=n_f, fade_epochs=fade, train=train_cfg,

@@ -156,6 +156,7 @@ def cmd_train(args) -> dict:
         "dir": args.dir,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
+        "early_stop_epoch": result.early_stop_epoch,  # null: ran its whole schedule
         "held_out_top1": result.best_score,
         "history": [vars(h) for h in result.history],
         "train_samples": len(train_set),

@@ -1,8 +1,13 @@
 """Training and retraining on local samples: cross-entropy where labels exist plus knowledge
 distillation from a teacher (the unpruned model), so unlabelled traffic is usable too.
 
-Held-out early stopping keeps the best epoch. A `should_continue` callback is called after every
-batch: returning False stops cleanly (best weights so far restored); blocking in it pauses.
+Held-out early stopping keeps the best epoch. When it fires, the run does not end at once: it cools
+down, the lr decaying from where it is to zero over a tenth of the schedule (at least one epoch; the
+schedule's own end if that comes first). Cut at once, a run keeps the weights of a noisy epoch at a
+high lr (on 12-epoch CIFAR retrainings 3 points worse on average than running the whole schedule);
+finishing the schedule instead would cost small device buffers, stretched to many epochs by
+`min_steps`, most of their time. A `should_continue` callback is called
+after every batch: returning False stops cleanly (best weights so far restored); blocking in it pauses.
 `on_step` is told after every optimizer step what share of the run is done (a channel fade uses it).
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ class TrainConfig:
     distill_weight: float = 0.5  # share of the KD term on labelled samples; unlabelled use KD only
     temperature: float = 4.0
     patience: int = 3  # epochs without held-out improvement before stopping (second half of the schedule only)
+    cooldown: float = 0.1  # share of the schedule (at least one epoch) over which an early stop anneals the lr to 0; 0: stop at once
     seed: int = 0
     augment: bool = True
     flip: bool = True  # horizontal flips (off for digits and text)
@@ -44,6 +50,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
         if not 0.0 <= self.distill_weight <= 1.0 or self.temperature <= 0:
             raise ValueError("distill_weight must be in [0, 1] and temperature > 0")
+        if not 0.0 <= self.cooldown <= 1.0:
+            raise ValueError("cooldown must be in [0, 1]")
 
 
 @dataclass
@@ -69,6 +77,7 @@ class TrainResult:
     best_epoch: int = 0
     best_score: float = float("nan")
     stopped: bool = False  # the callback asked to stop
+    early_stop_epoch: int | None = None  # the epoch after which early stopping fired (the cool-down follows)
     seconds: float = 0.0
 
 
@@ -101,6 +110,13 @@ def _val_score(model: nn.Module, teacher: nn.Module | None, val_batches: Callabl
     if teacher is not None:
         return agreement(model, teacher, val_batches())
     return float("nan")
+
+
+def _cool(optimizer: torch.optim.Optimizer, cooling: tuple[int, int, float], step: int) -> None:
+    """Cosine decay of the lr from its value when early stopping fired to 0 at the end of the cool-down."""
+    began, length, lr = cooling
+    for group in optimizer.param_groups:
+        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - began) / length)))
 
 
 def train(
@@ -146,8 +162,11 @@ def train(
     result.best_score = best
     since_best = 0
     bar = tqdm(total=epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
+    cooling: tuple[int, int, float] | None = None  # (step it began at, its length in steps, lr then) once early stopping fired
+    last_epoch, epoch = epochs, 0
     try:
-        for epoch in range(1, epochs + 1):
+        while epoch < last_epoch:
+            epoch += 1
             epoch_start = time.monotonic()
             model.train()
             losses = []
@@ -166,10 +185,13 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
                 steps += 1
+                if cooling is None:
+                    scheduler.step()
+                else:
+                    _cool(optimizer, cooling, steps)
                 if on_step is not None:
-                    on_step(steps / total_steps)
+                    on_step(min(1.0, steps / total_steps))
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
@@ -186,10 +208,19 @@ def train(
                 result.best_epoch, result.best_score = epoch, score
             else:
                 since_best += 1
+            if result.stopped:
+                break
             # Early stopping only in the second half: with a one-cycle schedule the held-out score
             # often dips while the learning rate is high and recovers as it anneals.
-            if result.stopped or (val_batches is not None and since_best >= config.patience and epoch >= epochs / 2):
-                break
+            if result.early_stop_epoch is None and val_batches is not None and since_best >= config.patience and epoch >= epochs / 2:
+                result.early_stop_epoch = epoch
+                tail = max(1, round(config.cooldown * epochs))
+                if config.cooldown == 0:
+                    break
+                if epoch + tail < epochs:  # else the schedule's own annealing ends as soon
+                    cooling, last_epoch = (steps, tail * per_epoch, optimizer.param_groups[0]["lr"]), epoch + tail
+                    bar.total = steps + tail * per_epoch
+                    bar.refresh()
     finally:
         bar.close()
     model.load_state_dict(best_state)

@@ -18,11 +18,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 MNIST_PER_CLASS = 40
 CIFAR_PER_CLASS = 30
-# Intra-op threads for torch in the test process and in CLI subprocesses. One thread: the test
-# models and batches are tiny, and on a shared 2-core machine OpenMP with 2 threads competing
-# with other processes was measured ~14x slower (0.6 s vs 8.5 s for a small training run).
+# Intra-op threads for torch in the test process and in every process it starts (CLI, daemon and
+# its cycle worker, demo), set through the inherited environment. One thread: the test models and
+# batches are tiny, pytest runs two workers on two cores, and OpenMP with 2 threads competing with
+# other processes was measured ~14x slower (0.6 s vs 8.5 s for a small training run); a daemon
+# cycle took 52 s alone and 190 s beside the rest of the suite.
 TEST_THREADS = int(os.environ.get("EDGETUNE_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TEST_THREADS)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -146,11 +149,10 @@ def edgetune_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from prune_core.cli import main; main(sys.argv[1:])"]
 
 
-def run_edgetune(*args: str | os.PathLike, threads: int = TEST_THREADS, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_edgetune(*args: str | os.PathLike, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `edgetune ARGS...` to completion; stdout/stderr captured as text."""
     env = dict(os.environ)
     env.setdefault("EDGETUNE_DEVICE", "cpu")
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return subprocess.run(
         [*edgetune_command(), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO)
     )

@@ -169,22 +169,55 @@ def test_zero_epochs_is_a_no_op(splits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_early_stopping_respects_patience(splits):
-    """Held-out labels set to the untrained model's own predictions: its score starts at 1.0 and
-    can never improve, so training stops as soon as early stopping is allowed (half-way through
-    the one-cycle schedule, `patience` epochs having passed) and the initial weights are restored."""
-    train_set, held = splits
-    model = fresh_model()
+def own_predictions(model: torch.nn.Module, held: ImageSet) -> ImageSet:
+    """`held` relabelled with the untrained model's own predictions: its score starts at 1.0 and can never improve."""
     model.eval()
     x = (held.images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         own = model(x).argmax(1)
-    held = ImageSet(held.images, own, list(held.keys))
+    return ImageSet(held.images, own, list(held.keys))
+
+
+def test_early_stopping_respects_patience_then_cools_down(splits):
+    """Training stops as soon as early stopping is allowed (half-way through the one-cycle schedule,
+    `patience` epochs having passed). The lr is still high then, so one more epoch (a tenth of 10)
+    anneals it to zero before the run ends; the initial weights, never beaten, are restored."""
+    train_set, held = splits
+    model = fresh_model()
+    held = own_predictions(model, held)
     initial = copy.deepcopy(model.state_dict())
     result = train(model, train_set, held, MEAN, STD, config(epochs=10, patience=2, lr=0.1))
-    assert len(result.history) == 5
+    assert result.early_stop_epoch == 5
+    assert len(result.history) == 6
+    assert result.history[4].lr > 0.05  # where it fired: well above a tenth of the peak
+    assert result.history[5].lr < 1e-3  # cooled down to (almost) zero in one epoch
     assert result.best_epoch == 0 and result.best_score == 1.0
     assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_early_stopping_cooldown_length_and_opt_out(splits):
+    """The cool-down spans a tenth of the schedule, at least an epoch (2 of 20 here); `cooldown=0`
+    stops at once, as before the cool-down existed."""
+    train_set, held = splits
+    model = fresh_model()
+    held = own_predictions(model, held)
+    long = train(copy.deepcopy(model), train_set, held, MEAN, STD, config(epochs=20, patience=2, lr=0.1))
+    assert long.early_stop_epoch == 10 and len(long.history) == 12
+    lrs = [h.lr for h in long.history[9:]]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-3 < lrs[-2]
+    cut = train(copy.deepcopy(model), train_set, held, MEAN, STD, config(epochs=20, patience=2, lr=0.1, cooldown=0.0))
+    assert cut.early_stop_epoch == 10 and len(cut.history) == 10
+
+
+def test_late_early_stop_lets_the_schedule_finish(splits):
+    """Where early stopping first fires with less of the schedule left than a cool-down would take
+    (a patience of 9 of 10 epochs), the schedule's own annealing ends the run."""
+    train_set, held = splits
+    model = fresh_model()
+    held = own_predictions(model, held)
+    result = train(model, train_set, held, MEAN, STD, config(epochs=10, patience=9, lr=0.1))
+    assert result.early_stop_epoch == 9 and len(result.history) == 10
+    assert result.history[-1].lr < 1e-3  # annealed by the one-cycle schedule itself
 
 
 def test_without_held_out_set_keeps_the_last_epoch(splits):
@@ -194,7 +227,7 @@ def test_without_held_out_set_keeps_the_last_epoch(splits):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(distill_weight=1.5), dict(temperature=0.0)]
+    "kw", [dict(epochs=-1), dict(batch_size=0), dict(lr=0.0), dict(distill_weight=1.5), dict(temperature=0.0), dict(cooldown=1.5)]
 )
 def test_config_validation(kw):
     with pytest.raises(ValueError):
