@@ -9,6 +9,10 @@ checking that one pixel less fails).
 ImageNet-style networks get a small default size (64, or 96 for inception_v3)
 so that training and pruning stay fast on a CPU; the ``cifar_*`` variants are
 adapted to 32x32 inputs.
+
+torchvision is imported when one of its networks is first built, not with this module: its import
+pulls in torch's compiler stack (about 2 s of a daemon's 6 s start on a 2-core CPU), which a daemon
+serving ``cifar_small`` never needs, and a restart after a crash or power loss waits for it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import importlib
+
 import torch.nn as nn
-from torchvision import models as tvm
 
 __all__ = [
     "ArchSpec",
@@ -46,7 +51,7 @@ def _cifar_resnet18(num_classes: int) -> nn.Module:
 
     Feature maps at 32x32 input: 32 -> 32 (layer1) -> 16 -> 8 -> 4.
     """
-    model = tvm.resnet18(weights=None, num_classes=num_classes)
+    model = _tv("resnet18")(num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
@@ -67,7 +72,7 @@ def _cifar_mobilenet_v2(num_classes: int) -> nn.Module:
     has no residual connection (16 != 24 channels), so changing its stride does
     not affect ``use_res_connect``.
     """
-    model = tvm.mobilenet_v2(weights=None, num_classes=num_classes)
+    model = _tv("mobilenet_v2")(num_classes)
     model.features[0][0].stride = (1, 1)
     model.features[2].conv[1][0].stride = (1, 1)
     model.features[2].stride = 1  # informational attribute of InvertedResidual
@@ -140,8 +145,10 @@ class CifarSmall(nn.Module):
 # Registry
 # ---------------------------------------------------------------------------
 
-def _tv(fn: Callable[..., nn.Module], **extra) -> Callable[[int], nn.Module]:
+def _tv(name: str, **extra) -> Callable[[int], nn.Module]:
+    """Builder of torchvision's ``models.<name>``, untrained."""
     def build(num_classes: int) -> nn.Module:
+        fn = getattr(importlib.import_module("torchvision.models"), name)
         return fn(weights=None, num_classes=num_classes, **extra)
     return build
 
@@ -152,23 +159,23 @@ ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in [
         # name, default image size, min image size (verified by forward pass)
-        ArchSpec("alexnet", 64, 63, _tv(tvm.alexnet)),
-        ArchSpec("vgg11_bn", 64, 32, _tv(tvm.vgg11_bn)),
-        ArchSpec("resnet18", 64, 1, _tv(tvm.resnet18)),
-        ArchSpec("resnet50", 64, 1, _tv(tvm.resnet50)),
-        ArchSpec("resnext50_32x4d", 64, 1, _tv(tvm.resnext50_32x4d)),
-        ArchSpec("wide_resnet50_2", 64, 1, _tv(tvm.wide_resnet50_2)),
-        ArchSpec("squeezenet1_1", 64, 17, _tv(tvm.squeezenet1_1)),
-        ArchSpec("densenet121", 64, 29, _tv(tvm.densenet121)),
-        ArchSpec("googlenet", 64, 15, _tv(tvm.googlenet, **_NO_AUX)),
-        ArchSpec("inception_v3", 96, 75, _tv(tvm.inception_v3, **_NO_AUX)),
-        ArchSpec("mobilenet_v2", 64, 1, _tv(tvm.mobilenet_v2)),
-        ArchSpec("mobilenet_v3_small", 64, 1, _tv(tvm.mobilenet_v3_small)),
-        ArchSpec("mnasnet1_0", 64, 1, _tv(tvm.mnasnet1_0)),
-        ArchSpec("shufflenet_v2_x1_0", 64, 1, _tv(tvm.shufflenet_v2_x1_0)),
-        ArchSpec("efficientnet_b0", 64, 1, _tv(tvm.efficientnet_b0)),
-        ArchSpec("regnet_y_400mf", 64, 1, _tv(tvm.regnet_y_400mf)),
-        ArchSpec("convnext_tiny", 64, 32, _tv(tvm.convnext_tiny)),
+        ArchSpec("alexnet", 64, 63, _tv("alexnet")),
+        ArchSpec("vgg11_bn", 64, 32, _tv("vgg11_bn")),
+        ArchSpec("resnet18", 64, 1, _tv("resnet18")),
+        ArchSpec("resnet50", 64, 1, _tv("resnet50")),
+        ArchSpec("resnext50_32x4d", 64, 1, _tv("resnext50_32x4d")),
+        ArchSpec("wide_resnet50_2", 64, 1, _tv("wide_resnet50_2")),
+        ArchSpec("squeezenet1_1", 64, 17, _tv("squeezenet1_1")),
+        ArchSpec("densenet121", 64, 29, _tv("densenet121")),
+        ArchSpec("googlenet", 64, 15, _tv("googlenet", **_NO_AUX)),
+        ArchSpec("inception_v3", 96, 75, _tv("inception_v3", **_NO_AUX)),
+        ArchSpec("mobilenet_v2", 64, 1, _tv("mobilenet_v2")),
+        ArchSpec("mobilenet_v3_small", 64, 1, _tv("mobilenet_v3_small")),
+        ArchSpec("mnasnet1_0", 64, 1, _tv("mnasnet1_0")),
+        ArchSpec("shufflenet_v2_x1_0", 64, 1, _tv("shufflenet_v2_x1_0")),
+        ArchSpec("efficientnet_b0", 64, 1, _tv("efficientnet_b0")),
+        ArchSpec("regnet_y_400mf", 64, 1, _tv("regnet_y_400mf")),
+        ArchSpec("convnext_tiny", 64, 32, _tv("convnext_tiny")),
         ArchSpec("cifar_resnet18", 32, 1, _cifar_resnet18),
         ArchSpec("cifar_mobilenet_v2", 32, 1, _cifar_mobilenet_v2),
         ArchSpec("cifar_small", 32, 1, CifarSmall),

@@ -25,6 +25,7 @@ from .measure import count_params
 from .tp_compat import pruner_setup
 
 ROUNDING_SLACK = 0.02  # accept this miss of the level before giving up channel rounding
+STALL_PROBES = 3  # bisection probes in a row that reach no new parameter count before the search ends
 
 _OUT_FNS = (
     tpf.prune_conv_out_channels,
@@ -220,17 +221,29 @@ def global_layer_ratios(values: dict[str, torch.Tensor], share: float, max_ratio
 
 def _bisect(model, scores, spec, example, prefer_norm, round_to, before) -> _Candidate:
     """The candidate closest to spec.level, by bisection on the channel ratio (uniform: every
-    layer's; global: the share of all channels)."""
+    layer's; global: the share of all channels).
+
+    Channel counts are whole (and rounded), so the level is a step function of the ratio: where
+    the target falls inside one step, bisecting further only finds the two levels either side of
+    it again. After STALL_PROBES probes in a row that found no level not seen before, the search
+    ends; the candidate kept is the same one (the first closest), found with fewer prunes."""
     values = value_per_parameter(model, scores, spec, example, prefer_norm) if spec.allocation == "global" else None
     lo, hi = 0.0, spec.max_layer_ratio
     ratio = min(hi, 1.0 - (1.0 - spec.level) ** 0.5)  # exact for uniform pruning of plain conv chains
     best: _Candidate | None = None
+    seen: set[int] = set()  # parameter counts reached so far
+    stalled = 0
     for _ in range(12):
         layer_ratios = global_layer_ratios(values, ratio, spec.max_layer_ratio) if values is not None else None
         candidate = _prune_once(model, scores, spec, ratio, example, prefer_norm, round_to, before, layer_ratios)
         if best is None or abs(candidate.achieved - spec.level) < abs(best.achieved - spec.level):
             best = candidate
         if abs(candidate.achieved - spec.level) <= spec.tolerance:
+            break
+        params = count_params(candidate.model)
+        stalled = stalled + 1 if params in seen else 0
+        seen.add(params)
+        if stalled >= STALL_PROBES:
             break
         if candidate.achieved < spec.level:
             lo = ratio

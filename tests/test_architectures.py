@@ -106,3 +106,43 @@ def test_channels_rounded_and_protected_layers_kept():
     for name, module in pruned.named_modules():
         if isinstance(module, nn.Conv2d) and module is not stem_module(pruned):
             assert module.out_channels % 8 == 0, f"{name} has {module.out_channels} channels"
+
+
+def test_bisection_ends_when_stuck_between_two_steps(monkeypatch):
+    """cifar_small at 0.5 with uniform allocation falls between two steps of channel rounding
+    (0.43 and 0.52 of its parameters): the search stops after three probes that find neither a
+    new level nor the target, and keeps exactly the model that twelve probes kept."""
+    import prune_core.surgery as surgery
+
+    model = _model("cifar_small")
+    scores = get_criterion("l1").score(model)
+    calls = []
+    real = surgery._prune_once
+    monkeypatch.setattr(surgery, "_prune_once", lambda *a, **k: calls.append(1) or real(*a, **k))
+    quick = prune_to_level(model, scores, PruneSpec(0.5), 32)
+    probes = len(calls)
+    monkeypatch.setattr(surgery, "STALL_PROBES", 99)
+    calls.clear()
+    full = prune_to_level(model, scores, PruneSpec(0.5), 32)
+    assert len(calls) == 12 and probes <= 8, (probes, len(calls))
+    assert quick.params_after == full.params_after and quick.channel_ratio == full.channel_ratio and quick.history == full.history
+    for (name, a), b in zip(quick.model.state_dict().items(), full.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_torchvision_is_imported_only_for_its_networks():
+    """The daemon's entry point and a cifar_small model load without torchvision, whose import
+    pulls in torch's compiler stack (~2 s of every daemon start); a torchvision network brings it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, daemon.cli, daemon.runtime\n"
+        "from prune_core import build_model\n"
+        "build_model('cifar_small', 10)\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported'\n"
+        "build_model('cifar_resnet18', 10)\n"
+        "assert 'torchvision' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
