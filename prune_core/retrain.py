@@ -202,12 +202,14 @@ def train(
             result.history.append(
                 EpochLog(epoch, sum(losses) / max(1, len(losses)), score, optimizer.param_groups[0]["lr"], time.monotonic() - epoch_start)
             )
-            if val_batches is None or score > best:
-                best, since_best = score, 0
+            # A tie goes to the later epoch (trained longer, at a lower lr): a small held-out split
+            # saturates, and keeping its first perfect epoch kept a barely retrained model.
+            # Patience counts epochs without a strict improvement.
+            since_best = 0 if val_batches is None or score > best else since_best + 1
+            if val_batches is None or score >= best:
+                best = score
                 best_state = copy.deepcopy(model.state_dict())
                 result.best_epoch, result.best_score = epoch, score
-            else:
-                since_best += 1
             if result.stopped:
                 break
             # Early stopping only in the second half: with a one-cycle schedule the held-out score
