@@ -93,7 +93,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 HOLDOUT = 0.2
 VAL_SALT = "paper-protocol-val"
-RECIPE = 5  # bumped when prune_core's cycle changes what a method does, so old results are not mixed in
+RECIPE = 6  # bumped when prune_core's cycle changes what a method does, so old results are not mixed in
 
 METHODS = ("none", "ceiling", "agnostic", "adapt", "activation", "apoz", "taylor")
 DATA_AWARE = ("adapt", "activation", "apoz", "taylor")

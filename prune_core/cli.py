@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,8 +37,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _finite(value):
+    """`value` with NaN and infinities as None: strict JSON has no spelling for them (an empty
+    held-out split scores NaN), and parsers other than Python's reject Python's."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _emit(data: dict) -> None:
-    print(json.dumps(data, indent=2, default=float))
+    print(json.dumps(_finite(data), indent=2, default=float, allow_nan=False))
 
 
 def _positive_int(text: str) -> int:

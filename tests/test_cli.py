@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from prune_core.architectures import build_model
+from prune_core.cli import HOLDOUT
+from prune_core.data import holdout_mask
 from prune_core.level_search import DEFAULT_GRID
 from prune_core.model_format import MODEL_JSON, ModelCard, save_model
 
@@ -26,7 +28,11 @@ def ok(proc: subprocess.CompletedProcess) -> dict:
     """The JSON a successful command prints."""
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout, parse_constant=strict_json)
+
+
+def strict_json(name: str):
+    raise AssertionError(f"{name} in the output: not JSON (other parsers reject it)")
 
 
 def one_line_error(proc: subprocess.CompletedProcess, command: str, *fragments: str) -> str:
@@ -76,7 +82,15 @@ def work(tmp_path_factory, mnist_folder) -> dict[str, Path]:
     (root / "garbage.pt").write_bytes(b"this is not a torch file")
     weights = (model_dir / "weights.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(weights[:20])
-    return {"root": root, "subset": subset, "unknown": unknown, "model": model_dir, "broken": broken}
+    tiny = root / "tiny"  # four images, none of them in the held-out split
+    names = [f"{i}.png" for i in range(40)]
+    for cls in ("0", "1"):
+        (tiny / cls).mkdir(parents=True)
+        kept = [n for n, held in zip(names, holdout_mask([f"{cls}/{n}" for n in names], HOLDOUT).tolist()) if not held][:2]
+        for name, src in zip(kept, sorted((mnist_folder / cls).iterdir())):
+            shutil.copy(src, tiny / cls / name)
+    shutil.copytree(model_dir, root / "tiny_model")  # trained on `tiny`; the side runs' model stays untrained
+    return {"root": root, "subset": subset, "unknown": unknown, "model": model_dir, "broken": broken, "tiny": tiny}
 
 
 ERROR_CASES = {
@@ -106,6 +120,7 @@ def side_runs(pool, work, edgetune) -> dict[str, Future]:
     run_edgetune = edgetune
     futures = {name: pool.submit(run_edgetune, *build(work)) for name, (build, _, _) in ERROR_CASES.items()}
     futures["skip_unknown"] = pool.submit(run_edgetune, "eval", work["model"], "--data", work["unknown"], "--skip-unknown")
+    futures["tiny"] = pool.submit(run_edgetune, "train", work["root"] / "tiny_model", "--data", work["tiny"], "--epochs", "1", "--quiet")
     futures["auto"] = pool.submit(
         run_edgetune, "prune", work["model"], "--data", work["subset"], "--level", "auto", "--epochs", "1",
         "--no-flip", "--out", work["root"] / "auto_out",
@@ -242,6 +257,14 @@ def test_level_auto_prints_probes(side_runs):
     # without --quiet, each probe is also reported on stderr as it finishes
     assert proc.stderr.count("probe level=") == len(probes)
     assert Path(s["out"], MODEL_JSON).is_file()
+
+
+def test_train_without_held_out_samples_prints_strict_json(side_runs):
+    """Four images, none held out: no held-out score exists, and the JSON says null (not NaN, which
+    only Python's parser accepts; ok() rejects it)."""
+    train = ok(side_runs["tiny"].result())
+    assert train["held_out_samples"] == 0 and train["train_samples"] == 4
+    assert train["held_out_top1"] is None and train["history"][0]["val_score"] is None and train["history"][0]["val_loss"] is None
 
 
 def test_skip_unknown_makes_eval_work(side_runs):

@@ -220,22 +220,73 @@ def test_late_early_stop_lets_the_schedule_finish(splits):
     assert result.history[-1].lr < 1e-3  # annealed by the one-cycle schedule itself
 
 
-def test_ties_on_the_held_out_split_go_to_the_later_epoch(splits, monkeypatch):
-    """A small held-out split saturates (every epoch scores 1.0 on it): the last of the tied
-    epochs is kept, trained longest and at the lowest lr, not the first. The daemon's demo kept a
-    model retrained for one epoch that way (0.917 on 290 held-out digits against 0.969)."""
+def scripted_held_out(monkeypatch, losses: list[float], score: float = 1.0) -> None:
+    """The held-out split answers `score` every time and these losses in turn (the first for the
+    weights before training): a saturated split whose loss says what its top-1 cannot."""
     import prune_core.retrain as retrain
 
-    monkeypatch.setattr(retrain, "_val_score", lambda *a: 1.0)
+    answers = iter(losses)
+    monkeypatch.setattr(retrain, "_held_out", lambda *a: (score, next(answers)))
+
+
+def test_ties_on_held_out_top1_go_to_the_lower_held_out_loss(splits, monkeypatch):
+    """A small held-out split saturates (every epoch scores 1.0 on it): the tie goes to the epoch
+    with the lowest held-out loss, not the first perfect one. The daemon's demo kept a model
+    retrained for one epoch that way (0.917 on 290 held-out digits against 0.969)."""
     train_set, held = splits
+    scripted_held_out(monkeypatch, [0.9, 0.5, 0.2, 0.4])
     model = fresh_model()
     initial = copy.deepcopy(model.state_dict())
     result = train(model, train_set, held, MEAN, STD, config(epochs=3, patience=5))
-    assert result.best_epoch == 3 and result.early_stop_epoch is None
+    assert result.best_epoch == 2 and result.best_score == 1.0
+    assert [h.val_loss for h in result.history] == [0.5, 0.2, 0.4]
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
-    # patience counts epochs without a strict improvement: ties do not hold early stopping off
-    stopped = train(fresh_model(), train_set, held, MEAN, STD, config(epochs=10, patience=2, cooldown=0.0))
-    assert stopped.early_stop_epoch == 5 and stopped.best_epoch == 5
+
+
+def test_patience_runs_out_only_when_neither_top1_nor_loss_improves(splits, monkeypatch):
+    """Top-1 stuck at 1.0 while the loss still falls is progress: no early stop over 10 epochs with
+    patience 2. Once the loss too stops reaching new lows, patience runs out (epoch 5 here: the
+    best was epoch 3, and early stopping is allowed from half-way)."""
+    train_set, held = splits
+    scripted_held_out(monkeypatch, [1.0 - 0.05 * i for i in range(11)])
+    falling = train(fresh_model(), train_set, held, MEAN, STD, config(epochs=10, patience=2, cooldown=0.0))
+    assert falling.early_stop_epoch is None and falling.best_epoch == 10
+    scripted_held_out(monkeypatch, [0.9, 0.8, 0.7, 0.6, 0.65, 0.61, 0.7, 0.7, 0.7, 0.7, 0.7])
+    stalled = train(fresh_model(), train_set, held, MEAN, STD, config(epochs=10, patience=2, cooldown=0.0))
+    assert stalled.early_stop_epoch == 5 and stalled.best_epoch == 3 and len(stalled.history) == 5
+
+
+def test_held_out_score_and_loss_match_their_definitions(splits):
+    """The one-pass held-out judge gives evaluate()'s top-1 and the training objective's mean (cross-
+    entropy here); on unlabelled samples, agreement with the teacher and the distillation loss."""
+    from prune_core.data import batches
+    from prune_core.measure import agreement, evaluate
+    from prune_core.retrain import _held_out
+
+    _, held = splits
+    model, teacher = fresh_model(1).eval(), fresh_model(2).eval()
+    val = lambda data: (lambda: batches(data, 8, MEAN, STD))  # noqa: E731 - several batches, to check the averaging
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in val(held)()])
+        ce = F.cross_entropy(model(x), held.labels).item()
+        kd = distillation_loss(model(x), torch.full_like(held.labels, -1), teacher(x), TrainConfig()).item()
+        t_logits = [teacher(b[0]) for b in val(held)()]
+    score, loss = _held_out(model, None, val(held), TrainConfig())
+    assert score == evaluate(model, val(held)()).top1 and loss == pytest.approx(ce, rel=1e-5)
+    blind = unlabelled(held)
+    score, loss = _held_out(model, t_logits, val(blind), TrainConfig())
+    assert score == agreement(model, teacher, val(blind)()) and loss == pytest.approx(kd, rel=1e-5)
+
+
+def test_a_held_out_split_that_cannot_judge_is_ignored(splits):
+    """Unlabelled held-out samples and no teacher: nothing to score them against, so the run keeps
+    its last epoch as without a held-out split (it used to restore the untrained weights)."""
+    train_set, held = splits
+    model = fresh_model()
+    initial = copy.deepcopy(model.state_dict())
+    result = train(model, train_set, unlabelled(held), MEAN, STD, config(epochs=2, patience=1))
+    assert result.best_epoch == 2 and len(result.history) == 2
+    assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
 
 
 def test_without_held_out_set_keeps_the_last_epoch(splits):
