@@ -279,6 +279,12 @@ def describe_cycle(c: dict) -> str:
     return text
 
 
+def retraining(probe: dict) -> str:
+    """'retrained 5 epochs, kept epoch 4' (and where early stopping fired): how the probe's model was chosen."""
+    text = f"retrained {probe.get('retrain_epochs', 0)} epochs, kept epoch {probe.get('kept_epoch', 0)}"
+    return text + (f", early stop after epoch {probe['early_stop_epoch']}" if probe.get("early_stop_epoch") else "")
+
+
 def wait_for_cycle(api: ApiClient, serve: ServeProcess, timeout_s: float) -> dict:
     """Poll /status until the daemon's own cycle ends; print the gate's reasons, steps and probes."""
     deadline = time.monotonic() + timeout_s
@@ -304,7 +310,8 @@ def wait_for_cycle(api: ApiClient, serve: ServeProcess, timeout_s: float) -> dic
                 progress.done()
             for probe in cycle["probes"][probes_shown:]:
                 verdict = (" (within the search's tolerance)" if probe["feasible"] else " (too lossy)") if cycle["request"]["level"] == "auto" else ""
-                print(f"[cycle] level {probe['level']:.2f}: held-out top-1 {probe['accuracy']:.3f} with {probe['params']:,} params{verdict}", flush=True)
+                print(f"[cycle] level {probe['level']:.2f}: held-out top-1 {probe['accuracy']:.3f} with {probe['params']:,} params{verdict}"
+                      f" ({retraining(probe)})", flush=True)
             probes_shown, step = len(cycle["probes"]), cycle.get("step")
             if cycle["state"] in FINAL_STATES:
                 progress.done()

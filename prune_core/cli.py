@@ -192,8 +192,8 @@ def cmd_prune(args) -> dict:
 
     def show_probe(probe) -> None:
         if not args.quiet:
-            print(f"probe level={probe.level:.2f} top1={probe.accuracy:.4f} params={probe.params} "
-                  f"feasible={probe.feasible} ({probe.seconds:.1f}s)", file=sys.stderr)
+            print(f"probe level={probe.level:.2f} top1={probe.accuracy:.4f} params={probe.params} feasible={probe.feasible} "
+                  f"retrained={probe.retrain_epochs} kept={probe.kept_epoch} ({probe.seconds:.1f}s)", file=sys.stderr)
 
     result = run_cycle(model, card, train_set, held_set, config, on_probe=show_probe, progress=not args.quiet, parent=str(Path(args.dir).resolve()))
     save_model(result.model, result.card, args.out)

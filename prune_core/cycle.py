@@ -21,7 +21,7 @@ from .fade import ChannelFade
 from .level_search import Probe, search_level
 from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
-from .retrain import TrainConfig, TrainProgress, train
+from .retrain import TrainConfig, TrainProgress, TrainResult, train
 from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
 
 
@@ -131,12 +131,14 @@ def run_cycle(
             train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule)
             fade.apply(0.0)
             pruned = replay(fading, outcome.history, card.input_size)
+        retrained = TrainResult()
         if not state["stopped"]:
-            train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
+            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
         acc = evaluate(pruned, held())
         probe = Probe(
             level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size),
-            time.monotonic() - t0, criterion=name, allocation=outcome.allocation,
+            time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
+            kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch,
         )
         return probe, pruned
 

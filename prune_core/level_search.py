@@ -24,6 +24,9 @@ class Probe:
     criterion: str = ""  # the criterion whose model this is
     allocation: str = ""  # how its level was spread over the layers (uniform or global)
     tried: dict[str, float] = field(default_factory=dict)  # held-out top-1 of each criterion/allocation tried here
+    retrain_epochs: int = 0  # epochs the kept model was retrained for (early stopping and its cool-down included)
+    kept_epoch: int = 0  # the retraining epoch whose weights were kept (0: none beat the freshly pruned model)
+    early_stop_epoch: int | None = None  # where early stopping fired; None: the schedule ran out
 
     def to_dict(self) -> dict:
         return asdict(self)

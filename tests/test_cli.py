@@ -245,7 +245,8 @@ def test_level_auto_prints_probes(side_runs):
     assert s["level_requested"] == "auto" and s["top1_ceiling"] is not None
     for p in probes:
         assert p["level"] in DEFAULT_GRID
-        assert set(p) >= {"level", "achieved_level", "accuracy", "params", "macs", "seconds", "feasible"}
+        assert set(p) >= {"level", "achieved_level", "accuracy", "params", "macs", "seconds", "feasible", "retrain_epochs", "kept_epoch"}
+        assert p["retrain_epochs"] >= 1 and 0 <= p["kept_epoch"] <= p["retrain_epochs"]
         assert p["feasible"] == (p["accuracy"] >= s["top1_ceiling"] - 0.02)
     feasible = [p["level"] for p in probes if p["feasible"]]
     assert s["level"] == (max(feasible) if feasible else 0.0)
@@ -256,6 +257,8 @@ def test_level_auto_prints_probes(side_runs):
     assert set(s["held_out_per_class"]) <= {"0", "1", "2"}
     # without --quiet, each probe is also reported on stderr as it finishes
     assert proc.stderr.count("probe level=") == len(probes)
+    for p in probes:
+        assert f"retrained={p['retrain_epochs']} kept={p['kept_epoch']}" in proc.stderr
     assert Path(s["out"], MODEL_JSON).is_file()
 
 

@@ -39,7 +39,10 @@ def test_cycle_ranks_the_adapted_model_once_and_reaches_the_level(digits, monkey
     result = run_cycle(model, card, *digits, _config(finetune_before=1))
     assert len(calls) == 1 and abs(result.summary["level_achieved"] - 0.6) <= 0.03
     assert result.summary["params_after"] < count_params(model)
-    assert abs(result.summary["probes"][0]["achieved_level"] - result.summary["level_achieved"]) < 1e-9
+    probe = result.summary["probes"][0]
+    assert abs(probe["achieved_level"] - result.summary["level_achieved"]) < 1e-9
+    # how the retrained model was chosen: 2 epochs, fewer than the patience (no early stop), one of them kept
+    assert probe["retrain_epochs"] == 2 and 0 <= probe["kept_epoch"] <= 2 and probe["early_stop_epoch"] is None
     with torch.no_grad():
         assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 

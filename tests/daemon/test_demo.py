@@ -52,6 +52,10 @@ def test_demo_once_then_reuse_and_interrupt(tmp_path):
     assert "trained the base model" in out
     assert "a user labels 1 image in 1" in out
 
+    # the probe line says how the retrained model was chosen: at least the 2 epochs asked for, one of them kept
+    probe = re.search(r"^\[cycle\] level 0\.30: held-out top-1 [\d.]+ with [\d,]+ params \(retrained (\d+) epochs, kept epoch (\d+)", out, re.M)
+    assert probe and int(probe[1]) >= 2 and 0 <= int(probe[2]) <= int(probe[1]), out[-3000:]
+
     # the before/after table: the same held-out images, a smaller model after
     rows = {m[0]: m[1:] for m in re.findall(r"^(before|after)\s+(v\d{4})\s+([\d,]+)\s+[\d.]+M\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
     assert rows["before"][0] == "v0001" and rows["after"][0] == "v0002", out[-3000:]
