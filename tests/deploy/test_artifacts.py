@@ -45,7 +45,7 @@ def test_dockerfile_shape():
     assert re.search(r'^ENTRYPOINT \["edgetune", "serve"\]$', text, re.M)
 
 
-@pytest.mark.parametrize("script", ["deploy/install.sh", "bench/device_protocol.sh", "scripts/env.sh", "scripts/test.sh", "scripts/demo.sh"])
+@pytest.mark.parametrize("script", ["deploy/install.sh", "bench/device_protocol.sh", "scripts/env.sh", "scripts/test.sh", "scripts/demo.sh", "scripts/docs.sh"])
 def test_shell_scripts_pass_shellcheck(script):
     r = subprocess.run([_tool("shellcheck"), script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
