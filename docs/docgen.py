@@ -113,8 +113,11 @@ def _help(parser: Any, argv: List[str]) -> str:
             parser.parse_args(argv + ["--help"])
         except SystemExit:
             pass
+    text = out.getvalue()
+    if not text.strip():
+        raise RuntimeError(f"edgetune {' '.join(argv)} --help printed nothing")
     # Python < 3.10 heads the options "optional arguments:"; the reference is the same on every version.
-    return out.getvalue().replace("optional arguments:", "options:").rstrip() + "\n"
+    return text.replace("optional arguments:", "options:").rstrip() + "\n"
 
 
 def commands(top_help: str) -> List[str]:

@@ -3,6 +3,7 @@ table, CLI reference) match what cog would generate now, the README stays a shor
 and every relative link in the docs leads somewhere."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ README_LIMIT = 20_000  # bytes: the README is the entry point; details live in d
 
 
 def _cog(*args: str, columns: str = "80") -> subprocess.CompletedProcess:
+    assert importlib.util.find_spec("cogapp"), "cogapp is in the dev extra (bash scripts/env.sh dev)"
     env = {**os.environ, "COLUMNS": columns}  # the output may not depend on the terminal
     return subprocess.run(
         [sys.executable, "-m", "cogapp", *args, "-I", str(REPO), "-I", str(REPO / "docs")],
