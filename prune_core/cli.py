@@ -40,22 +40,22 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._pending = configure
 
-    def configure(self) -> None:
+    def ensure_configured(self) -> None:
         """Add the pending arguments now (once)."""
         if self._pending is not None:
             configure, self._pending = self._pending, None
             configure(self)
 
     def parse_known_args(self, args=None, namespace=None):
-        self.configure()
+        self.ensure_configured()
         return super().parse_known_args(args, namespace)
 
     def format_usage(self) -> str:
-        self.configure()
+        self.ensure_configured()
         return super().format_usage()
 
     def format_help(self) -> str:
-        self.configure()
+        self.ensure_configured()
         return super().format_help()
 
     def error(self, message: str):
