@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from prune_core import options
+
 DEFAULT_STATE_DIR = Path("/var/lib/edgetune")
 SYSTEM_CONFIG = Path("/etc/edgetune/config.toml")
 
@@ -86,20 +88,18 @@ class Settings(BaseSettings):
     min_size_gain: float = Field(0.05, ge=0, lt=1, description="a candidate must also have at least this fraction fewer parameters")
     keep_versions: int = Field(5, ge=1, description="model versions kept on disk")
 
+    # The cycle options are checked by prune_core.options, the one validator of cycle options everywhere;
+    # its ValueError names the problem.
     @field_validator("cycle_level")
     @classmethod
     def _level(cls, v: Any) -> Any:
-        if v != "auto" and not 0 < float(v) < 1:
-            raise ValueError("must be 'auto' or a number between 0 and 1")
-        return v
+        return options.parse_level(v)
 
     @field_validator("cycle_criterion", "cycle_allocation")
     @classmethod
     def _option_list(cls, v: str, info: ValidationInfo) -> str:
-        from prune_core import parse_allocations, parse_criteria
-
-        parse = parse_criteria if info.field_name == "cycle_criterion" else parse_allocations
-        parse(v)  # its ValueError names the problem
+        parse = options.parse_criteria if info.field_name == "cycle_criterion" else options.parse_allocations
+        parse(v)
         return v
 
     @property
