@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def bench_model(name: str, arch: str, model: torch.nn.Module, images: np.ndarray
     card = ModelCard(arch, 10, MNIST_CLASSES, 32)
     version = work / name.replace(" ", "_").replace("@", "")
     version.mkdir()
+    print(f"[{name}] building and verifying the onnxruntime engine", file=sys.stderr, flush=True)
     info = build_engine(model, card, version, Backend.ONNXRUNTIME, images[:64], threads=1)
     spec = InputSpec.of(card)
     timed = [Timed("torch eager", TorchEngine(model, spec), t) for t in THREADS]
@@ -101,6 +103,7 @@ def bench_model(name: str, arch: str, model: torch.nn.Module, images: np.ndarray
         for entry in timed:
             entry.run(one, args.runs // args.rounds)
             entry.run(sixteen, args.batch_runs // args.rounds)
+    print(f"[{name}] timed", file=sys.stderr, flush=True)
     onnx_path = version / ONNX_FILE
     plain, optimised = session_start_ms(onnx_path), session_start_ms(optimised_copy(onnx_path))
     rows = []

@@ -1,6 +1,9 @@
 """The TensorRT backend: onnxruntime's TensorRT execution provider over the same `model.onnx`,
 its engine cached in the version directory (`trt_cache/`). numpy only, like ort.py.
 
+One cache per version, never shared: onnxruntime names cached engines after the graph's structure,
+so two versions with the same channel plan and other weights would load each other's engine.
+
 Why the execution provider and not the `tensorrt` Python API: the API needs a CUDA binding
 (pycuda or cuda-python, not part of JetPack's Python) to allocate and copy device buffers, a
 second file format and build code path, and fails on the first unsupported layer; the provider
