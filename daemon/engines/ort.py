@@ -2,6 +2,9 @@
 this onnxruntime has it. numpy only (no torch), so a serving process on this backend stays light.
 
 The TensorRT backend (trt.py) is this same engine with TensorRT's execution provider in front.
+The optimised graph is not cached next to model.onnx: opening a session from a saved optimised
+copy saves tens of milliseconds per load (bench/engine_bench.py), but a graph saved at level ALL
+is specific to the CPU that optimised it and would be one more file to verify and invalidate.
 """
 from __future__ import annotations
 
