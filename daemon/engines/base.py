@@ -183,16 +183,29 @@ class Engine(ABC):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """Logits for a normalised float32 batch."""
 
-    def normalise(self, batch: np.ndarray) -> np.ndarray:
+    def check(self, batch: np.ndarray) -> None:
+        """Raise ValueError unless `batch` is uint8 N×3×S×S for this model's S."""
         s = self.spec.input_size
-        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.shape[1:] != (3, s, s) or batch.ndim != 4:
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (3, s, s):
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
             raise ValueError(f"{self.name}: expected uint8 N×3×{s}×{s}, got {got}")
+
+    def normalise(self, batch: np.ndarray) -> np.ndarray:
+        self.check(batch)
         return (batch.astype(np.float32) - self._mean) / self._std
 
     def logits(self, batch_uint8: np.ndarray) -> np.ndarray:
         """N×K float32 logits for a uint8 batch N×3×S×S."""
         return np.asarray(self._forward(self.normalise(batch_uint8)), dtype=np.float32)
+
+    def predict(self, batch_uint8: np.ndarray, top_k: int = 5) -> List[List[Tuple[int, float]]]:
+        """Top-k (class index, probability) per image, as serving.Served.predict answers."""
+        logits = self.logits(batch_uint8).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(int(i), float(row[i])) for i in idx] for idx, row in zip(order, probs)]
 
     def warm_up(self, runs: int = 2) -> None:
         """First runs allocate memory and pick kernels (TensorRT: load or build the engine)."""

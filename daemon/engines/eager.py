@@ -18,11 +18,21 @@ class TorchEngine(Engine):
         super().__init__(spec)
         self.device = device or next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        self._scale = tuple(torch.from_numpy(v).to(self.device) for v in (self._mean, self._std))
 
     @property
     def name(self) -> str:
         return f"torch ({self.device.type}, {torch.get_num_threads()} threads)" if self.device.type == "cpu" else f"torch ({self.device})"
 
     @torch.inference_mode()
+    def logits(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """Normalised on the model's device (uint8 crosses to a GPU, not float32), in the same
+        float32 arithmetic as the numpy path."""
+        self.check(batch_uint8)
+        mean, std = self._scale
+        x = (torch.from_numpy(batch_uint8).to(self.device).float() - mean) / std
+        return self.model(x).float().cpu().numpy()
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()

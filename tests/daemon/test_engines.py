@@ -79,6 +79,25 @@ def test_trained_cifar_small_build_commit_load(tmp_path, base_model_dir, images)
         engine.logits(np.zeros((1, 3, 28, 28), np.uint8))
 
 
+def test_predict_answers_as_the_torch_serving_path(tmp_path, base_model_dir, images):
+    """Engine.predict gives what serving.Served.predict gives for the same model: same top-k
+    classes wherever the probabilities are apart, probabilities within the tolerance."""
+    from daemon.serving import load_served
+
+    model, card = load_model(base_model_dir)
+    build_engine(model, card, tmp_path, ORT, images)
+    engine = load_engine(tmp_path, ORT, threads=1)
+    want = load_served("v0001", base_model_dir, torch.device("cpu")).predict(torch.from_numpy(images), top_k=3)
+    got = engine.predict(images, top_k=3)
+    assert len(got) == len(want) == len(images) and all(len(g) == 3 for g in got)
+    apart = [w[0][1] - w[1][1] > 1e-3 for w in want]
+    assert sum(apart) > 0.9 * len(images)
+    for g, w, a in zip(got, want, apart):
+        assert g[0][0] == w[0][0] or not a
+        np.testing.assert_allclose([p for _, p in g], [p for _, p in w], rtol=0, atol=1e-4)
+    assert [len(r) for r in TorchEngine(model, engine.spec).predict(images[:2], top_k=20)] == [10, 10]  # k capped at K
+
+
 def test_resnet18_at_32px(tmp_path, images, randomise_bn):
     torch.manual_seed(0)
     model = randomise_bn(build_model("resnet18", 10), seed=1)
