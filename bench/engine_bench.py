@@ -1,13 +1,14 @@
-"""Forward latency and throughput of the serving engines, side by side in one process: torch eager
-against onnxruntime (CPU), each with 1 and 2 intra-op threads, for cifar_small unpruned, the same
-pruned to level 0.8, and torchvision resnet18 at 32 px.
+"""Forward latency and throughput of the serving engines, side by side: torch eager against
+onnxruntime (CPU), each with 1 and 2 intra-op threads, for cifar_small unpruned, the same pruned
+to level 0.8, and torchvision resnet18 at 32 px.
 
-    python bench/engine_bench.py [--runs 200] [--batch-runs 30] [--rounds 4] [--out bench/out/engine_bench]
+    python bench/engine_bench.py [--runs 300] [--batch-runs 32] [--rounds 6] [--out bench/out/engine_bench]
 
 Each engine is the daemon's (daemon.engines): uint8 images in, logits out, normalisation included;
-onnxruntime's engine is built and verified against torch on real digits first. Engines take turns
-in `--rounds` rounds so that load from other processes hits all of them alike; a number is the
-median over every timed call. Also times opening an onnxruntime session from model.onnx against
+onnxruntime's engine is built and verified against torch on real digits first. One child process
+per thread count (a 2-thread pool left spinning would slow the 1-thread runs after it); inside
+it torch and onnxruntime take turns in `--rounds` rounds so that load from other processes hits
+both alike; a number is the median over every timed call. Also times opening an onnxruntime session from model.onnx against
 from a pre-optimised copy (the question whether to cache the optimised graph). Writes
 engine_bench.json to --out.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,25 +51,31 @@ def models() -> Dict[str, Tuple[str, torch.nn.Module]]:
 
 
 class Timed:
-    """One engine at one thread count, collecting per-call seconds."""
+    """One engine at one thread count, collecting per-call wall and process CPU seconds. On a
+    machine loaded by other processes a 1-thread call's CPU time is what it would take on an idle
+    core, while its wall time also holds the waits for a core (longer calls are cut more often)."""
 
     def __init__(self, label: str, engine: Engine, threads: int):
         self.label, self.engine, self.threads = label, engine, threads
         self.times: Dict[int, List[float]] = {}
+        self.cpu: Dict[int, List[float]] = {}
 
     def run(self, batch: np.ndarray, calls: int) -> None:
-        if isinstance(self.engine, TorchEngine):
-            torch.set_num_threads(self.threads)
         for _ in range(3):
             self.engine.logits(batch)
         times = self.times.setdefault(len(batch), [])
+        cpu = self.cpu.setdefault(len(batch), [])
         for _ in range(calls):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             self.engine.logits(batch)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
 
     def median_ms(self, batch: int) -> float:
         return statistics.median(self.times[batch]) * 1e3
+
+    def cpu_ms(self, batch: int) -> float:
+        return statistics.median(self.cpu[batch]) * 1e3
 
     def quartiles_ms(self, batch: int) -> tuple:
         q = np.percentile(self.times[batch], [25, 75]) * 1e3
@@ -89,23 +98,26 @@ def optimised_copy(path: Path) -> Path:
     return target
 
 
-def bench_model(name: str, arch: str, model: torch.nn.Module, images: np.ndarray, work: Path, args) -> dict:
+def bench_model(name: str, arch: str, model: torch.nn.Module, images: np.ndarray, work: Path, args, threads: int) -> dict:
     card = ModelCard(arch, 10, MNIST_CLASSES, 32)
     version = work / name.replace(" ", "_").replace("@", "")
     version.mkdir()
     print(f"[{name}] building and verifying the onnxruntime engine", file=sys.stderr, flush=True)
     info = build_engine(model, card, version, Backend.ONNXRUNTIME, images[:64], threads=1)
     spec = InputSpec.of(card)
-    timed = [Timed("torch eager", TorchEngine(model, spec), t) for t in THREADS]
-    timed += [Timed("onnxruntime", load_engine(version, Backend.ONNXRUNTIME, threads=t), t) for t in THREADS]
+    torch.set_num_threads(threads)
+    timed = [Timed("torch eager", TorchEngine(model, spec), threads),
+             Timed("onnxruntime", load_engine(version, Backend.ONNXRUNTIME, threads=threads), threads)]
     one, sixteen = images[:1], images[:16]
     for _ in range(args.rounds):
         for entry in timed:
             entry.run(one, args.runs // args.rounds)
             entry.run(sixteen, args.batch_runs // args.rounds)
-    print(f"[{name}] timed", file=sys.stderr, flush=True)
+    print(f"[{name}] timed at {threads} thread(s)", file=sys.stderr, flush=True)
     onnx_path = version / ONNX_FILE
-    plain, optimised = session_start_ms(onnx_path), session_start_ms(optimised_copy(onnx_path))
+    plain = optimised = None
+    if threads == 1:
+        plain, optimised = session_start_ms(onnx_path), session_start_ms(optimised_copy(onnx_path))
     rows = []
     for entry in timed:
         lo, hi = entry.quartiles_ms(1)
@@ -113,22 +125,25 @@ def bench_model(name: str, arch: str, model: torch.nn.Module, images: np.ndarray
             "model": name, "params": count_params(model), "engine": entry.label, "threads": entry.threads,
             "batch1_ms": entry.median_ms(1), "batch1_q25_ms": lo, "batch1_q75_ms": hi,
             "batch16_images_per_s": 16 / (entry.median_ms(16) / 1e3),
+            "batch1_cpu_ms": entry.cpu_ms(1), "batch16_cpu_images_per_s": 16 / (entry.cpu_ms(16) / 1e3),
         })
     return {"rows": rows, "verification": info.verification.__dict__, "session_start_ms": plain, "optimised_start_ms": optimised}
 
 
 def print_tables(results: List[dict]) -> None:
-    print("| model | params | engine | threads | batch 1 ms (median, IQR) | vs torch | batch 16 img/s | vs torch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | engine | threads | batch 1 wall ms (median, IQR) | vs torch | batch 1 CPU ms | vs torch "
+          "| batch 16 wall img/s | vs torch | batch 16 img/CPU-s | vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
         rows = result["rows"]
         torch_rows = {r["threads"]: r for r in rows if r["engine"] == "torch eager"}
-        for r in rows:
+        for r in sorted(rows, key=lambda r: (r["engine"] != "torch eager", r["threads"])):
             ref = torch_rows[r["threads"]]
             print(f"| {r['model']} | {r['params']:,} | {r['engine']} | {r['threads']} | "
                   f"{r['batch1_ms']:.3f} ({r['batch1_q25_ms']:.3f}–{r['batch1_q75_ms']:.3f}) | "
-                  f"{ref['batch1_ms'] / r['batch1_ms']:.2f}× | {r['batch16_images_per_s']:,.0f} | "
-                  f"{r['batch16_images_per_s'] / ref['batch16_images_per_s']:.2f}× |")
+                  f"{ref['batch1_ms'] / r['batch1_ms']:.2f}× | {r['batch1_cpu_ms']:.3f} | {ref['batch1_cpu_ms'] / r['batch1_cpu_ms']:.2f}× | "
+                  f"{r['batch16_images_per_s']:,.0f} | {r['batch16_images_per_s'] / ref['batch16_images_per_s']:.2f}× | "
+                  f"{r['batch16_cpu_images_per_s']:,.0f} | {r['batch16_cpu_images_per_s'] / ref['batch16_cpu_images_per_s']:.2f}× |")
     print()
     print("| model | verification max abs diff (64 digits) | top-1 agreement | session start from model.onnx ms | from optimised copy ms |")
     print("|---|---|---|---|---|")
@@ -138,17 +153,43 @@ def print_tables(results: List[dict]) -> None:
               f"{result['session_start_ms']:.1f} | {result['optimised_start_ms']:.1f} |")
 
 
+def child(args) -> None:
+    """Time every model at `args.threads` threads; JSON results on stdout."""
+    images = mnist5k(32).images[:64].numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_model(name, arch, model, images, Path(tmp), args, args.threads) for name, (arch, model) in models().items()]
+    json.dump(results, sys.stdout)
+
+
+def merged(per_threads: List[List[dict]]) -> List[dict]:
+    """One result per model: the rows of every thread count; verification and session start from 1 thread."""
+    out = []
+    for parts in zip(*per_threads):
+        first = dict(parts[0])
+        first["rows"] = [row for part in parts for row in part["rows"]]
+        out.append(first)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per engine (split over the rounds)")
+    p.add_argument("--runs", type=int, default=300, help="timed batch-1 calls per engine (split over the rounds)")
     p.add_argument("--batch-runs", type=int, default=32, help="timed batch-16 calls per engine")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--out", type=Path, default=Path("bench/out/engine_bench"))
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # set for the child processes
     args = p.parse_args()
-    images = mnist5k(32).images[:64].numpy()
+    if args.threads:
+        return child(args)
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(name, arch, model, images, Path(tmp), args) for name, (arch, model) in models().items()]
+    per_threads = []
+    for threads in THREADS:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        command = [sys.executable, __file__, "--threads", str(threads), "--runs", str(args.runs),
+                   "--batch-runs", str(args.batch_runs), "--rounds", str(args.rounds)]
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True)
+        per_threads.append(json.loads(done.stdout))
+    results = merged(per_threads)
     print_tables(results)
     print(f"\ntorch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}, "
           f"{time.time() - started:.0f} s")

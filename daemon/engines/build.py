@@ -127,15 +127,20 @@ def build_engine(
 
     start = time.perf_counter()
     reference_model = copy.deepcopy(model).to("cpu").float().eval()
-    path = _export(reference_model, spec.input_size, version_dir)
+    # Export and build failures come as many exception types (torch.onnx's, onnxruntime's derive
+    # from Exception only); each one means "serve torch", with the message as the reason.
+    try:
+        path = _export(reference_model, spec.input_size, version_dir)
+    except Exception as exc:
+        raise EngineBuildError(f"{backend.value}: ONNX export failed ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
     try:
         engine = _open(backend, path, version_dir, spec, precision, max_batch, threads)
         engine.warm_up()
         got = _in_batches(engine, images, max_batch)
     except EngineUnavailable as exc:
         raise EngineBuildError(f"{backend.value}: {exc.reason}") from None
-    except (RuntimeError, OSError) as exc:  # onnxruntime's run errors derive from RuntimeError
-        raise EngineBuildError(f"{backend.value}: the engine failed to run ({str(exc).strip()[:300]})") from None
+    except Exception as exc:
+        raise EngineBuildError(f"{backend.value}: the engine failed to run ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
     reference = _in_batches(TorchEngine(reference_model, spec, torch.device("cpu")), images, max_batch)
     verification = compare(reference, got, tolerance or TOLERANCES[precision])
     reason = failure(verification)

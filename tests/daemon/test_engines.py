@@ -166,11 +166,15 @@ class ExportDiverges(torch.nn.Module):
     def forward(self, x):
         y = self.model(x)
         if torch.onnx.is_in_onnx_export():
+            if self.mode == "unexportable":
+                raise RuntimeError("an operator the exporter does not know")
             return y.flip(1) if self.mode == "top1" else y + 0.01
         return y
 
 
-@pytest.mark.parametrize("mode, words", [("top1", "top-1 differs from torch"), ("offset", "logits differ from torch by 0.01")])
+@pytest.mark.parametrize("mode, words", [
+    ("top1", "top-1 differs from torch"), ("offset", "logits differ from torch by 0.01"), ("unexportable", "ONNX export failed"),
+])
 def test_failed_verification_raises_and_drops_the_old_record(built, images, mode, words):
     version, model = built
     with pytest.raises(EngineBuildError, match=words):
