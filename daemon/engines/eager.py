@@ -1,0 +1,38 @@
+"""The torch backend as an Engine: the model itself, eager. The reference every built engine is
+verified against, and a candidate for `auto` where the caller already holds torch."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Backend, Engine, InputSpec
+
+
+class TorchEngine(Engine):
+    backend = Backend.TORCH
+
+    def __init__(self, model: nn.Module, spec: InputSpec, device: Optional[torch.device] = None):
+        super().__init__(spec)
+        self.device = device or next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self._scale = tuple(torch.from_numpy(v).to(self.device) for v in (self._mean, self._std))
+
+    @property
+    def name(self) -> str:
+        return f"torch ({self.device.type}, {torch.get_num_threads()} threads)" if self.device.type == "cpu" else f"torch ({self.device})"
+
+    @torch.inference_mode()
+    def logits(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """Normalised on the model's device (uint8 crosses to a GPU, not float32), in the same
+        float32 arithmetic as the numpy path."""
+        self.check(batch_uint8)
+        mean, std = self._scale
+        x = (torch.from_numpy(batch_uint8).to(self.device).float() - mean) / std
+        return self.model(x).float().cpu().numpy()
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
