@@ -1,0 +1,70 @@
+"""A cycle on unlabelled samples: the teacher folded with a prior shift, and probes judged by agreement."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prune_core import CycleConfig, ModelCard, TrainConfig, build_model, run_cycle
+from prune_core.teacher import FoldError, fold_logit_transform, prior_offset
+
+MEAN = (0.1307, 0.1307, 0.1307)
+STD = (0.3081, 0.3081, 0.3081)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_digits():
+    from prune_core.datasets import mnist5k
+
+    data = mnist5k(32)
+    keep = torch.nonzero(data.labels < 3).flatten()[:240]
+    data = data.subset(keep)
+    train, held = data.subset(range(180)), data.subset(range(180, 240))
+    train.labels[:] = -1
+    held.labels[:] = -1
+    return train, held
+
+
+@pytest.mark.parametrize("arch", ["cifar_small", "resnet18", "mobilenet_v2"])
+def test_fold_matches_the_transformed_logits(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 5).eval()
+    offset = prior_offset([0.2] * 5, [0.5, 0.5, 0.0, 0.0, 0.0], floor=1e-3)
+    folded = fold_logit_transform(model, 0.5, offset, 32)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x) * 0.5 + offset
+        assert torch.allclose(folded(x), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+        # the argmax moves to the favoured classes, and the original is untouched
+        assert set(folded(x).argmax(1).tolist()) <= {0, 1}
+    assert model is not folded
+
+
+def test_prior_offset_floor_keeps_every_class_finite():
+    offset = prior_offset([0.5, 0.5, 0.0], [1.0, 0.0, 0.0], floor=1e-3)
+    assert torch.isfinite(offset).all()
+    assert offset[0] > 0 > offset[1]
+
+
+def test_a_classifier_followed_by_relu_is_refused():
+    torch.manual_seed(0)
+    model = build_model("squeezenet1_1", 4).eval()
+    with pytest.raises(FoldError, match="not an affine function"):
+        fold_logit_transform(model, 1.0, prior_offset([0.25] * 4, [0.7, 0.1, 0.1, 0.1]), 64)
+
+
+def test_level_search_without_labels_judges_probes_by_agreement(unlabelled_digits):
+    """With no labels anywhere the probes used to score NaN and all were infeasible; now each is judged by
+    agreement with the teacher, so the search keeps a pruned model and says which evidence decided."""
+    torch.manual_seed(0)
+    model = build_model("cifar_small", 10).eval()
+    card = ModelCard("cifar_small", 10, [str(i) for i in range(10)], 32, mean=MEAN, std=STD)
+    train = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=1, flip=False)
+    config = CycleConfig(level="auto", criterion="l1", train=train, calibration_batches=2, tolerance=1.0)
+    result = run_cycle(model, card, *unlabelled_digits, config)
+    s = result.summary
+    assert s["evidence"] == "agreement"
+    probes = s["probes"]
+    assert probes and all(0.0 <= p["accuracy"] <= 1.0 for p in probes)
+    # a tolerance of 1.0 makes every probe feasible: the search must climb to the grid's top
+    assert all(p["feasible"] for p in probes) and s["level"] == pytest.approx(0.95)
+    assert s["params_after"] < s["params_before"]
