@@ -68,3 +68,19 @@ def test_level_search_without_labels_judges_probes_by_agreement(unlabelled_digit
     # a tolerance of 1.0 makes every probe feasible: the search must climb to the grid's top
     assert all(p["feasible"] for p in probes) and s["level"] == pytest.approx(0.95)
     assert s["params_after"] < s["params_before"]
+
+
+def test_card_records_calibration_and_prior_and_reads_old_cards():
+    from prune_core.model_format import ModelCard, ModelFormatError
+
+    card = ModelCard("cifar_small", 3, ["a", "b", "c"], 32, temperature=1.7, logit_bias=[0.1, 0.0, -0.1], class_prior=[0.5, 0.25, 0.25])
+    back = ModelCard.from_json(card.to_json())
+    assert (back.temperature, back.logit_bias, back.prior()) == (1.7, [0.1, 0.0, -0.1], [0.5, 0.25, 0.25])
+    old = card.to_json()
+    for key in ("temperature", "logit_bias", "class_prior"):
+        del old[key]
+    legacy = ModelCard.from_json(old)
+    assert legacy.temperature == 1.0 and legacy.bias() == [0.0] * 3 and legacy.prior() == pytest.approx([1 / 3] * 3)
+    for bad in ({"temperature": 0}, {"class_prior": [1.0, 0.0]}, {"logit_bias": [0.0]}, {"class_prior": [-1.0, 1.0, 1.0]}):
+        with pytest.raises(ModelFormatError):
+            ModelCard.from_json({**card.to_json(), **bad})
