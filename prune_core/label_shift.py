@@ -112,7 +112,11 @@ def fit_calibration(
     x, y = logits[known].detach().double().cpu(), labels[known].cpu()
     if y.numel() == 0:
         raise ValueError("calibration needs labelled samples")
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    # Start L-BFGS from the best temperature on a log grid: from T=1 its line search stalls on a
+    # strongly over-confident model (huge first gradient) and returns T=1 unchanged.
+    grid = torch.logspace(-2, 3, 61, dtype=torch.float64)
+    start = min(grid.tolist(), key=lambda t: float(_nll(x / t, y)))
+    log_t = torch.tensor(math.log(start), dtype=torch.float64, requires_grad=True)
     params = [log_t]
     bias = None
     if method is CalibrationMethod.BCTS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune_core import CycleConfig, ModelCard, TrainConfig, build_model, run_cycle
+from prune_core import CycleConfig, ModelCard, TrainConfig, build_model, run_cycle, train
 from prune_core.teacher import FoldError, fold_logit_transform, prior_offset
 
 MEAN = (0.1307, 0.1307, 0.1307)
@@ -84,3 +84,36 @@ def test_card_records_calibration_and_prior_and_reads_old_cards():
     for bad in ({"temperature": 0}, {"class_prior": [1.0, 0.0]}, {"logit_bias": [0.0]}, {"class_prior": [-1.0, 1.0, 1.0]}):
         with pytest.raises(ModelFormatError):
             ModelCard.from_json({**card.to_json(), **bad})
+
+
+def test_calibrated_card_fits_temperature_prior_and_confusion():
+    """Logits scaled by 10 need a temperature 10 times larger; the prior is the training labels', the
+    confusion counts the labelled held-out samples."""
+    from prune_core.calibrate import calibrated_card
+    from prune_core.datasets import mnist5k
+
+    data = mnist5k(32)
+    keep = torch.nonzero(data.labels < 4).flatten()[:300]
+    data = data.subset(keep)
+    held = data.subset(range(200, 300))
+    held.labels[:10] = -1  # unlabelled held-out samples are ignored
+    held.labels[10:30] = (held.labels[10:30] + 1) % 4  # wrong labels: no temperature separates them perfectly
+    torch.manual_seed(0)
+    model = build_model("cifar_small", 4)
+    card = ModelCard("cifar_small", 4, list("abcd"), 32, mean=MEAN, std=STD)
+    train(model, data.subset(range(200)), None, MEAN, STD, TrainConfig(epochs=3, batch_size=32, lr=0.05, flip=False))
+    train_labels = torch.tensor([0] * 6 + [1] * 2 + [2] + [3])
+    fitted = calibrated_card(model, card, held, train_labels)
+    sharp = calibrated_card(fold_logit_transform(model, 10.0, torch.zeros(4), 32), card, held, train_labels)
+    assert sharp.temperature == pytest.approx(10 * fitted.temperature, rel=0.05)
+    assert fitted.prior() == pytest.approx([0.6, 0.2, 0.1, 0.1])
+    assert sum(map(sum, fitted.confusion)) == 90 and len(fitted.logit_bias) == 4
+    assert card.temperature == 1.0  # the input card is untouched
+    with pytest.raises(ValueError, match="labelled"):
+        calibrated_card(model, card, _unlabelled(held))
+
+
+def _unlabelled(data):
+    data = data.subset(range(len(data)))
+    data.labels[:] = -1
+    return data
