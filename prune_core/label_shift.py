@@ -313,6 +313,12 @@ class PriorTracker:
             return None
         return 0.5 * self._estimate + 0.5 * self.source_prior
 
+    def probabilities(self) -> torch.Tensor:
+        """The window's probability vectors (N×K, float64; N may be 0)."""
+        if not self._rows:
+            return torch.zeros(0, self.source_prior.shape[0], dtype=torch.float64)
+        return torch.stack(list(self._rows))
+
     def reset(self) -> None:
         """Forget the window (e.g. after the served model changed, whose probabilities it held)."""
         self._rows.clear()
