@@ -8,12 +8,14 @@ the device's class distribution instead of copying the served model's confusions
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .architectures import classifier_module
+from .model_format import ModelCard
 
 
 class FoldError(ValueError):
@@ -52,3 +54,37 @@ def fold_logit_transform(model: nn.Module, scale: float, offset: torch.Tensor, i
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-4):
         raise FoldError(f"the logits of {type(model).__name__} are not an affine function of its classifier layer")
     return folded
+
+
+@dataclass
+class Teacher:
+    """The model a cycle starts from and distils, the card its student will carry, and how it was made."""
+
+    model: nn.Module
+    student_card: ModelCard
+    corrected: bool  # calibration and prior shift folded in
+    note: str  # what was done, or why not
+
+
+def corrected_teacher(model: nn.Module, card: ModelCard, target_prior: Sequence[float] | None, floor: float = 1e-3) -> Teacher:
+    """The served model calibrated (card.temperature, card.logit_bias) and shifted from its class prior
+    to `target_prior` (the traffic's estimate), folded into its classifier.
+
+    Its student learns calibrated probabilities under the target prior, so the student's card records
+    temperature 1, no bias and the (floored) target prior. Without a target prior, or where folding is
+    impossible, the teacher is the served model as it is."""
+    if target_prior is None:
+        return Teacher(model, copy.deepcopy(card), False, "no prior estimate: the served model as it is")
+    calibration = card.calibration()
+    offset = prior_offset(card.prior(), target_prior, floor) + torch.tensor(card.bias())
+    try:
+        folded = fold_logit_transform(model, 1.0 / calibration.temperature, offset, card.input_size)
+    except FoldError as exc:
+        return Teacher(model, copy.deepcopy(card), False, f"not corrected: {exc}")
+    student = copy.deepcopy(card)
+    target = torch.tensor(target_prior, dtype=torch.float64).clamp_min(floor)
+    student.temperature, student.logit_bias, student.confusion = 1.0, [], []
+    student.class_prior = [float(v) for v in target / target.sum()]
+    top = sorted(zip(student.class_prior, card.class_names), reverse=True)[:3]
+    note = f"calibrated (T={calibration.temperature:.2f}) and shifted to the traffic's prior (" + ", ".join(f"{n} {p:.0%}" for p, n in top) + ")"
+    return Teacher(folded, student, True, note)

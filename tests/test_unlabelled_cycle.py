@@ -117,3 +117,22 @@ def _unlabelled(data):
     data = data.subset(range(len(data)))
     data.labels[:] = -1
     return data
+
+
+def test_corrected_teacher_favours_the_traffic_classes_and_its_student_card_records_the_prior():
+    from prune_core.teacher import corrected_teacher
+
+    torch.manual_seed(0)
+    model = build_model("cifar_small", 3).eval()
+    card = ModelCard("cifar_small", 3, list("abc"), 32, temperature=2.0, logit_bias=[0.0, 0.1, -0.1], confusion=[[1, 0, 0]] * 3)
+    teacher = corrected_teacher(model, card, [0.0, 0.5, 0.5])
+    assert teacher.corrected and "T=2.00" in teacher.note
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        raw, got = model(x), teacher.model(x)
+    offset = torch.log(torch.tensor([1e-3, 0.5, 0.5]).clamp_min(1e-3) / torch.tensor([1e-3, 0.5, 0.5]).clamp_min(1e-3).sum()) - torch.log(torch.tensor([1 / 3] * 3))
+    assert torch.allclose(got, raw / 2.0 + torch.tensor([0.0, 0.1, -0.1]) + offset, atol=1e-4)
+    s = teacher.student_card
+    assert s.temperature == 1.0 and s.logit_bias == [] and s.confusion == [] and s.prior()[0] < 0.01
+    plain = corrected_teacher(model, card, None)
+    assert not plain.corrected and plain.model is model and plain.student_card.temperature == 2.0
