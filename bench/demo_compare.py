@@ -22,7 +22,7 @@ from prune_core import CycleConfig, ImageSet, ModelCard, TrainConfig, batches, p
 from prune_core.digits import base_model, digits, only, parse_classes
 from prune_core.measure import count_macs, count_params, evaluate
 
-from daemon.demo import forward_ms
+from daemon.clients.demo import forward_ms
 
 
 def score(model: nn.Module, card: ModelCard, held: ImageSet, seconds: float) -> dict:

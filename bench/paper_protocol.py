@@ -79,7 +79,7 @@ from prune_core import (
     split_holdout,
     train,
 )
-from prune_core.cli import checked_by
+from prune_core.argtypes import checked_by
 from prune_core.model_format import ModelFormatError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from prune_core import options
+
 DEFAULT_STATE_DIR = Path("/var/lib/edgetune")
 SYSTEM_CONFIG = Path("/etc/edgetune/config.toml")
 
@@ -26,73 +28,78 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGETUNE_", extra="forbid", validate_default=True)
 
     # Where and how to serve
-    state_dir: Path = Field(DEFAULT_STATE_DIR, description="buffer.sqlite, models/, cycles/ live here")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="buffer.sqlite, models/ and cycles/ live here (the systemd unit passes --state-dir, which wins)")
     host: str = Field("127.0.0.1", description="bind address; anything but loopback requires api_token")
-    port: int = Field(8000, ge=0, le=65535)
-    api_token: SecretStr | None = Field(None, description="bearer token demanded by mutating endpoints")
+    port: int = Field(8000, ge=0, le=65535, description="API port")
+    api_token: SecretStr | None = Field(
+        None, description="when set, every POST (and GET /prune) must send it as a bearer token (Authorization header); binding a non-loopback host requires it")
     device: str | None = Field(None, description="cpu or cuda; default: cuda when available")
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="largest accepted image upload (413 above)")
 
     # Telemetry and the gate
-    telemetry: Literal["auto", "jtop", "sysfs", "simulated"] = "auto"
+    telemetry: Literal["auto", "jtop", "sysfs", "simulated"] = Field(
+        "auto", description="where temperatures, power and load come from; auto: jtop, then sysfs, then simulated")
     simulated_telemetry: Path | None = Field(None, description="JSON file re-read at every poll by the simulated provider")
-    poll_interval_s: float = Field(0.5, gt=0, le=60)
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="how often telemetry is read and the gate evaluated")
     idle_seconds: float = Field(30.0, ge=0, description="no inference for this long counts as idle")
     max_request_rate: float = Field(0.0, ge=0, description="requests/s (last minute) still counted as idle")
     max_cpu_load: float = Field(85.0, ge=0, le=100, description="percent")
     max_gpu_load: float = Field(50.0, ge=0, le=100, description="percent")
-    thermal_limit_c: float = Field(75.0, description="hottest zone must stay below this")
-    thermal_hysteresis_c: float = Field(5.0, ge=0, description="after a trip, reopen only below limit minus this")
+    thermal_limit_c: float = Field(75.0, description="the hottest thermal zone must stay below this")
+    thermal_hysteresis_c: float = Field(5.0, ge=0, description="after a thermal trip, cycles resume only below thermal_limit_c minus this")
     power_budget_w: float | None = Field(None, gt=0, description="total board power limit; none = unlimited")
-    power_budget_by_mode: dict[str, float] = Field(default_factory=dict, description="per nvpmodel mode name")
-    min_samples: int = Field(200, ge=1)
-    min_per_class: int = Field(0, ge=0)
+    power_budget_by_mode: dict[str, float] = Field(
+        default_factory=dict, description="power budget per nvpmodel mode name (as /status shows it under telemetry.power_mode); beats power_budget_w")
+    min_samples: int = Field(200, ge=1, description="samples buffered before a cycle may start")
+    min_per_class: int = Field(0, ge=0, description="every class seen must have this many samples")
 
     # Periodic cycles
-    auto_cycles: bool = True
+    auto_cycles: bool = Field(True, description="start cycles on its own when the gate opens")
     new_samples_per_cycle: int = Field(500, ge=1, description="new samples since the last cycle before a periodic one")
 
     # Sample buffer
-    buffer_max_rows: int = Field(20_000, ge=10)
-    buffer_max_bytes: int = Field(512 * 2**20, ge=2**16)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    buffer_max_rows: int = Field(20_000, ge=10, description="samples kept; the most represented class is evicted first")
+    buffer_max_bytes: int = Field(512 * 2**20, ge=2**16, description="bytes of image data kept")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of samples held out to validate candidates")
 
     # The cycle
-    cycle_level: Union[Literal["auto"], float] = Field("auto", description="fraction of parameters to remove, or auto")
-    cycle_criterion: str = "activation"
-    cycle_allocation: str = Field("uniform", description="uniform, global, or uniform,global (both tried, the better kept)")
-    cycle_epochs: int = Field(3, ge=0)
-    cycle_finetune_before: int = Field(1, ge=0)
-    cycle_tolerance: float = Field(0.02, ge=0, le=1)
-    cycle_batch_size: int = Field(64, ge=2)
+    cycle_level: Union[Literal["auto"], float] = Field(
+        "auto", description="fraction of parameters to remove, or auto (search for the most pruned model within cycle_tolerance)")
+    cycle_criterion: str = Field(
+        "activation", description="activation, apoz, l1, random or taylor, or several comma-separated (each tried, the best on held-out kept)")
+    cycle_allocation: str = Field(
+        "uniform", description="uniform (same share of channels per layer), global (by score per parameter), or uniform,global"
+        " (both tried, the better on held-out kept; twice the retraining)")
+    cycle_epochs: int = Field(3, ge=0, description="retraining epochs after pruning")
+    cycle_finetune_before: int = Field(1, ge=0, description="epochs of fine-tuning on the device's data before ranking (ADaPT)")
+    cycle_tolerance: float = Field(0.02, ge=0, le=1, description="accuracy the automatic level search may give up")
+    cycle_batch_size: int = Field(64, ge=2, description="training batch size")
     cycle_hflip: bool = Field(True, description="horizontal-flip augmentation while retraining; off for digits, text, anything a mirror changes")
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")
     cycle_memory_limit_mb: int | None = Field(
-        None, ge=64, description="address-space limit of the cycle worker (RLIMIT_AS); over it the cycle fails as out of memory."
-        " None = unlimited. CPU only: CUDA reserves far more address space than it uses, so on a GPU use the unit's MemoryMax")
+        None, ge=64, description="address-space limit of the cycle worker in MiB (RLIMIT_AS); over it the cycle fails as out of memory."
+        " Unset = unlimited. CPU only: CUDA reserves far more address space than it uses, so on a GPU use the unit's MemoryMax")
     cycle_backoff_base_s: float = Field(60.0, ge=0, description="after a failed cycle, wait this long before an automatic one; doubles per failure in a row")
     cycle_backoff_max_s: float = Field(3600.0, ge=0, description="the longest wait between automatic cycles after repeated failures")
     pause_timeout_s: float = Field(900.0, gt=0, description="a cycle paused longer than this is aborted")
-    worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker")
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
-    min_size_gain: float = Field(0.05, ge=0, lt=1)
-    keep_versions: int = Field(5, ge=1)
+    worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker, on top of the service's Nice=")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="a candidate may lose at most this much held-out top-1")
+    min_size_gain: float = Field(0.05, ge=0, lt=1, description="a candidate must also have at least this fraction fewer parameters")
+    keep_versions: int = Field(5, ge=1, description="model versions kept on disk")
 
+    # The cycle options are checked by prune_core.options, the one validator of cycle options everywhere;
+    # its ValueError names the problem.
     @field_validator("cycle_level")
     @classmethod
     def _level(cls, v: Any) -> Any:
-        if v != "auto" and not 0 < float(v) < 1:
-            raise ValueError("must be 'auto' or a number between 0 and 1")
-        return v
+        return options.parse_level(v)
 
     @field_validator("cycle_criterion", "cycle_allocation")
     @classmethod
     def _option_list(cls, v: str, info: ValidationInfo) -> str:
-        from prune_core import parse_allocations, parse_criteria
-
-        parse = parse_criteria if info.field_name == "cycle_criterion" else parse_allocations
-        parse(v)  # its ValueError names the problem
+        parse = options.parse_criteria if info.field_name == "cycle_criterion" else options.parse_allocations
+        parse(v)
         return v
 
     @property

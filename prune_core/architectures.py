@@ -11,8 +11,8 @@ so that training and pruning stay fast on a CPU; the ``cifar_*`` variants are
 adapted to 32x32 inputs.
 
 torchvision is imported when one of its networks is first built, not with this module: its import
-pulls in torch's compiler stack (about 2 s of a daemon's 6 s start on a 2-core CPU), which a daemon
-serving ``cifar_small`` never needs, and a restart after a crash or power loss waits for it.
+pulls in torch's compiler stack, a large share of a daemon's start-up time that a daemon serving
+``cifar_small`` never needs, and a restart after a crash or power loss waits for it.
 """
 
 from __future__ import annotations
@@ -112,9 +112,8 @@ class CifarSmall(nn.Module):
     stem 3->32 @32x32, layer1 32->64 (stride 2) @16x16, layer2 64->128 (stride 2)
     @8x8 followed by a residual block (two 3x3 convs + identity), layer3
     128->256 (stride 2) @4x4, global average pool, linear.  0.69M parameters,
-    34M MACs at 32x32.  Measured on a 2-core CPU (torch 2.14, 2 threads,
-    SGD, batch 128): 620-750 img/s training, 2000-2700 img/s inference.  (A second
-    residual block at 64ch@16x16 cost ~35% throughput, so it was left out.)
+    34M MACs at 32x32.  A second residual block at 64ch@16x16 was left out: it
+    cost more throughput than a demo network is worth (bench/RESULTS.md).
     """
 
     def __init__(self, num_classes: int = 10) -> None:

@@ -1,92 +1,75 @@
 """`edgetune` command line: init, train, prune, eval, info, export.
 
 Every command prints JSON on stdout; errors are one line on stderr with exit status 2.
+Importing this module (and building its parser) imports no torch: each command's arguments are
+added when that command is parsed (`OneLineParser(configure=...)`) and each command imports what
+it needs when it runs, so `edgetune --help` and the daemon's light commands start fast.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+from . import argtypes
+from .errors import UsageError
+from .jsonsafe import finite
 
-from .architectures import ARCHS, build_model
-from .criteria import CRITERIA, parse_criteria
-from .data import DataError, ImageSet, load_image_folder, split_holdout
-from .device import pick_device
-from .measure import count_macs, count_params, evaluate
-from .model_format import ModelCard, ModelFormatError, load_model, save_model
-from .retrain import TrainConfig, train
-from .surgery import parse_allocations
+if TYPE_CHECKING:
+    import torch
+
+    from .data import ImageSet
+    from .model_format import ModelCard
+    from .retrain import TrainConfig
 
 HOLDOUT = 0.2
-
-
-class UsageError(ValueError):
-    """A bad argument, reported as one line."""
+Configure = Callable[[argparse.ArgumentParser], None]
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (plus where to get help), not the whole usage block."""
+    """argparse, but a usage error is one line (plus where to get help), not the whole usage block.
+
+    `configure(parser)`, when given, adds the parser's arguments the first time it parses or shows
+    its help: a subcommand whose help text names torch-backed choices (architectures, criteria)
+    costs nothing until it is the one being run."""
+
+    def __init__(self, *args, configure: Configure | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending = configure
+
+    def ensure_configured(self) -> None:
+        """Add the pending arguments now (once)."""
+        if self._pending is not None:
+            configure, self._pending = self._pending, None
+            configure(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.ensure_configured()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.ensure_configured()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.ensure_configured()
+        return super().format_help()
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _finite(value):
-    """`value` with NaN and infinities as None: strict JSON has no spelling for them (an empty
-    held-out split scores NaN), and parsers other than Python's reject Python's."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _emit(data: dict) -> None:
-    print(json.dumps(_finite(data), indent=2, default=float, allow_nan=False))
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
-def checked_by(parse: Callable[[str], tuple[str, ...]]) -> Callable[[str], str]:
-    """An argparse type that keeps the text and turns the parser's ValueError into a one-line usage error."""
-
-    def check(text: str) -> str:
-        try:
-            parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-
-    return check
-
-
-def _level(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"level must be a number in [0, 1) or 'auto', got '{text}'") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"level must be in [0, 1), got {value}")
-    return value
+    print(json.dumps(finite(data), indent=2, default=float, allow_nan=False))
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a torch file with `weights_only` (no code executed)."""
+    import torch
+
     if not path.is_file():
         raise UsageError(f"weights file '{path}' not found")
     try:
@@ -125,6 +108,11 @@ def _class_names(args) -> list[str]:
 
 
 def cmd_init(args) -> dict:
+    import torch
+
+    from .architectures import ARCHS, build_model
+    from .model_format import ModelCard, save_model
+
     names = _class_names(args)
     spec = ARCHS.get(args.arch)
     if spec is None:
@@ -148,16 +136,25 @@ def cmd_init(args) -> dict:
 
 
 def _train_config(args) -> TrainConfig:
+    from .retrain import TrainConfig
+
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, flip=not args.no_flip,
     )
 
 
 def _load_data(args, card: ModelCard) -> ImageSet:
+    from .data import load_image_folder
+
     return load_image_folder(args.data, card.class_names, card.input_size, skip_unknown=args.skip_unknown)
 
 
 def cmd_train(args) -> dict:
+    from .data import split_holdout
+    from .device import pick_device
+    from .model_format import load_model, save_model
+    from .retrain import train
+
     device = pick_device(args.device)
     model, card = load_model(args.dir, device)
     data = _load_data(args, card)
@@ -180,6 +177,9 @@ def cmd_train(args) -> dict:
 
 def cmd_prune(args) -> dict:
     from .cycle import CycleConfig, run_cycle
+    from .data import split_holdout
+    from .device import pick_device
+    from .model_format import load_model, save_model
 
     device = pick_device(args.device)
     model, card = load_model(args.dir, device)
@@ -201,16 +201,22 @@ def cmd_prune(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    from .data import batches
+    from .device import pick_device
+    from .measure import evaluate
+    from .model_format import load_model
+
     device = pick_device(args.device)
     model, card = load_model(args.dir, device)
     data = _load_data(args, card)
-    from .data import batches
-
     acc = evaluate(model, batches(data, 256, card.mean, card.std, device=device))
     return {"dir": args.dir, "samples": len(data), **acc.to_dict(card.class_names)}
 
 
 def cmd_info(args) -> dict:
+    from .measure import count_macs, count_params
+    from .model_format import load_model
+
     model, card = load_model(args.dir)
     layers = {name: plan.get("out_channels", plan.get("out_features", plan.get("num_features"))) for name, plan in card.channel_plan.items()}
     return {
@@ -230,6 +236,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
+    from .model_format import load_model
     from .onnx_export import export_onnx
 
     model, card = load_model(args.dir)
@@ -237,13 +244,14 @@ def cmd_export(args) -> dict:
     return {"dir": args.dir, "onnx": args.onnx, "opset": args.opset, "max_abs_diff_vs_torch": diff}
 
 
+# ---- arguments: each command's are added when that command is parsed ----------------------
 def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = False) -> None:
     p.add_argument("dir", help="model directory")
     if data:
         p.add_argument("--data", required=True, help="ImageFolder: one sub-folder of images per class name")
         p.add_argument("--skip-unknown", action="store_true", help="ignore class folders the model does not have")
     if training:
-        p.add_argument("--epochs", type=_positive_int, default=5)
+        p.add_argument("--epochs", type=argtypes.non_negative_int, default=5)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--lr", type=float, default=0.01)
         p.add_argument("--seed", type=int, default=0)
@@ -253,11 +261,9 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = 
         p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="edgetune", description="On-device data-aware pruning and retraining of CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+def _init_arguments(p: argparse.ArgumentParser) -> None:
+    from .architectures import ARCHS
 
-    p = sub.add_parser("init", help="make a model directory")
     p.add_argument("dir")
     p.add_argument("--arch", required=True, help=f"one of: {', '.join(sorted(ARCHS))}")
     p.add_argument("--num-classes", type=int)
@@ -267,54 +273,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("train", help="train or fine-tune on an ImageFolder")
-    _add_common(p, training=True)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prune", help="one offline rank → prune → retrain → evaluate cycle")
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p, training=True)
-    p.add_argument("--level", type=_level, required=True, help="fraction of parameters to remove, or 'auto'")
-    p.add_argument("--criterion", default="l1", type=checked_by(parse_criteria),
+
+
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    from .criteria import CRITERIA
+
+    _add_common(p, training=True)
+    p.add_argument("--level", type=argtypes.level, required=True, help="fraction of parameters to remove (between 0 and 1), or 'auto'")
+    p.add_argument("--criterion", default="l1", type=argtypes.criteria,
                    help=f"how channels are ranked: one of {', '.join(sorted(CRITERIA))}, or several comma-separated "
                         "(each is tried, the model best on the held-out split is kept; costs one retraining each)")
-    p.add_argument("--allocation", default="uniform", type=checked_by(parse_allocations),
+    p.add_argument("--allocation", default="uniform", type=argtypes.allocations,
                    help="how the level is spread over the layers: uniform (the same share of channels each), global (by "
                         "score per parameter), or uniform,global (both tried, the better on the held-out split kept)")
-    p.add_argument("--finetune-before", type=_positive_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
-    p.add_argument("--fade", type=_positive_int, default=0, metavar="N",
+    p.add_argument("--finetune-before", type=argtypes.non_negative_int, default=0, metavar="N", help="fine-tune the unpruned model N epochs first (ADaPT)")
+    p.add_argument("--fade", type=argtypes.non_negative_int, default=0, metavar="N",
                    help="fade the channels to remove out over N epochs of training before removing them (then --epochs of retraining)")
     p.add_argument("--tolerance", type=float, default=0.02, help="accuracy drop allowed by --level auto")
     p.add_argument("--round-to", type=int, default=8, help="keep channel counts a multiple of this")
     p.add_argument("--out", required=True, help="directory for the pruned model")
-    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="top-1 accuracy on an ImageFolder")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("info", help="describe a model directory")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("export", help="export a model directory")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17)
-    p.set_defaults(func=cmd_export)
 
+
+COMMANDS: tuple[tuple[str, str, Configure, Callable], ...] = (
+    ("init", "make a model directory", _init_arguments, cmd_init),
+    ("train", "train or fine-tune on an ImageFolder", _train_arguments, cmd_train),
+    ("prune", "one offline rank → prune → retrain → evaluate cycle", _prune_arguments, cmd_prune),
+    ("eval", "top-1 accuracy on an ImageFolder", _eval_arguments, cmd_eval),
+    ("info", "describe a model directory", _info_arguments, cmd_info),
+    ("export", "export a model directory", _export_arguments, cmd_export),
+)
+
+
+def add_command(sub, name: str, help_text: str, configure: Configure, func: Callable | None = None) -> OneLineParser:
+    """Register a subcommand on `build_parser`'s subparsers; `configure(parser)` adds its arguments
+    (and may set `func` itself) only when it is parsed, so it may import heavy modules freely."""
+    parser: OneLineParser = sub.add_parser(name, help=help_text, configure=configure)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser(add_commands: Callable[[Any], None] | None = None) -> OneLineParser:
+    """The `edgetune` parser with prune_core's commands; `add_commands(subparsers)` registers more
+    (the daemon's `serve`, `status`, `watch`, `demo`) with `add_command`."""
+    parser = OneLineParser(prog="edgetune", description="On-device data-aware pruning and retraining of CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    for name, help_text, configure, func in COMMANDS:
+        add_command(sub, name, help_text, configure, func)
+    if add_commands is not None:
+        add_commands(sub)
     return parser
 
 
 def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> int:
-    """Parse, dispatch, print; one-line errors instead of tracebacks for anything the user can fix."""
+    """Parse, dispatch, print; one-line errors instead of tracebacks for anything the user can fix
+    (UsageError, and prune_core's DataError and ModelFormatError, are ValueErrors)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     func: Callable = args.func
     try:
         result = func(args)
-    except (UsageError, DataError, ModelFormatError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"edgetune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,8 +59,7 @@ class CycleResult:
 def adaptation(config: TrainConfig, epochs: int) -> TrainConfig:
     """Settings for fine-tuning the unpruned model to the local data: cross-entropy on labelled
     samples, distillation from the deployed model on unlabelled ones only. Distilling labelled
-    samples from it too would anchor the model to the very mistakes adapting is meant to fix
-    (on two CIFAR-10 class pairs that cost the fine-tuned model 3 and 5 points)."""
+    samples from it too would anchor the model to the very mistakes adapting is meant to fix."""
     return replace(config, epochs=epochs, distill_weight=0.0)
 
 

@@ -5,9 +5,8 @@ Held-out early stopping keeps the best epoch (top-1, ties to the later epoch); p
 when neither top-1 nor the held-out loss improves. When it fires, the run does not end at once: it cools
 down, the lr decaying from where it is to zero over a tenth of the schedule (at least one epoch; the
 schedule's own end if that comes first). Cut at once, a run keeps the weights of a noisy epoch at a
-high lr (on 12-epoch CIFAR retrainings about 4 points worse on average than running the whole
-schedule; cooled down, about 2); finishing the schedule instead would cost small device buffers,
-stretched to many epochs by `min_steps`, most of their time.
+high lr; finishing the schedule instead would cost small device buffers, stretched to many epochs
+by `min_steps`, most of their time. The measurements behind this rule are in bench/RESULTS.md.
 
 A `should_continue` callback is called after every batch: returning False stops cleanly (best
 weights so far restored); blocking in it pauses.

@@ -103,8 +103,7 @@ ALLOCATIONS = ("uniform", "global")
 
 def parse_allocations(text: str) -> tuple[str, ...]:
     """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
-    held-out split: which one wins is a property of the network at its input size (on CIFAR-10 subsets at 0.8,
-    global by 3 points on resnet18 at 32x32, uniform by half a point on cifar_small)."""
+    held-out split: which one wins is a property of the network at its input size (bench/RESULTS.md)."""
     return parse_choices(text, ALLOCATIONS, "allocation", plural="both")
 
 

@@ -100,6 +100,9 @@ ERROR_CASES = {
     "unknown_arch": (lambda w: ["init", w["root"] / "new", "--arch", "resnet9000", "--num-classes", "3"], "init", ["unknown architecture 'resnet9000'"]),
     "level_too_big": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "1.5", "--out", w["root"] / "o1"], "prune", ["--level", "1.5"]),
     "level_not_a_number": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "abc", "--out", w["root"] / "o2"], "prune", ["--level", "abc"]),
+    # the same rule as the daemon's config, API and demo (prune_core.options.parse_level): 0 prunes nothing
+    "level_zero": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0", "--out", w["root"] / "o0"], "prune",
+                   ["--level", "between 0 and 1", "'0'"]),
     "unknown_criterion_in_a_list": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--criterion", "taylor,magic",
                                                "--out", w["root"] / "o3"], "prune", ["--criterion", "unknown criterion 'magic'"]),
     "unknown_allocation": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--allocation", "uniform,even",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 EDGETUNE = shutil.which("edgetune", path=os.path.dirname(sys.executable))
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 
@@ -54,3 +56,31 @@ def test_watch_follows_a_cycle_to_its_end(make_daemon, device_images):
     assert "now serving v0002 (was v0001)" in out
     assert f"/cycles/{cycle_id}/report.png" in out
     assert d.client.get(f"/cycles/{cycle_id}").json()["state"] == "accepted"
+
+
+# `edgetune ARGS`, then which heavy packages the process imported (a status check over SSH should not load torch)
+IMPORTS_AFTER = """
+import sys
+sys.argv = ["edgetune", *sys.argv[1:]]
+from daemon.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print("exit", code, "imported", *[m for m in ("torch", "torchvision", "prune_core.cli") if m in sys.modules], file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--help"], ["watch", "--help"], ["status", "--url", "http://127.0.0.1:1"]])
+def test_light_commands_do_not_import_torch(args):
+    out = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, *args], capture_output=True, text=True, timeout=120, env=ENV)
+    last = out.stderr.splitlines()[-1].split()
+    assert last[:2] == ["exit", "2" if args[0] == "status" and "--url" in args else "0"], out.stderr
+    assert last[3:] == ["prune_core.cli"], out.stderr  # the parser was built, and neither torch nor torchvision came with it
+
+
+def test_a_heavy_command_does_import_torch():
+    """The check above can fail: `prune --help` lists the registered criteria, which needs torch."""
+    out = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, "prune", "--help"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert "--criterion" in out.stdout
+    assert "torch" in out.stderr.splitlines()[-1].split()[3:], out.stderr

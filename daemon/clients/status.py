@@ -1,6 +1,6 @@
 """`edgetune status` and `edgetune watch`: the daemon seen from an SSH session on the device.
 
-Both only read the HTTP API (daemon.client): `status` prints /status as
+Both only read the HTTP API (daemon.clients.http): `status` prints /status as
 tables, `watch` follows the current or next cycle with progress bars until it ends.
 """
 from __future__ import annotations
@@ -13,12 +13,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prune_core.cli import UsageError
+from prune_core.errors import UsageError
 
-from .client import DEFAULT_URL, ApiClient, ApiError, Unreachable
-from .scheduler import FINAL_STATES as FINAL
+from ..cycle_state import CycleState
+from .http import DEFAULT_URL, ApiClient, ApiError, Unreachable
 
-STYLE = {"accepted": "green", "rejected": "yellow", "failed": "red", "aborted": "yellow", "running": "cyan", "paused": "yellow"}
+STYLE = {
+    CycleState.ACCEPTED: "green", CycleState.REJECTED: "yellow", CycleState.FAILED: "red", CycleState.ABORTED: "yellow",
+    CycleState.RUNNING: "cyan", CycleState.PAUSED: "yellow",
+}
+
+
+def _state(cycle: dict) -> CycleState:
+    return CycleState(cycle["state"])
+
+
+def _styled(state: CycleState) -> str:
+    return f"[{STYLE.get(state, 'white')}]{state}[/]"
 
 
 class Daemon:
@@ -72,11 +83,12 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> Table:
 
 
 def _cycle_rows(c: dict) -> list[tuple[str, Any]]:
-    rows = [("cycle", c["id"]), ("state", f"[{STYLE.get(c['state'], 'white')}]{c['state']}[/]"), ("trigger", c["trigger"] + (" (forced)" if c.get("forced") else ""))]
-    if c.get("step") and c["state"] not in FINAL:
+    state = _state(c)
+    rows = [("cycle", c["id"]), ("state", _styled(state)), ("trigger", c["trigger"] + (" (forced)" if c.get("forced") else ""))]
+    if c.get("step") and not state.final:
         rows.append(("step", c["step"]))
     p = c.get("progress") or {}
-    if c["state"] not in FINAL and isinstance(p.get("loss"), (int, float)):
+    if not state.final and isinstance(p.get("loss"), (int, float)):
         rows.append(("training", f"epoch {p['epoch']}, batch {p['batch']}/{p['batches_per_epoch']}, loss {p['loss']:.3f}"))
     m = c.get("metrics") or {}
     if "params_before" in m:
@@ -132,7 +144,7 @@ def cmd_watch(args) -> None:
     """Follow the current cycle, or wait for the next one, until it ends; then print its outcome."""
     daemon, console = _daemon(args), Console()
     first = daemon.get("/status").get("cycle")
-    already_over = first["id"] if first and first["state"] in FINAL else None  # not the one to follow
+    already_over = first["id"] if first and _state(first).final else None  # not the one to follow
     deadline = time.monotonic() + args.timeout if args.timeout else None
     following: str | None = None
     seen: tuple = ()
@@ -156,40 +168,45 @@ def cmd_watch(args) -> None:
                 bars.console.print(f"following cycle [bold]{following}[/] ({cycle['trigger']})")
             else:
                 cycle = daemon.get(f"/cycles/{following}")
-            state, step = cycle["state"], cycle.get("step")
+            state, step = _state(cycle), cycle.get("step")
             if (state, step) != seen:
                 seen = (state, step)
-                bars.console.print(f"{time.strftime('%H:%M:%S')} {state}" + (f" · {step}" if step and state not in FINAL else "") + (f" · {cycle['reason']}" if cycle.get("reason") and state in ("waiting", "paused") else ""))
+                waiting = state in (CycleState.WAITING, CycleState.PAUSED)
+                bars.console.print(f"{time.strftime('%H:%M:%S')} {state}" + (f" · {step}" if step and not state.final else "")
+                                   + (f" · {cycle['reason']}" if cycle.get("reason") and waiting else ""))
             for probe in cycle.get("probes", [])[probes_seen:]:
                 bars.console.print(f"  probe level {probe['level']}: top-1 {_pct(probe.get('accuracy'))}, {_si(probe.get('params'))} params{' (feasible)' if probe.get('feasible') else ''}")
             probes_seen = len(cycle.get("probes", []))
             bars.update(overall, description=f"cycle {following}", info=f"{state}" + (f" · {step}" if step else ""))
             p = cycle.get("progress") or {}
-            if isinstance(p.get("batches_per_epoch"), int) and state not in FINAL:
+            if isinstance(p.get("batches_per_epoch"), int) and not state.final:
                 bars.update(training, visible=True, description=f"epoch {p['epoch']}", total=p["batches_per_epoch"], completed=p["batch"], info=f"loss {p['loss']:.3f}")
-            if state in FINAL:
+            if state.final:
                 bars.update(overall, total=1, completed=1)
                 bars.update(training, visible=False)
                 break
             time.sleep(args.interval)
-    style = STYLE.get(state, "white")
-    console.print(f"cycle {following} [{style}]{state}[/]: {cycle.get('reason') or ''}")
+    console.print(f"cycle {following} {_styled(state)}: {cycle.get('reason') or ''}")
     if cycle.get("version_after"):
         console.print(f"now serving {cycle['version_after']} (was {cycle.get('version_before')})")
     console.print(_table("Result", _cycle_rows(cycle)[3:]))
     console.print(f"report: {daemon.url}/cycles/{following}/report.png")
 
 
-def add_parsers(sub) -> None:
-    """Register `status` and `watch` on the edgetune command's subparsers."""
-    for name, func, help_text in (
-        ("status", cmd_status, "show the running daemon's model, buffer, gate, telemetry and cycle"),
-        ("watch", cmd_watch, "follow the current (or next) cycle with progress bars until it ends"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--url", default=os.environ.get("EDGETUNE_URL", DEFAULT_URL), help=f"the daemon (default $EDGETUNE_URL or {DEFAULT_URL})")
-        p.add_argument("--token", default=os.environ.get("EDGETUNE_API_TOKEN"), help="API token (default $EDGETUNE_API_TOKEN)")
-        if name == "watch":
-            p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
-            p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: never)")
-        p.set_defaults(func=func)
+def _daemon_arguments(p) -> None:
+    p.add_argument("--url", default=os.environ.get("EDGETUNE_URL", DEFAULT_URL), help=f"the daemon (default $EDGETUNE_URL or {DEFAULT_URL})")
+    p.add_argument("--token", default=os.environ.get("EDGETUNE_API_TOKEN"), help="API token (default $EDGETUNE_API_TOKEN)")
+
+
+def add_status_arguments(p) -> None:
+    """`edgetune status`'s arguments and command."""
+    _daemon_arguments(p)
+    p.set_defaults(func=cmd_status)
+
+
+def add_watch_arguments(p) -> None:
+    """`edgetune watch`'s arguments and command."""
+    _daemon_arguments(p)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: never)")
+    p.set_defaults(func=cmd_watch)

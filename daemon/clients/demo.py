@@ -1,4 +1,5 @@
-"""`edgetune demo`: the whole loop, live, on a fresh machine, offline, in a few minutes on a CPU.
+"""`edgetune demo`: the whole loop, live, on a fresh machine, offline, on a CPU. A client of the daemon:
+it starts `edgetune serve` and drives it through its HTTP API.
 
 1. A state dir (default ./demo-state) with a base model trained once on MNIST-5k, reused after.
 2. A real `edgetune serve` child process on 127.0.0.1, on a fresh daemon state, configured so that
@@ -31,6 +32,8 @@ from typing import Any, Iterator
 
 import torch
 from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from prune_core.data import ImageSet, batches
 from prune_core.device import pick_device
@@ -38,10 +41,12 @@ from prune_core.digits import Digits, base_model, digits, only, parse_classes
 from prune_core.measure import count_macs, count_params, evaluate, latency_ms
 from prune_core.model_format import load_model
 
-from .client import ApiClient, ApiError, Unreachable
-from .model_store import ModelStore
-from .scheduler import FINAL_STATES
-from .telemetry import JTOP_SOCKET
+from prune_core import argtypes
+
+from ..cycle_state import CycleState
+from ..model_store import ModelStore
+from ..telemetry import JTOP_SOCKET
+from .http import ApiClient, ApiError, Unreachable
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -219,47 +224,62 @@ class StreamStats:
         return statistics.median(self.latency_ms) if self.latency_ms else float("nan")
 
 
-class Progress:
-    """One updating line on a terminal; a line every ~10 % otherwise (logs, pipes, CI)."""
+class Bars:
+    """rich progress bars on a terminal. Elsewhere (logs, pipes, CI), where rich would draw only the
+    last frame, no bars but a plain line at each milestone, so a log shows how far the demo got."""
 
     def __init__(self) -> None:
-        self.tty = sys.stdout.isatty()
-        self.last = ""
+        self.console = Console(highlight=False)
+        self.live = self.console.is_terminal
+        self.bars = Progress(
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(),
+            console=self.console,
+        )
 
-    def update(self, text: str, milestone: bool) -> None:
-        if self.tty:
-            print("\r" + text.ljust(len(self.last)), end="", flush=True)
-            self.last = text
-        elif milestone and text != self.last:
-            print(text, flush=True)
-            self.last = text
+    def __enter__(self) -> Bars:
+        if self.live:
+            self.bars.start()
+        return self
 
-    def done(self) -> None:
-        if self.tty and self.last:
-            print(flush=True)
-        self.last = ""
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.bars.stop()
+
+    def add(self, description: str, total: int | None = None, visible: bool = True) -> TaskID:
+        return self.bars.add_task(description, total=total, info="", visible=visible)
+
+    def update(self, task: TaskID, milestone: str | None = None, **fields: Any) -> None:
+        """Move `task`; `milestone` is the line printed instead where no bar is drawn."""
+        self.bars.update(task, **fields)
+        if milestone is not None and not self.live:
+            self.say(milestone)
+
+    def say(self, text: str) -> None:
+        """A line above the bars."""
+        self.bars.console.print(text, markup=False, soft_wrap=True)
 
 
 def replay(api: ApiClient, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str) -> StreamStats:
-    stats, progress = StreamStats(), Progress()
+    stats = StreamStats()
     step = max(1, len(stream) // 10)
-    for n, (png, name) in enumerate(stream, 1):
-        label = name if label_every and n % label_every == 0 else None
-        try:
-            reply = api.infer(png, label)
-        except Unreachable:
-            serve.check()
-            raise
-        stats.sent += 1
-        stats.labelled += label is not None
-        stats.correct += reply["top"][0]["class"] == name
-        stats.latency_ms.append(reply["latency_ms"])
-        stats.versions.add(reply["model_version"])
-        progress.update(
-            f"{prefix} {n}/{len(stream)} images, {stats.labelled} labelled, served by {reply['model_version']}: "
-            f"top-1 {stats.top1:.3f}, /infer {stats.p50_ms:.1f} ms p50", milestone=n % step == 0 or n == len(stream),
-        )
-    progress.done()
+    with Bars() as bars:
+        task = bars.add(prefix, total=len(stream))
+        for n, (png, name) in enumerate(stream, 1):
+            label = name if label_every and n % label_every == 0 else None
+            try:
+                reply = api.infer(png, label)
+            except Unreachable:
+                serve.check()
+                raise
+            stats.sent += 1
+            stats.labelled += label is not None
+            stats.correct += reply["top"][0]["class"] == name
+            stats.latency_ms.append(reply["latency_ms"])
+            stats.versions.add(reply["model_version"])
+            info = f"{stats.labelled} labelled, served by {reply['model_version']}: top-1 {stats.top1:.3f}, /infer {stats.p50_ms:.1f} ms p50"
+            milestone = n % step == 0 or n == len(stream)
+            bars.update(task, completed=n, info=info, milestone=f"{prefix} {n}/{len(stream)} images, {info}" if milestone else None)
     return stats
 
 
@@ -273,9 +293,6 @@ def describe_cycle(c: dict) -> str:
         text += f", {STEPS.get(c['step'], c['step'])}"
     if c["request"]["level"] == "auto" and c.get("step") == "rank":
         text += f" (level search, probe {len(c.get('probes') or []) + 1})"
-    p = c.get("progress") or {}
-    if "epoch" in p and "batches_per_epoch" in p:
-        text += f", training epoch {p['epoch']} batch {p['batch']}/{p['batches_per_epoch']} loss {p['loss']:.3f}"
     return text
 
 
@@ -286,39 +303,47 @@ def retraining(probe: dict) -> str:
 
 
 def wait_for_cycle(api: ApiClient, serve: ServeProcess, timeout_s: float) -> dict:
-    """Poll /status until the daemon's own cycle ends; print the gate's reasons, steps and probes."""
+    """Poll /status until the daemon's own cycle ends; print the gate's reasons, steps and probes,
+    with a bar for the cycle's step and one for the epoch being trained."""
     deadline = time.monotonic() + timeout_s
-    progress, reasons, announced, probes_shown, step = Progress(), None, False, 0, None
-    while time.monotonic() < deadline:
-        serve.check()
-        status = api.get("/status")
-        cycle = status["cycle"]
-        if cycle is None:
-            why = status["scheduler"]["why_not_running"]
-            kinds = [r.split(":")[0] for r in why]  # "busy: last inference 0.4s ago" → "busy"
-            if why and kinds != reasons:
-                progress.done()
-                print(f"[gate] closed: {'; '.join(why)}", flush=True)
-                reasons = kinds
-        else:
+    reasons, announced, probes_shown, step = None, False, 0, None
+    with Bars() as bars:
+        overall = bars.add("[gate]")
+        training = bars.add("[train]", visible=False)
+        while time.monotonic() < deadline:
+            serve.check()
+            status = api.get("/status")
+            cycle = status["cycle"]
+            if cycle is None:
+                why = status["scheduler"]["why_not_running"]
+                kinds = [r.split(":")[0] for r in why]  # "busy: last inference 0.4s ago" → "busy"
+                if why and kinds != reasons:
+                    bars.say(f"[gate] closed: {'; '.join(why)}")
+                    reasons = kinds
+                bars.update(overall, info="closed" if why else "open")
+                time.sleep(0.5)
+                continue
             if not announced:
                 announced = True
-                progress.done()
-                print(f"[gate] open: the daemon started cycle {cycle['id']} by itself ({cycle['trigger']})", flush=True)
-            new_step = cycle.get("step") != step
-            if new_step or len(cycle["probes"]) > probes_shown:
-                progress.done()
+                bars.say(f"[gate] open: the daemon started cycle {cycle['id']} by itself ({cycle['trigger']})")
+                bars.update(overall, description="[cycle]")
             for probe in cycle["probes"][probes_shown:]:
                 verdict = (" (within the search's tolerance)" if probe["feasible"] else " (too lossy)") if cycle["request"]["level"] == "auto" else ""
-                print(f"[cycle] level {probe['level']:.2f}: held-out top-1 {probe['accuracy']:.3f} with {probe['params']:,} params{verdict}"
-                      f" ({retraining(probe)})", flush=True)
-            probes_shown, step = len(cycle["probes"]), cycle.get("step")
-            if cycle["state"] in FINAL_STATES:
-                progress.done()
+                bars.say(f"[cycle] level {probe['level']:.2f}: held-out top-1 {probe['accuracy']:.3f} with {probe['params']:,} params{verdict}"
+                         f" ({retraining(probe)})")
+            probes_shown = len(cycle["probes"])
+            if CycleState(cycle["state"]).final:
                 return cycle
-            progress.update(f"[cycle] {describe_cycle(cycle)}", milestone=new_step)
-        time.sleep(0.5)
-    progress.done()
+            new_step = cycle.get("step") != step
+            step = cycle.get("step")
+            described = describe_cycle(cycle)
+            bars.update(overall, info=described, milestone=f"[cycle] {described}" if new_step else None)
+            p = cycle.get("progress") or {}
+            if isinstance(p.get("batches_per_epoch"), int):
+                loss = f"loss {p['loss']:.3f}" if isinstance(p.get("loss"), (int, float)) else ""
+                bars.update(training, visible=True, description=f"[train] epoch {p.get('epoch')}", total=p["batches_per_epoch"],
+                            completed=p.get("batch", 0), info=loss)
+            time.sleep(0.5)
     raise DemoError(f"no cycle finished within {timeout_s:g}s; last /status: {json.dumps(status)[:1500]}")
 
 
@@ -342,8 +367,8 @@ def measure(name: str, version: str, model_dir: Path, held: ImageSet, infer_ms: 
 
 
 def forward_ms(model: torch.nn.Module, input_size: int) -> float:
-    """Batch-1 forward latency on one CPU thread (or the GPU): with two threads on a CPU that other
-    processes keep busy, a thread descheduled at every synchronisation point inflates it 100-fold."""
+    """Batch-1 forward latency on one CPU thread (or the GPU): with several threads on a CPU that other
+    processes keep busy, a thread descheduled at every synchronisation point inflates it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -453,19 +478,20 @@ def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, s
 
     t0 = time.monotonic()
     cycle = wait_for_cycle(api, serve, opts.timeout_s)
+    outcome = CycleState(cycle["state"])
     m = cycle.get("metrics") or {}
-    log(f"cycle {cycle['state']} after {time.monotonic() - t0:.0f}s: {cycle['reason']}")
-    if cycle["state"] not in ("accepted", "rejected"):
-        raise DemoError(f"the cycle {cycle['state']}: {cycle['reason']}{serve.log_tail()}")
+    log(f"cycle {outcome} after {time.monotonic() - t0:.0f}s: {cycle['reason']}")
+    if outcome not in (CycleState.ACCEPTED, CycleState.REJECTED):
+        raise DemoError(f"the cycle {outcome}: {cycle['reason']}{serve.log_tail()}")
 
     models = state / "daemon" / "models"
     rows = [measure("before", cycle["version_before"], models / cycle["version_before"], held, seen.p50_ms, device)]
-    if cycle["state"] == "accepted":
+    if outcome is CycleState.ACCEPTED:
         after = replay(api, stream[:100], 0, serve, "[replay]")
         rows.append(measure("after", cycle["version_after"], models / cycle["version_after"], held, after.p50_ms, device))
     print()
     print_table(rows, opts.classes, len(held))
-    if cycle["state"] == "rejected":
+    if outcome is CycleState.REJECTED:
         print(
             f"\nThe cycle was REJECTED by the acceptance rule ({cycle['reason']}); the candidate had "
             f"{m.get('params_after', 0):,} params and is not kept. Still serving {cycle['version_before']}.",
@@ -503,25 +529,16 @@ def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, s
 
 
 # ---- command line -----------------------------------------------------------------------
-def _level(text: str) -> str | float:
-    if text == "auto":
-        return text
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError("--level is 'auto' or a fraction between 0 and 1")
-    return value
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the live demo: train, serve, stream a 3-class camera, watch the daemon specialise and swap")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`edgetune demo`'s arguments and command."""
     p.add_argument("--state-dir", default="demo-state", help="base model, daemon state and log (reused: the base model is trained once)")
     p.add_argument("--classes", default="1,4,7", help="the digits the camera sees")
-    p.add_argument("--images-per-class", type=int, default=200, help="camera images per class (at most ~200 exist)")
-    p.add_argument("--label-every", type=int, default=3, help="the user labels every Nth image (0: none)")
-    p.add_argument("--base-epochs", type=int, default=4, help="base model training (first run only)")
-    p.add_argument("--cycle-epochs", type=int, default=3, help="retraining epochs in the cycle")
-    p.add_argument("--cycle-min-steps", type=int, default=40, help="at least this many SGD steps per retraining")
-    p.add_argument("--level", type=_level, default=0.8, help="fraction of parameters to remove, or 'auto' (the level search: slower)")
+    p.add_argument("--images-per-class", type=argtypes.positive_int, default=200, help="camera images per class (at most ~200 exist)")
+    p.add_argument("--label-every", type=argtypes.non_negative_int, default=3, help="the user labels every Nth image (0: none)")
+    p.add_argument("--base-epochs", type=argtypes.positive_int, default=4, help="base model training (first run only)")
+    p.add_argument("--cycle-epochs", type=argtypes.non_negative_int, default=3, help="retraining epochs in the cycle")
+    p.add_argument("--cycle-min-steps", type=argtypes.non_negative_int, default=40, help="at least this many SGD steps per retraining")
+    p.add_argument("--level", type=argtypes.level, default=0.8, help="fraction of parameters to remove (between 0 and 1), or 'auto' (the level search: slower)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="camera silence before the gate counts the device idle")
     p.add_argument("--port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")
     p.add_argument("--telemetry", choices=["auto", "real", "simulated"], default="auto", help="auto: real on a Jetson, none elsewhere")
@@ -532,8 +549,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    if args.images_per_class < 1 or args.label_every < 0 or args.base_epochs < 1 or args.cycle_epochs < 0:
-        raise ValueError("--images-per-class and --base-epochs must be >= 1, --label-every and --cycle-epochs >= 0")
     opts = DemoOptions(
         state_dir=Path(args.state_dir), classes=parse_classes(args.classes), images_per_class=args.images_per_class,
         label_every=args.label_every, base_epochs=args.base_epochs, cycle_epochs=args.cycle_epochs,
