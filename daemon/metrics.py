@@ -1,7 +1,13 @@
 """Prometheus metrics, every name prefixed `edgetune_`, in a registry of the app's own."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+if TYPE_CHECKING:
+    from .gate import GateState
+    from .telemetry import Reading
 
 disable_created_metrics()  # the *_created series only add noise to dashboards
 
@@ -46,6 +52,34 @@ class Metrics:
         self.model_info.labels(version=version, arch=arch).set(1)
         self.model_params.set(params)
         self.model_macs.set(macs)
+
+    def observe_poll(self, reading: Reading, gate: GateState, buffer: dict, thermal_limit_c: float,
+                     power_budget_w: float | None, cycle_state: str | None) -> None:
+        """One scheduler poll: telemetry, the gate, the buffer and whether a cycle runs."""
+        nan = float("nan")
+        for zone, temp in reading.temperatures_c.items():
+            self.temperature.labels(zone=zone).set(temp)
+        self.temperature_max.set(reading.max_temperature_c if reading.max_temperature_c is not None else nan)
+        self.thermal_limit.set(thermal_limit_c)
+        self.power.set(reading.power_w if reading.power_w is not None else nan)
+        self.power_budget.set(power_budget_w if power_budget_w is not None else nan)
+        for unit, value in (("cpu", reading.cpu_load), ("gpu", reading.gpu_load), ("memory", reading.memory_used)):
+            if value is not None:
+                self.load.labels(unit=unit).set(value)
+        self.gate_open.set(1 if gate.open else 0)
+        for cond in ("idle", "load_ok", "thermal_ok", "power_ok", "samples_ok"):
+            self.gate_condition.labels(condition=cond).set(1 if getattr(gate, cond) else 0)
+        self.buffer_samples.set(buffer["samples"])
+        self.buffer_labelled.set(buffer["labelled"])
+        self.buffer_bytes.set(buffer["bytes"])
+        self.buffer_max_bytes.set(buffer["max_bytes"])
+        self.buffer_max_samples.set(buffer["max_rows"])
+        self.cycle_running.set({"running": 1, "paused": 2}.get(cycle_state or "", 0))
+
+    def cycle_finished(self, outcome: str, seconds: float | None) -> None:
+        self.cycles.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self.cycle_duration.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,30 +1,47 @@
-"""Wiring: everything the API needs, built from Settings, started and stopped together."""
+"""Wiring: every component built from Settings, started and stopped together, and the public
+methods the API calls (it never reaches into the scheduler or the stores)."""
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from prune_core import pick_device
 from prune_core.model_format import ModelFormatError
+from prune_core.options import check_cycle_options
 
-from .buffer import SampleBuffer
+from .buffer import NewSample, SampleBuffer, Stored
 from .config import Settings
+from .cycle_records import CycleStore
 from .gate import Gate
+from .installer import Installer
 from .metrics import Metrics
-from .model_store import ModelStore
-from .scheduler import Scheduler
-from .serving import ModelHolder, load_served
+from .model_store import ModelStore, UnknownVersion
+from .recovery import recover_interrupted
+from .scheduler import Clock, Conflict, Scheduler
+from .serving import ModelHolder, Served
+from .status_view import status_document
+from .supervisor import WorkerSupervisor, WorkerTarget
 from .telemetry import make_provider
 
 log = logging.getLogger("edgetune")
+
+__all__ = ["Runtime", "StartupError", "NotFound", "Conflict"]
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
 
 
+class NotFound(LookupError):
+    """No such cycle or model version."""
+
+
 class Runtime:
-    def __init__(self, settings: Settings, import_model: Path | None = None):
+    def __init__(self, settings: Settings, import_model: Path | None = None, *,
+                 worker_target: WorkerTarget | None = None, clock: Clock = time.time):
         self.settings = settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(settings.device)
@@ -40,11 +57,15 @@ class Runtime:
                 raise StartupError(f"cannot import --model {import_model}: {exc}") from None
             self.store.set_active(version)
         self.holder = ModelHolder()
+        self.installer = Installer(self.store, self.holder, self.metrics, self.device)
         self._load_first_model()
         self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction)
         self.provider = make_provider(settings.telemetry, settings.simulated_telemetry)
         self.gate = Gate(settings)
-        self.scheduler = Scheduler(settings, self.buffer, self.store, self.holder, self.gate, self.provider, self.metrics, self.device)
+        self.cycles = CycleStore(settings.cycles_dir)
+        recover_interrupted(self.cycles, self.installer)
+        self.scheduler = Scheduler(settings, self.buffer, self.cycles, self.installer, self.gate, self.provider,
+                                   self.metrics, WorkerSupervisor(worker_target), clock)
 
     def _load_first_model(self) -> None:
         """The active version, or, if it will not load, the newest version that does."""
@@ -52,18 +73,12 @@ class Runtime:
         candidates = ([active] if active else []) + self.store.last_good(exclude={active} if active else set())
         for version in candidates:
             try:
-                served = load_served(version, self.store.path(version), self.device)
+                self.installer.install(version, pointer_optional=True)
             except (ModelFormatError, OSError, RuntimeError) as exc:
                 log.error("model %s does not load: %s", version, exc)
                 continue
             if version != active:
                 log.warning("falling back to model %s (active was %s)", version, active)
-                try:
-                    self.store.set_active(version)
-                except OSError as exc:  # a read-only state dir: serve it anyway, the pointer stays
-                    log.warning("could not move the active pointer to %s: %s", version, exc)
-            self.holder.swap(served)
-            self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
             return
         raise StartupError(f"no loadable model version in {self.store.dir}")
 
@@ -75,3 +90,101 @@ class Runtime:
         self.scheduler.stop()
         self.buffer.close()
         self.provider.close()
+
+    # ---- serving and samples --------------------------------------------------------------
+    def served(self) -> Served | None:
+        """The model being served (None only before the first load)."""
+        return self.holder.current
+
+    def note_inference(self, latency_s: float) -> None:
+        """An inference was answered: the gate counts traffic, the metrics its latency."""
+        self.metrics.inference_latency.observe(latency_s)
+        self.gate.note_request()
+
+    def submit_sample(self, sample: NewSample) -> Future:
+        """Buffer a sample seen by /infer (group-committed by the buffer's writer thread)."""
+        future = self.buffer.submit(sample)
+
+        def count(done: Future) -> None:
+            if done.exception() is None and not done.result().duplicate:
+                self.metrics.samples_ingested.labels(source="infer").inc()
+
+        future.add_done_callback(count)
+        return future
+
+    def add_samples(self, samples: list[NewSample]) -> list[Stored]:
+        """Bulk ingest, all or nothing (StorageError when the disk refuses)."""
+        stored = self.buffer.add_many(samples)
+        self.metrics.samples_ingested.labels(source="ingest").inc(sum(not x.duplicate for x in stored))
+        return stored
+
+    def label_sample(self, sample_id: int, label: int) -> bool:
+        """False when no such sample is buffered."""
+        return self.buffer.set_label(sample_id, label)
+
+    # ---- cycles -----------------------------------------------------------------------------
+    def request_cycle(self, level: Any = None, criterion: str | None = None, allocation: str | None = None,
+                      epochs: int | None = None, force: bool = False) -> dict:
+        """Queue a cycle; options left out take the configured ones. ValueError names a bad
+        option, Conflict says which cycle is already active."""
+        s = self.settings
+        criterion = criterion or s.cycle_criterion
+        allocation = allocation or s.cycle_allocation
+        level = check_cycle_options(level if level is not None else s.cycle_level, criterion, allocation)
+        epochs = epochs if epochs is not None else s.cycle_epochs
+        return self.scheduler.request(level, criterion, allocation, epochs, force).to_dict()
+
+    def list_cycles(self, limit: int | None = None) -> list[dict]:
+        """Newest first."""
+        return [r.to_dict() for r in self.cycles.list(limit)]
+
+    def cycle(self, cycle_id: str) -> dict:
+        record = self.cycles.get(cycle_id)
+        if record is None:
+            raise NotFound(f"no cycle '{cycle_id}'")
+        return record.to_dict()
+
+    def cycle_folder(self, cycle_id: str) -> Path:
+        """Where a known cycle's record and report live (NotFound for any other id)."""
+        record = self.cycles.get(cycle_id)
+        if record is None:
+            raise NotFound(f"no cycle '{cycle_id}'")
+        return self.cycles.folder(record)
+
+    # ---- models -----------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        """Stored versions, newest first."""
+        serving = self.holder.current.version if self.holder.current else None
+        out = []
+        for version in reversed(self.store.versions()):
+            card = self.store.card(version)
+            out.append({"version": version, "active": version == serving, "arch": card.arch, "params": card.params,
+                        "macs": card.macs, "input_size": card.input_size, "num_classes": card.num_classes,
+                        "lineage": card.lineage.__dict__})
+        return out
+
+    def activate(self, version: str) -> Served:
+        """Serve a stored version. ValueError: not a version name; NotFound: no such version;
+        Conflict: a cycle is active, or the version cannot be served."""
+        try:
+            self.store.path(version)
+        except UnknownVersion as exc:
+            raise ValueError(str(exc.args[0])) from None
+        if version not in self.store.versions():
+            raise NotFound(f"no model version '{version}'")
+        try:
+            return self.scheduler.activate(version)
+        except Conflict:
+            raise
+        except Exception as exc:
+            raise Conflict(f"version {version} cannot be served: {exc}") from None
+
+    # ---- status -----------------------------------------------------------------------------
+    def status(self) -> dict:
+        """The /status document (reads the buffer's stats: call it off the event loop)."""
+        return status_document(model=self.holder.current, buffer_stats=self.buffer.stats(), view=self.scheduler.view(),
+                               settings=self.settings, gate=self.gate, provider_name=self.provider.name,
+                               now=self.scheduler.clock())
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()

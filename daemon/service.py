@@ -13,27 +13,27 @@ import uvicorn
 
 from .notify import Notifier
 from .runtime import Runtime
-from .scheduler import FINAL_STATES
 
 POLL_S = 0.2  # how soon a status change or the start of shutdown is announced
 
 
 def status_line(rt: Runtime) -> str:
     """e.g. `serving v0003; gate closed: busy, not enough samples; cycle 2025…-ab12cd running (retrain epoch 1 batch 3/10)`."""
-    served = rt.holder.current
+    served = rt.served()
     parts = [f"serving {served.version}" if served else "no model"]
-    gate = rt.scheduler.gate_state
+    view = rt.scheduler.view()
+    gate = view.gate
     # the reasons' heads ("busy", "too hot", …): their details change every poll
     parts.append("gate open" if gate.open else "gate closed: " + ", ".join(r.split(":")[0] for r in gate.reasons))
-    current = rt.scheduler.current
-    if current is not None and current.state not in FINAL_STATES:
+    current = view.current
+    if current is not None and current.state.active:
         where = current.step or ""
         p = current.progress
         if {"epoch", "batch", "batches_per_epoch"} <= p.keys():
             where = f"{where} epoch {p['epoch']} batch {p['batch']}/{p['batches_per_epoch']}".strip()
-        parts.append(f"cycle {current.id} {current.state}" + (f" ({where})" if where else ""))
+        parts.append(f"cycle {current.id} {current.state.value}" + (f" ({where})" if where else ""))
     elif current is not None:
-        parts.append(f"last cycle {current.id} {current.state}")
+        parts.append(f"last cycle {current.id} {current.state.value}")
     return "; ".join(parts)
 
 

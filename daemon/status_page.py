@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
 from .report import REPORT_JSON, REPORT_PNG
-from .runtime import Runtime
+from .runtime import NotFound, Runtime
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
@@ -38,13 +38,15 @@ def router(rt: Runtime) -> APIRouter:
 
     def report_path(cycle_id: str, filename: str):
         # Only ids of known cycles reach the file system: nothing else can name a path.
-        record = rt.scheduler.records.get(cycle_id)
-        if record is None:
-            raise HTTPException(404, f"no cycle '{cycle_id}'")
-        path = rt.settings.cycles_dir / record.id / filename
+        try:
+            folder = rt.cycle_folder(cycle_id)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        path = folder / filename
         if not path.is_file():
-            why = "it has not finished" if record.finished is None else "it ended before reports existed, or the report is still being written"
-            raise HTTPException(404, f"cycle {record.id} has no report ({why})")
+            finished = rt.cycle(cycle_id)["finished"] is not None
+            why = "it ended before reports existed, or the report is still being written" if finished else "it has not finished"
+            raise HTTPException(404, f"cycle {cycle_id} has no report ({why})")
         return path
 
     @r.get("/cycles/{cycle_id}/report", summary="A finished cycle's report: outcome, accuracy, channels kept, loss curve")

@@ -1,8 +1,9 @@
 """The cycle worker: a separate, lower-priority process that runs one prune-retrain cycle on a
-snapshot of the buffer and reports through a queue. It never touches the served model or the
-active pointer; an accepted candidate is written to a staging directory for the server to swap in.
+snapshot of the buffer and reports through a queue of typed events (daemon/events.py). It never
+touches the served model or the active pointer; an accepted candidate is written to a staging
+directory for the daemon to install.
 
-Control: a shared integer the server sets to RUN, PAUSE or ABORT; the worker checks it between
+Control: a shared integer the daemon sets to a `Control` value; the worker checks it between
 steps and after every training batch (pausing blocks there, so resuming continues where it was).
 """
 from __future__ import annotations
@@ -14,16 +15,31 @@ import resource
 import time
 import traceback
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from .report import LossCurve, channels_kept
+from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
 
-RUN, PAUSE, ABORT = 0, 1, 2
+
+class Control(IntEnum):
+    """What the daemon tells the worker, through a shared integer."""
+
+    RUN = 0
+    PAUSE = 1
+    ABORT = 2
 
 
 class Aborted(Exception):
     pass
+
+
+def obey(control, poll_s: float = 0.05) -> None:
+    """Block while the daemon says PAUSE; raise Aborted when it says ABORT."""
+    while control.value == Control.PAUSE:
+        time.sleep(poll_s)
+    if control.value == Control.ABORT:
+        raise Aborted()
 
 
 @dataclass
@@ -93,9 +109,10 @@ def _out_of_memory(exc: BaseException) -> bool:
             or "cannot allocate memory" in text or "can't allocate memory" in text or "failed to map segment" in text)
 
 
-def run_worker(job_dict: dict, control, events) -> None:
-    """Process entry point (spawned)."""
-    job = CycleJob(**job_dict)
+def run_worker(job: CycleJob, control, events) -> None:
+    """Process entry point (spawned): runs `job`, obeys `control`, puts events on `events`."""
+    from .report import LossCurve, channels_kept  # imports torch: only here, so a job unpickles cheaply
+
     parent = os.getppid()
     _die_with_parent()
     try:
@@ -105,25 +122,14 @@ def run_worker(job_dict: dict, control, events) -> None:
     started = time.monotonic()
     curve = LossCurve()  # sent with the final event, for the cycle report
 
-    def post(kind: str, **data) -> None:
-        events.put({"type": kind, "time": time.time(), **data})
-
-    post("step", step="start")  # starts the queue's feeder thread before the memory limit applies
+    post = events.put
+    post(StepEvent("start"))  # starts the queue's feeder thread before the memory limit applies
     _limit_memory(job.memory_limit_mb)
 
     def check() -> None:
         if os.getppid() != parent:  # the daemon is gone (where PR_SET_PDEATHSIG is unavailable)
             os._exit(1)
-        paused = False
-        while control.value == PAUSE:
-            if not paused:
-                post("paused")
-                paused = True
-            time.sleep(0.05)
-        if paused:
-            post("resumed")
-        if control.value == ABORT:
-            raise Aborted()
+        obey(control)
 
     try:
         import torch
@@ -135,7 +141,7 @@ def run_worker(job_dict: dict, control, events) -> None:
 
         torch.manual_seed(job.seed)
         device = pick_device(job.device)
-        post("step", step="snapshot")
+        post(StepEvent("snapshot"))
         model, card = load_model(job.model_dir, device)
         train_parts, held_parts = ([], [], []), ([], [], [])
         for sample_id, image, label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id):
@@ -154,11 +160,11 @@ def run_worker(job_dict: dict, control, events) -> None:
             return ImageSet(torch.stack(p[0]), torch.tensor(p[1], dtype=torch.long), p[2])
 
         train_set, held_set = as_set(train_parts), as_set(held_parts)
-        post("step", step="rank", train_samples=len(train_set), held_out_samples=len(held_set))
+        post(StepEvent("rank", {"train_samples": len(train_set), "held_out_samples": len(held_set)}))
         check()
 
         def should_continue(progress) -> bool:
-            post("progress", epoch=progress.epoch, batch=progress.batch, batches_per_epoch=progress.batches_per_epoch, loss=progress.loss)
+            post(ProgressEvent(progress.epoch, progress.batch, progress.batches_per_epoch, progress.loss))
             curve.add(progress.epoch, progress.batch, progress.loss)
             check()
             return True
@@ -169,24 +175,24 @@ def run_worker(job_dict: dict, control, events) -> None:
         )
         result = run_cycle(
             model, card, train_set, held_set, config, should_continue=should_continue,
-            on_probe=lambda p: post("probe", **p.to_dict()), parent=job.served_version,
+            on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version,
         )
         check()
-        post("step", step="validate")
+        post(StepEvent("validate"))
         accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain)
         if accepted:
-            post("step", step="write")
+            post(StepEvent("write"))
             check()
             save_model(result.model, result.card, job.staging_dir)
-        post("result", accepted=accepted, reason=reason, summary=result.summary, seconds=time.monotonic() - started,
-             curve=curve.points, channels=channels_kept(card.channel_plan, channel_plan(result.model)))
+        post(ResultEvent(accepted, reason, result.summary, time.monotonic() - started, curve.points,
+                         channels_kept(card.channel_plan, channel_plan(result.model))))
     except Aborted:
-        post("aborted", reason="aborted while running", curve=curve.points)
+        post(AbortedEvent("aborted while running", curve.points))
     except Exception as exc:  # reported, never raised: the server records the failure
         reason = f"{type(exc).__name__}: {exc}"
         if _out_of_memory(exc):
             reason = f"out of memory (cycle_memory_limit_mb={job.memory_limit_mb}): {reason}"
-        post("failed", reason=reason, traceback=traceback.format_exc(limit=8), curve=curve.points)
+        post(FailedEvent(reason, traceback.format_exc(limit=8), curve.points))
 
 
-__all__ = ["CycleJob", "run_worker", "decide", "RUN", "PAUSE", "ABORT"]
+__all__ = ["CycleJob", "Control", "obey", "run_worker", "decide"]

@@ -1,4 +1,5 @@
-"""Fixtures for the daemon: a trained base model, real images, and a real `edgetune serve` process."""
+"""Fixtures for the daemon: a trained base model, real images, a real `edgetune serve` process, and
+an in-process daemon (Runtime + TestClient, the fake worker, a clock the test moves) for the fast tier."""
 from __future__ import annotations
 
 import io
@@ -19,6 +20,8 @@ from PIL import Image
 
 from prune_core import ModelCard, TrainConfig, build_model, save_model, split_holdout, train
 from prune_core.datasets import MNIST_CLASSES, mnist5k
+
+from fake_worker import fake_worker
 
 DEVICE_CLASSES = (1, 4, 7)  # what the "camera" sees
 
@@ -164,3 +167,92 @@ def shared_daemon(tmp_path_factory, base_model_dir):
     d = Daemon(tmp_path_factory.mktemp("shared") / "state", base_model_dir, {}).start()
     yield d
     d.stop(signal.SIGKILL)
+
+
+# ---- in process: the fast tier ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def untrained_model_dir(tmp_path_factory) -> Path:
+    """cifar_small with its initial weights, for tests of the API contract (no training)."""
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    torch.manual_seed(0)
+    save_model(build_model("cifar_small", 10), ModelCard("cifar_small", 10, MNIST_CLASSES, 32), out)
+    return out
+
+
+class FakeClock:
+    """The scheduler's clock: starts at the real time and moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class InProcess:
+    """The daemon's Runtime and API in this process, with the fake worker and a FakeClock. The
+    scheduler does not poll by itself: a test calls `tick()` (one poll) or `run_until()`."""
+
+    def __init__(self, state_dir: Path, model_dir: Path, **settings):
+        from fastapi.testclient import TestClient
+
+        from daemon.api import create_app
+        from daemon.config import Settings
+        from daemon.runtime import Runtime
+
+        self.telemetry_file = state_dir.parent / "telemetry.json"
+        self.set_telemetry(temperature_c=45.0, power_w=5.0, gpu_load=0.0, cpu_load=10.0)
+        defaults = dict(state_dir=state_dir, telemetry="simulated", simulated_telemetry=self.telemetry_file, device="cpu",
+                        idle_seconds=0, min_samples=3, auto_cycles=False, cycle_level=0.5, cycle_epochs=20,
+                        cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05)
+        self.clock = FakeClock()
+        self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=fake_worker, clock=self.clock)
+        self.rt.buffer.start()
+        self.client = TestClient(create_app(self.rt))  # no `with`: the lifespan (scheduler thread) does not run
+
+    def set_telemetry(self, **values) -> None:
+        self.telemetry_file.write_text(json.dumps(values))
+
+    def tick(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.rt.scheduler.tick()
+
+    def cycle(self, cycle_id: str) -> dict:
+        r = self.client.get(f"/cycles/{cycle_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def run_until(self, cycle_id: str, predicate, max_polls: int = 2000) -> dict:
+        """Poll (tick) until `predicate(record)`; the worker gets a few ms between polls."""
+        for _ in range(max_polls):
+            self.tick()
+            record = self.cycle(cycle_id)
+            if predicate(record):
+                return record
+            time.sleep(0.005)
+        raise AssertionError(f"cycle {cycle_id} never satisfied the condition after {max_polls} polls: {record}")
+
+    def close(self) -> None:
+        self.rt.stop()
+
+
+@pytest.fixture
+def make_inproc(tmp_path, untrained_model_dir):
+    made: list[InProcess] = []
+
+    def make(**settings) -> InProcess:
+        d = InProcess(tmp_path / f"state{len(made)}", untrained_model_dir, **settings)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def inproc(make_inproc) -> InProcess:
+    return make_inproc()

@@ -7,6 +7,8 @@ import io
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # a real `edgetune serve`; test_api_inprocess.py is the fast twin
+
 
 @pytest.fixture(scope="module")
 def api(shared_daemon):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # a real `edgetune serve`
+
 LIMIT = 300_000  # max_upload_bytes of this module's daemon
 
 

@@ -12,6 +12,8 @@ import textwrap
 import threading
 import time
 
+import pytest
+
 from daemon.buffer import SCHEMA_VERSION, NewSample, SampleBuffer, is_holdout, read_snapshot
 
 
@@ -100,6 +102,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_committed_rows_survive_kill_9(tmp_path):
     path = tmp_path / "b.sqlite"
     for round_ in range(3):

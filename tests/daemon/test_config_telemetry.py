@@ -49,6 +49,7 @@ def test_malformed_toml(tmp_path):
         load_settings(state_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_serve_refuses_bad_config_in_one_line(tmp_path, base_model_dir):
     exe = shutil.which("edgetune", path=os.path.dirname(sys.executable))
     env = {**os.environ, "EDGETUNE_POWER_BUDGET_W": "-3"}

@@ -32,6 +32,8 @@ import psutil
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # kills real daemons with SIGKILL
+
 SEED = int(os.environ.get("EDGETUNE_CRASH_SEED", "20240607"))
 KILLS = int(os.environ.get("EDGETUNE_CRASH_KILLS", "50"))
 CYCLE_KILLS = max(4, round(KILLS * 0.14))

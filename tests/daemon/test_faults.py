@@ -21,6 +21,11 @@ import psutil
 import pytest
 from PIL import Image
 
+from daemon.backoff import backoff
+from daemon.cycle_records import CycleRecord
+
+pytestmark = pytest.mark.slow  # real daemons, mounts and out-of-memory workers
+
 FINAL = ("accepted", "rejected", "failed", "aborted")
 
 
@@ -192,9 +197,11 @@ def test_out_of_memory_cycles_back_off_exponentially(make_daemon, device_images)
     assert len(failed) >= 4, cycles
     for c in failed:
         assert c["trigger"] == "periodic" and c["reason"].startswith("out of memory (cycle_memory_limit_mb=512)"), c
-    for i in range(3):  # waits of at least 2, 4, 8 (the cap) seconds
-        gap = failed[i + 1]["created"] - failed[i]["finished"]
-        assert gap >= min(8, base * 2**i) - 0.5, (i, gap)
+    # each started only once the backoff after the failures before it had run out (2, 4, then 8 s)
+    records = [CycleRecord(**c) for c in cycles]
+    for i, c in enumerate(records[1:], 1):
+        wait = backoff(records[:i], now=c.created, base_s=base, max_s=8)
+        assert wait.failures == i and not wait.holds(c.created), (i, wait, c)
     scheduler = d.client.get("/status").json()["scheduler"]
     assert scheduler["consecutive_failures"] >= 4
     assert d.infer(device_images[0][0]).status_code == 200

@@ -1,8 +1,13 @@
-"""The gate, for real: a cycle waits while the device is too hot, pauses within a second when it
-heats up mid-cycle, resumes when it cools, and is aborted when the spike lasts."""
+"""The gate, for real: a cycle waits while the device is too hot, pauses when it heats up mid-cycle,
+resumes when it cools, and is aborted when the spike lasts. How soon (the very next poll) is
+checked poll by poll in test_cycles_inprocess.py; here the timeouts only bound the waits."""
 from __future__ import annotations
 
 import time
+
+import pytest
+
+pytestmark = pytest.mark.slow  # real daemons and workers; test_cycles_inprocess.py is the fast twin
 
 
 def _seed(d, images, n=150):
@@ -10,12 +15,12 @@ def _seed(d, images, n=150):
         assert d.infer(data, label).status_code == 200
 
 
-def _wait_state(d, cycle_id, state, timeout=60.0) -> tuple[dict, float]:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
+def _wait_state(d, cycle_id, state, timeout=60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         record = d.client.get(f"/cycles/{cycle_id}").json()
         if record["state"] == state:
-            return record, time.monotonic() - start
+            return record
         time.sleep(0.05)
     raise AssertionError(f"cycle never reached {state}: {record}")
 
@@ -26,7 +31,7 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
     _seed(d, device_images)
     d.set_telemetry(temperature_c=80.0)
     cycle_id = d.client.post("/prune", json={"level": 0.5, "force": True}).json()["cycle_id"]
-    record, _ = _wait_state(d, cycle_id, "waiting")
+    record = _wait_state(d, cycle_id, "waiting")
     assert "too hot" in record["reason"]
     status = d.client.get("/status").json()
     assert status["scheduler"]["thermal_ok"] is False
@@ -44,8 +49,7 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
     while not d.client.get(f"/cycles/{cycle_id}").json()["progress"].get("batch") and time.monotonic() < deadline:
         time.sleep(0.1)
     d.set_telemetry(temperature_c=85.0)
-    record, took = _wait_state(d, cycle_id, "paused", timeout=5)
-    assert took < 1.0, f"paused after {took:.2f}s"
+    record = _wait_state(d, cycle_id, "paused", timeout=30)
     assert "too hot" in record["reason"]
     def step(progress):
         return progress.get("epoch", 0) * progress.get("batches_per_epoch", 0) + progress.get("batch", 0)
@@ -55,7 +59,7 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
     assert step(d.client.get(f"/cycles/{cycle_id}").json()["progress"]) <= at_pause + 1  # the worker really stopped
 
     d.set_telemetry(temperature_c=45.0)
-    _wait_state(d, cycle_id, "running", timeout=5)
+    _wait_state(d, cycle_id, "running", timeout=30)
     final = d.wait_cycle(cycle_id, ("accepted", "rejected", "failed", "aborted"))
     assert final["state"] in ("accepted", "rejected") and final["paused_seconds"] >= 1.0
 
@@ -66,8 +70,8 @@ def test_sustained_spike_aborts(make_daemon, device_images):
     cycle_id = d.client.post("/prune", json={"force": True}).json()["cycle_id"]
     _wait_state(d, cycle_id, "running")
     d.set_telemetry(temperature_c=95.0)
-    _wait_state(d, cycle_id, "paused", timeout=5)
-    record, _ = _wait_state(d, cycle_id, "aborted", timeout=15)
+    _wait_state(d, cycle_id, "paused", timeout=30)
+    record = _wait_state(d, cycle_id, "aborted", timeout=60)
     assert "pause_timeout_s" in record["reason"]
     assert d.client.get("/status").json()["model"]["version"] == "v0001"
     metrics = d.client.get("/metrics").text
@@ -84,9 +88,9 @@ def test_traffic_pauses_an_unforced_cycle(make_daemon, device_images):
     while not d.client.get(f"/cycles/{cycle_id}").json()["progress"].get("batch") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert d.infer(device_images[200][0]).status_code == 200  # traffic returns
-    record, took = _wait_state(d, cycle_id, "paused", timeout=5)
-    assert "busy" in record["reason"] and took < 1.0
-    _wait_state(d, cycle_id, "running", timeout=10)  # idle again after idle_seconds
+    record = _wait_state(d, cycle_id, "paused", timeout=30)
+    assert "busy" in record["reason"]
+    _wait_state(d, cycle_id, "running", timeout=30)  # idle again after idle_seconds
 
 
 def test_periodic_cycle_starts_by_itself_and_old_versions_are_pruned(make_daemon, device_images):

@@ -7,6 +7,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from daemon.telemetry import SysfsProvider, jtop_power_state
 
 
@@ -19,6 +21,7 @@ def _wait_status(d, predicate, timeout: float = 20) -> dict:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_power_mode_budget_through_the_daemon(make_daemon):
     # also: a watchdog variable without a notify socket must be harmless, and logs stay plain
     d = make_daemon(env={

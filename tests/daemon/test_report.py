@@ -5,6 +5,7 @@ import io
 import math
 import time
 
+import pytest
 from PIL import Image
 
 from daemon.report import MAX_CURVE_POINTS, LossCurve, build_report
@@ -22,6 +23,7 @@ def _wait_report(d, cycle_id: str, timeout: float = 90) -> bytes:
     raise AssertionError(f"no report for {cycle_id}: {r.status_code} {r.text}\n{d.log.read_text()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_every_finished_cycle_gets_a_report(make_daemon, device_images):
     d = make_daemon({"EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
 
@@ -60,10 +62,10 @@ def test_every_finished_cycle_gets_a_report(make_daemon, device_images):
     assert not list(folder.glob(".*.tmp"))  # written atomically, nothing left over
 
 
-def test_report_endpoints_refuse_unknown_ids(shared_daemon):
+def test_report_endpoints_refuse_unknown_ids(inproc):
     for bad in ("nope", "%2E%2E", "..%2Fmodels"):
         for suffix in ("report", "report.png"):
-            r = shared_daemon.client.get(f"/cycles/{bad}/{suffix}")
+            r = inproc.client.get(f"/cycles/{bad}/{suffix}")
             assert r.status_code == 404, (bad, r.text)
             assert "no cycle" in r.json()["detail"] or r.json()["detail"] == "Not Found"
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+
+pytestmark = pytest.mark.slow  # fuzzes a real `edgetune serve`
 
 MAX_EXAMPLES = 50
 DERANDOMIZE = os.environ.get("EDGETUNE_FUZZ_RANDOM") != "1"

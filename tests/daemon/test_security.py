@@ -42,6 +42,7 @@ MUTATING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,path,kw", MUTATING, ids=[f"{m} {p}" for m, p, _ in MUTATING])
 def test_mutating_endpoints_demand_the_token(guarded, method, path, kw):
     before = len(guarded.client.get("/cycles").json())
@@ -54,6 +55,7 @@ def test_mutating_endpoints_demand_the_token(guarded, method, path, kw):
     assert r.status_code != 401, r.text
 
 
+@pytest.mark.slow
 def test_reads_need_no_token_and_the_bind_is_not_loopback(guarded):
     for path in ("/healthz", "/readyz", "/status", "/models", "/cycles", "/metrics", "/openapi.json"):
         assert guarded.client.get(path).status_code == 200, path
@@ -75,6 +77,7 @@ def raw_request(daemon, method: str, path: str) -> int:
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAVERSAL)
 def test_version_and_cycle_names_cannot_escape(shared_daemon, name):
     for suffix in ("/activate", "/report", "/report.png"):

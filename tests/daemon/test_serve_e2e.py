@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real daemons and workers; test_cycles_inprocess.py is the fast twin
 
 
 def _feed(daemon, images, n=None) -> list[int]:

@@ -47,6 +47,7 @@ def _wait(predicate, timeout: float = 60, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_page_shows_the_device_and_prune_now_runs_a_cycle(make_daemon, device_images, page, tmp_path):
     # the acceptance rule is relaxed: this tests the page, not the pruning
     d = make_daemon({"EDGETUNE_CYCLE_MIN_STEPS": "10", "EDGETUNE_MAX_ACCURACY_DROP": "1"}).start()
@@ -84,6 +85,7 @@ def test_page_shows_the_device_and_prune_now_runs_a_cycle(make_daemon, device_im
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_buttons_send_the_token(make_daemon, page):
     d = make_daemon({"EDGETUNE_API_TOKEN": "s3cret"}).start()  # empty buffer: cycles only wait
     page.goto(d.url + "/")

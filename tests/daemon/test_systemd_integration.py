@@ -14,6 +14,9 @@ import threading
 import time
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.slow  # a real `edgetune serve`
 
 
 class NotifyListener:

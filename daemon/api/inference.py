@@ -1,0 +1,96 @@
+"""POST /infer: classify an image (raw body or multipart) and buffer it."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from prune_core.data import DataError, decode_image
+
+from ..buffer import NewSample, StorageError
+from ..runtime import Runtime
+from ..serving import Served
+from .schemas import ERROR_RESPONSES, INFER_BODY, InferResponse, error
+
+
+def served_model(rt: Runtime) -> Served:
+    model = rt.served()
+    if model is None:
+        raise error(503, "no model loaded")
+    return model
+
+
+def label_index(model: Served, label: str | None) -> int | None:
+    """The class index of a label the model knows (422 naming its classes otherwise)."""
+    if label is None:
+        return None
+    try:
+        return model.card.class_names.index(label)
+    except ValueError:
+        names = ", ".join(model.card.class_names[:20])
+        raise error(422, f"unknown label '{label}'; the model's classes are: {names}") from None
+
+
+async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The uploaded image and its content type; 413/415/400 for too big, not an image, empty."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise error(413, f"payload of {length} bytes exceeds max_upload_bytes ({max_bytes})")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10, max_part_size=max_bytes)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise error(422, "multipart body needs a file field named 'file'")
+        data = await upload.read(max_bytes + 1)
+        ctype = (upload.content_type or "application/octet-stream").lower()
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise error(413, f"payload exceeds max_upload_bytes ({max_bytes})")
+        data = bytes(buf)
+    else:
+        raise error(415, f"send an image (image/jpeg, image/png, …) or multipart/form-data with a 'file' field, not '{ctype or 'no content type'}'")
+    if len(data) > max_bytes:
+        raise error(413, f"payload exceeds max_upload_bytes ({max_bytes})")
+    if not data:
+        raise error(400, "empty image")
+    return data, ctype
+
+
+def router(rt: Runtime) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it",
+            openapi_extra={"requestBody": INFER_BODY}, responses=ERROR_RESPONSES)
+    async def infer(request: Request, label: str | None = Query(None, description="the true class, when known")) -> Any:
+        model = served_model(rt)
+        index = label_index(model, label)
+        data, ctype = await read_image(request, rt.settings.max_upload_bytes)
+        started = time.perf_counter()
+        try:
+            tensor = await run_in_threadpool(decode_image, data, model.card.input_size)
+        except DataError as exc:
+            raise error(400, str(exc)) from None
+        top = await run_in_threadpool(model.predict, tensor.unsqueeze(0))
+        latency = time.perf_counter() - started
+        rt.note_inference(latency)
+        best = top[0][0]
+        result = {
+            "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in top[0]],
+            "model_version": model.version, "latency_ms": latency * 1000, "sample_id": None, "buffered": False,
+        }
+        sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version)
+        try:
+            stored = await asyncio.wrap_future(rt.submit_sample(sample))
+            result.update(sample_id=stored.id, buffered=not stored.duplicate)
+        except StorageError as exc:  # inference keeps working when the disk is full or read-only
+            result["buffer_error"] = str(exc)
+        return result
+
+    return r

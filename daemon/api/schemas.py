@@ -1,0 +1,75 @@
+"""Request and response bodies, and the OpenAPI pieces declared by hand."""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from fastapi import HTTPException
+from pydantic import BaseModel, Field
+
+
+class TopClass(BaseModel):
+    class_: str = Field(alias="class")
+    index: int
+    score: float
+
+    model_config = {"populate_by_name": True}
+
+
+class InferResponse(BaseModel):
+    sample_id: int | None
+    buffered: bool
+    top: list[TopClass]
+    model_version: str
+    latency_ms: float
+    buffer_error: str | None = None
+
+
+class LabelRequest(BaseModel):
+    label: str = Field(min_length=1, max_length=200)
+
+
+class SampleIn(BaseModel):
+    image: str = Field(description="base64-encoded image file (JPEG, PNG, …)")
+    label: str | None = None
+
+
+class SamplesRequest(BaseModel):
+    samples: list[SampleIn] = Field(min_length=1, max_length=1000)
+
+
+class PruneRequest(BaseModel):
+    """Options left out take the configured ones; level, criterion and allocation are checked by
+    prune_core.options.check_cycle_options (422 with its message)."""
+
+    level: Union[Literal["auto"], float, None] = Field(None, description="'auto' or a fraction of parameters to remove, between 0 and 1")
+    criterion: str | None = Field(None, description="a criterion, or a comma-separated list to try")
+    allocation: str | None = Field(None, description="uniform, global, or uniform,global")
+    epochs: int | None = Field(None, ge=0, le=1000)
+    force: bool = False
+
+
+class CycleAccepted(BaseModel):
+    cycle_id: str
+    state: str
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+# /infer reads its body itself (raw image or multipart), so the schema is declared by hand.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+INFER_BODY = {"required": True, "content": {
+    "image/jpeg": _BINARY, "image/png": _BINARY, "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+}}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "empty, truncated or undecodable image"},
+    413: {"model": ErrorMessage, "description": "larger than max_upload_bytes"},
+    415: {"model": ErrorMessage, "description": "not an image or multipart upload"},
+    503: {"model": ErrorMessage, "description": "no model loaded"},
+}
+
+
+def error(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)

@@ -1,0 +1,69 @@
+"""What the cycle worker tells the daemon, as typed (and picklable) events on a queue.
+
+A cycle ends with exactly one final event: ResultEvent, FailedEvent or AbortedEvent. Final events
+carry the evidence for the cycle report (the loss curve; the channels kept, for a result)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """The worker entered a step (start, snapshot, rank, validate, write); `details` describe it."""
+
+    step: str
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One training batch done."""
+
+    epoch: int
+    batch: int
+    batches_per_epoch: int
+    loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeEvent:
+    """One pruning level tried (prune_core's Probe, as a dict)."""
+
+    probe: dict
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    accepted: bool
+    reason: str
+    summary: dict
+    seconds: float
+    curve: list = field(default_factory=list)
+    channels: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    reason: str
+    traceback: str = ""
+    curve: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AbortedEvent:
+    reason: str
+    curve: list = field(default_factory=list)
+
+
+FinalEvent = Union[ResultEvent, FailedEvent, AbortedEvent]
+WorkerEvent = Union[StepEvent, ProgressEvent, ProbeEvent, ResultEvent, FailedEvent, AbortedEvent]
+FINAL_EVENTS = (ResultEvent, FailedEvent, AbortedEvent)
+
+
+def evidence(event: FinalEvent | None) -> dict:
+    """What the cycle report takes from a final event (empty when the worker sent none)."""
+    return asdict(event) if event is not None else {}

@@ -1,0 +1,72 @@
+"""The /status document: the served model, the buffer, the scheduler and gate, telemetry and the
+current cycle. Built from snapshots, so it is tested without a daemon or a clock."""
+from __future__ import annotations
+
+import time
+
+from .config import Settings
+from .gate import Gate
+from .scheduler import SchedulerView
+from .serving import Served
+
+IDLE = "idle"
+
+
+def model_section(model: Served | None) -> dict | None:
+    if model is None:
+        return None
+    return {"version": model.version, "arch": model.card.arch, "params": model.params, "macs": model.macs,
+            "input_size": model.card.input_size, "num_classes": model.card.num_classes, "device": str(model.device)}
+
+
+def buffer_section(stats: dict, class_names: list[str]) -> dict:
+    """The buffer's stats with class indices replaced by the model's class names."""
+    names = class_names
+    per_class = {(names[k] if isinstance(k, int) and 0 <= k < len(names) else "unknown"): n for k, n in stats["per_class"].items()}
+    return {**stats, "per_class": per_class}
+
+
+def scheduler_section(view: SchedulerView, settings: Settings, gate: Gate, now: float) -> dict:
+    current = view.current
+    state = current.state.value if current is not None and current.state.active else IDLE
+    g = view.gate
+    failures, not_before = view.backoff.failures, view.backoff.not_before
+    if not_before is not None and not_before <= now:
+        not_before = None
+    why = g.reasons if state in (IDLE, "waiting", "paused") else []
+    if not_before and state == IDLE:
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(not_before))
+        why = why + [f"{failures} failed cycles in a row: next automatic cycle not before {when}"]
+    return {
+        "state": state,
+        "gate_open": g.open,
+        "idle": g.idle,
+        "load_ok": g.load_ok,
+        "thermal_ok": g.thermal_ok,
+        "power_ok": g.power_ok,
+        "power_budget_w": gate.power_budget(view.reading),  # the current power mode's, if configured
+        "samples_ok": g.samples_ok,
+        "why_not_running": why,
+        "seconds_since_inference": gate.seconds_since_request(),
+        "request_rate_per_s": gate.request_rate(),
+        "auto_cycles": settings.auto_cycles,
+        "consecutive_failures": failures,
+        "next_automatic_cycle_not_before": not_before,
+    }
+
+
+def telemetry_section(view: SchedulerView, settings: Settings, gate: Gate, provider_name: str) -> dict:
+    return {"provider": provider_name, **view.reading.to_dict(), "limits": {
+        "thermal_limit_c": settings.thermal_limit_c, "power_budget_w": gate.power_budget(view.reading),
+        "max_cpu_load": settings.max_cpu_load, "max_gpu_load": settings.max_gpu_load}}
+
+
+def status_document(*, model: Served | None, buffer_stats: dict, view: SchedulerView, settings: Settings,
+                    gate: Gate, provider_name: str, now: float) -> dict:
+    return {
+        "model": model_section(model),
+        "buffer": buffer_section(buffer_stats, model.card.class_names if model else []),
+        "scheduler": scheduler_section(view, settings, gate, now),
+        "telemetry": telemetry_section(view, settings, gate, provider_name),
+        "cycle": view.current.to_dict() if view.current is not None else None,
+    }

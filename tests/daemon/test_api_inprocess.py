@@ -1,0 +1,179 @@
+"""The REST API's contract, in process: `create_app` on a real Runtime (real model, SQLite buffer,
+simulated telemetry) through Starlette's TestClient, with the fake cycle worker. Milliseconds per
+request; tests/daemon/test_api.py checks the same contract against a real `edgetune serve`."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def seed(d, n: int, start: int = 0) -> None:
+    r = d.client.post("/samples", json={"samples": [{"image": b64(png(start + i)), "label": str(i % 3)} for i in range(n)]})
+    assert r.status_code == 201, r.text
+
+
+def test_health_ready_and_schema(inproc):
+    c = inproc.client
+    assert c.get("/healthz").json() == {"ok": True}
+    assert c.get("/readyz").json() == {"ready": True, "model_version": "v0001"}
+    paths = c.get("/openapi.json").json()["paths"]
+    for path in ("/infer", "/samples", "/samples/{sample_id}/label", "/prune", "/cycles", "/cycles/{cycle_id}",
+                 "/models", "/models/{version}/activate", "/status", "/metrics", "/healthz", "/readyz",
+                 "/cycles/{cycle_id}/report"):
+        assert path in paths, path
+
+
+def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
+    c = inproc.client
+    r = c.post("/infer", content=png(1), params={"label": "4"}, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["buffered"] and body["model_version"] == "v0001" and body["sample_id"] == 1
+    assert len(body["top"]) == 5 and body["top"][0].keys() == {"class", "index", "score"}
+    assert body["top"][0]["score"] >= body["top"][1]["score"]
+    r = c.post("/infer", files={"file": ("x.png", png(2), "image/png")})
+    assert r.status_code == 200 and r.json()["buffered"]
+    again = c.post("/infer", content=png(1), headers={"content-type": "image/png"}).json()
+    assert again["sample_id"] == 1 and again["buffered"] is False
+    for content, ctype, status, words in [(b"", "image/png", 400, "empty"), (b"junk", "image/jpeg", 400, "cannot decode"),
+                                          (b"{}", "application/json", 415, "send an image"),
+                                          (b"x" * (11 * 2**20), "image/png", 413, "max_upload_bytes")]:
+        r = c.post("/infer", content=content, headers={"content-type": ctype})
+        assert r.status_code == status and words in r.json()["detail"], (ctype, r.text)
+    r = c.post("/infer", content=png(3), params={"label": "cat"}, headers={"content-type": "image/png"})
+    assert r.status_code == 422 and "unknown label 'cat'" in r.json()["detail"]
+    assert c.get("/status").json()["buffer"]["samples"] == 2
+    metrics = c.get("/metrics").text
+    assert 'edgetune_samples_ingested_total{source="infer"} 2.0' in metrics
+    assert "edgetune_inference_latency_seconds_count 3.0" in metrics
+
+
+def test_labels(inproc):
+    c = inproc.client
+    sid = c.post("/infer", content=png(5), headers={"content-type": "image/png"}).json()["sample_id"]
+    r = c.post(f"/samples/{sid}/label", json={"label": "4"})
+    assert r.status_code == 200 and r.json() == {"sample_id": sid, "label": "4"}
+    assert c.get("/status").json()["buffer"]["per_class"] == {"4": 1}
+    assert c.post(f"/samples/{sid}/label", json={"label": "cat"}).status_code == 422
+    assert c.post("/samples/999999/label", json={"label": "4"}).status_code == 404
+    assert c.post(f"/samples/{sid}/label", json={}).status_code == 422
+    assert c.post("/samples/0/label", json={"label": "4"}).status_code == 422
+
+
+def test_bulk_samples_all_or_nothing(inproc):
+    c = inproc.client
+    seed(inproc, 10)
+    assert c.get("/status").json()["buffer"]["samples"] == 10
+    r = c.post("/samples", json={"samples": [{"image": b64(png(100))}, {"image": "!!!"}]})
+    assert r.status_code == 422 and "samples[1]" in r.json()["detail"]
+    r = c.post("/samples", json={"samples": [{"image": b64(b"junk")}]})
+    assert r.status_code == 422 and "samples[0]" in r.json()["detail"]
+    r = c.post("/samples", json={"samples": [{"image": b64(png(101)), "label": "cat"}]})
+    assert r.status_code == 422
+    assert c.post("/samples", json={"samples": []}).status_code == 422
+    assert c.get("/status").json()["buffer"]["samples"] == 10  # nothing half-stored
+    r = c.post("/samples", json={"samples": [{"image": b64(png(0))}, {"image": b64(png(200))}]})
+    assert r.status_code == 201 and r.json()["stored"] == 1 and r.json()["duplicates"] == 1
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"level": 1.5}, "level must be 'auto' or a fraction between 0 and 1"),
+    ({"level": 0}, "level must be"),
+    ({"criterion": "nope"}, "nope"),
+    ({"criterion": "taylor,taylor"}, "twice"),
+    ({"allocation": "uniform,sideways"}, "unknown allocation 'sideways'"),
+])
+def test_prune_options_are_checked_by_the_one_validator(inproc, body, words):
+    r = inproc.client.post("/prune", json=body)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+    assert inproc.client.get("/cycles").json() == []
+
+
+def test_prune_202_then_409_and_the_cycle_resources(inproc):
+    c = inproc.client
+    assert c.post("/prune", json={"epochs": -1}).status_code == 422
+    assert c.post("/prune", json={"level": "most"}).status_code == 422
+    r = c.post("/prune", json={"level": 0.3, "criterion": "l1", "allocation": "global", "epochs": 2})
+    assert r.status_code == 202, r.text
+    cycle_id = r.json()["cycle_id"]
+    assert r.json()["state"] == "queued" and r.headers["location"] == f"/cycles/{cycle_id}"
+    r = c.post("/prune")
+    assert r.status_code == 409 and cycle_id in r.json()["detail"]
+    assert c.get("/prune").status_code == 409
+    record = c.get(f"/cycles/{cycle_id}").json()
+    assert record["request"] == {"level": 0.3, "criterion": "l1", "allocation": "global", "epochs": 2, "force": False}
+    assert record["state"] == "queued" and record["trigger"] == "api"
+    assert [x["id"] for x in c.get("/cycles").json()] == [cycle_id]
+    assert c.get("/cycles", params={"limit": 0}).status_code == 422
+    r = c.get("/cycles/nope")
+    assert r.status_code == 404 and r.json()["detail"] == "no cycle 'nope'"
+    assert c.get("/status").json()["cycle"]["id"] == cycle_id
+    r = c.post("/models/v0001/activate")
+    assert r.status_code == 409 and "activate after it ends" in r.json()["detail"]
+
+
+def test_guard_refuses_cross_site_and_demands_the_token(inproc, monkeypatch):
+    c = inproc.client
+    assert c.get("/prune", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert c.get("/prune", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    r = c.post("/prune", headers={"Origin": "http://evil.example"}, json={})
+    assert r.status_code == 403 and r.json()["detail"] == "cross-site request refused"
+    assert c.post("/prune", headers={"Origin": "http://testserver"}, json={"level": 1.5}).status_code == 422  # same site
+    monkeypatch.setattr(inproc.rt.settings, "api_token", SecretStr("s3cret"))
+    r = c.post("/samples", json={"samples": [{"image": b64(png(1))}]})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert c.post("/models/v0001/activate", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/status").status_code == 200 and c.get("/cycles").status_code == 200  # reads need none
+    r = c.post("/samples", json={"samples": [{"image": b64(png(1))}]}, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 201
+    assert c.get("/cycles").json() == []
+    assert 'edgetune_requests_total{endpoint="unmatched",method="POST",status="401"}' in c.get("/metrics").text
+
+
+def test_models_and_activate(inproc):
+    c = inproc.client
+    models = c.get("/models").json()
+    assert [m["version"] for m in models] == ["v0001"] and models[0]["active"] and models[0]["arch"] == "cifar_small"
+    r = c.post("/models/v9999/activate")
+    assert r.status_code == 404 and r.json()["detail"] == "no model version 'v9999'"
+    assert c.post("/models/latest/activate").status_code == 422
+    r = c.post("/models/v0001/activate")
+    assert r.status_code == 200 and r.json()["active"] == "v0001" and r.json()["params"] == models[0]["params"]
+    assert "edgetune_swaps_total 1.0" in c.get("/metrics").text
+
+
+def test_status_and_metrics(inproc):
+    inproc.tick()
+    status = inproc.client.get("/status").json()
+    assert set(status) == {"model", "buffer", "scheduler", "telemetry", "cycle"}
+    assert status["model"]["version"] == "v0001" and status["model"]["arch"] == "cifar_small"
+    assert status["cycle"] is None
+    s = status["scheduler"]
+    assert s["state"] == "idle" and s["thermal_ok"] and s["idle"] and not s["samples_ok"] and not s["gate_open"]
+    assert s["why_not_running"] == ["not enough samples: 0 < 3"] and s["consecutive_failures"] == 0
+    assert status["telemetry"]["provider"] == "simulated" and status["telemetry"]["max_temperature_c"] == 45.0
+    assert status["telemetry"]["limits"]["thermal_limit_c"] == 75.0
+    text = inproc.client.get("/metrics").text
+    for name in ("edgetune_requests_total", "edgetune_request_latency_seconds_bucket", "edgetune_buffer_samples",
+                 "edgetune_model_params", "edgetune_temperature_celsius", "edgetune_power_watts", "edgetune_gate_open"):
+        assert name in text, name
+    assert re.search(r'^edgetune_model_info\{arch="cifar_small",version="v0001"\} 1\.0$', text, re.M)
+    assert re.search(r"^edgetune_temperature_max_celsius 45\.0$", text, re.M)
+    assert all(line.startswith(("#", "edgetune_")) for line in text.splitlines() if line)

@@ -1,0 +1,68 @@
+"""Cycle records on disk, and the recovery of cycles the daemon died in (in process)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+
+from conftest import InProcess
+
+from daemon.cycle_records import CycleRecord, CycleStore
+from daemon.cycle_state import CycleState
+
+
+def test_records_round_trip_as_strict_json_and_old_records_load(tmp_path):
+    store = CycleStore(tmp_path / "cycles")
+    record = CycleRecord(id="c1", state=CycleState.RUNNING, created=1.0, request={"level": 0.5},
+                         metrics={"top1_ceiling": math.nan, "loss": [math.inf, 1.0]})
+    store.save(record)
+    text = (tmp_path / "cycles" / "c1" / "cycle.json").read_text()
+    data = json.loads(text)
+    assert data["state"] == "running" and data["metrics"] == {"top1_ceiling": None, "loss": [None, 1.0]}
+    assert "NaN" not in text and "Infinity" not in text
+    # a record written before CycleState existed: plain strings, the same fields
+    old = {"id": "c0", "state": "accepted", "created": 0.5, "request": {"level": "auto"}, "forced": False, "trigger": "api",
+           "reason": "ok", "started": 0.6, "finished": 0.9, "step": "install", "progress": {}, "probes": [], "metrics": {},
+           "max_sample_id": 3, "version_before": "v0001", "version_after": "v0002", "paused_seconds": 0.0}
+    (tmp_path / "cycles" / "c0").mkdir()
+    (tmp_path / "cycles" / "c0" / "cycle.json").write_text(json.dumps(old))
+    (tmp_path / "cycles" / "bad").mkdir()
+    (tmp_path / "cycles" / "bad" / "cycle.json").write_text('{"id": "bad", "state": "exploded"}')
+    (tmp_path / "cycles" / "c1" / ".cycle.json.tmp").write_text("half")
+    reloaded = CycleStore(tmp_path / "cycles")
+    assert [r.id for r in reloaded.list()] == ["c1", "c0"]  # newest first; the unreadable one skipped
+    assert reloaded.get("c0").state is CycleState.ACCEPTED and reloaded.get("c0").to_dict() == old
+    assert reloaded.get("c1").state is CycleState.RUNNING
+    assert reloaded.list(limit=1)[0].id == "c1" and reloaded.get("nope") is None
+    assert not (tmp_path / "cycles" / "c1" / ".cycle.json.tmp").exists()
+
+
+def _install_record(state_dir, cycle_id: str, version_after: str) -> None:
+    """A record as the scheduler writes it just before committing an accepted candidate."""
+    folder = state_dir / "cycles" / cycle_id
+    folder.mkdir(parents=True)
+    record = {"id": cycle_id, "state": "running", "created": time.time() - 60, "request": {"level": 0.3},
+              "step": "install", "started": time.time() - 50, "reason": "fine", "version_before": "v0001",
+              "version_after": version_after}
+    (folder / "cycle.json").write_text(json.dumps(record))
+
+
+def test_restart_completes_a_committed_install_and_fails_the_rest(tmp_path, untrained_model_dir):
+    state = tmp_path / "state"
+    InProcess(state, untrained_model_dir).close()
+    shutil.copytree(untrained_model_dir, state / "models" / "v0002")
+    _install_record(state, "c-committed", "v0002")
+    _install_record(state, "c-uncommitted", "v0003")
+    d = InProcess(state, untrained_model_dir)
+    try:
+        done = d.cycle("c-committed")
+        assert done["state"] == "accepted" and "completed on restart" in done["reason"], done
+        failed = d.cycle("c-uncommitted")
+        assert failed["state"] == "failed" and failed["reason"] == "interrupted: the daemon stopped while the cycle was running (install)"
+        assert failed["version_after"] is None and failed["finished"] is not None
+        assert d.client.get("/status").json()["model"]["version"] == "v0002"
+        assert (state / "models" / "active").read_text().strip() == "v0002"
+        assert "edgetune_swaps_total 1.0" in d.client.get("/metrics").text
+    finally:
+        d.close()
