@@ -28,6 +28,12 @@ class PriorSettings:
     spot_window: int = 200  # labelled requests the spot check looks back over
     spot_min: int = 20  # labelled requests before the spot check can switch correction off
 
+    @classmethod
+    def from_settings(cls, settings) -> "PriorSettings":
+        """From the daemon's Settings (prior_* fields)."""
+        window = settings.prior_window
+        return cls(settings.prior_adaptation, settings.prior_floor, window, min(settings.prior_min_samples, window))
+
 
 @dataclass
 class SpotCheck:
