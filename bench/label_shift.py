@@ -11,13 +11,16 @@ they are disjoint from each other and from everything the base model was trained
   em_none       class prior re-estimated by EM (Saerens et al. 2002) on the stream's raw softmax, outputs reweighted;
   em_temp       the same on temperature-scaled probabilities (T fitted on the labelled held-out split);
   em_bcts       the same on bias-corrected temperature scaling (Alexandari et al. 2020);
-  em_bcts_w512  em_bcts over the last 512 stream samples only (prune_core.label_shift.PriorTracker's default window);
   bbse          prior from the held-out confusion matrix and the stream's prediction shares (Lipton et al. 2018),
-                applied to the BCTS probabilities;
-  oracle        argmax restricted to the true subset (the upper bound of any prior correction).
+                applied to the temperature-scaled probabilities;
+  oracle        argmax restricted to the true subset (the upper bound of any prior correction);
+  em_temp_wN    em_temp over the last N stream samples only (what a PriorTracker of window N holds; `--windows`);
+  em_temp_gateG em_temp only where its estimate is at least G from the source prior (total variation), else
+                served as deployed (`--gate`);
+  em_temp_floorF em_temp with another floor (`--extra-floors`).
 
-Every correction uses `--floor` (a minimum target prior share per class). `--extra-floors` adds em_bcts rows
-with other floors. A subset of all ten classes (no shift) is always included: a correction must not hurt there.
+Every correction uses `--floor` (a minimum target prior share per class) unless its row says otherwise. A
+subset of all ten classes (no shift) is always included: a correction must not hurt there.
 Prior error is the total variation distance between the estimated and the true class shares of the stream.
 
 Writes bench/out/label_shift/results.json and results.md (printed too); base models and their logits are cached
@@ -47,8 +50,7 @@ from prune_core.label_shift import (
 
 DEFAULT_OUT = REPO / "bench" / "out" / "label_shift"
 HOLDOUT_SALT = "label-shift-heldout"
-METHODS = ("served", "em_none", "em_temp", "em_bcts", "em_bcts_w512", "bbse", "oracle")
-WINDOW = 512
+METHODS = ("served", "em_none", "em_temp", "em_bcts", "bbse", "oracle")
 RECIPE = 1  # bumped when what a base model is trained on changes, so a stale cache is not reused
 
 
@@ -68,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset-sizes", default="2,3,5")
     p.add_argument("--subsets-per-size", type=int, default=10)
     p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="minimum target prior share of every class")
-    p.add_argument("--extra-floors", default="0,0.01,0.03", help="more floors reported for em_bcts ('' for none)")
+    p.add_argument("--extra-floors", default="0,0.01,0.03", help="more floors reported for em_temp ('' for none)")
+    p.add_argument("--windows", default="256,512,1024", help="PriorTracker windows reported for em_temp")
+    p.add_argument("--gate", type=float, default=0.2,
+                   help="em_temp_gate row: correct only when the estimate is this far (total variation) from the source prior")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core CPU)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -78,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.networks = _csv_list(args.networks, str)
     args.subset_sizes = _csv_list(args.subset_sizes, int)
     args.extra_floors = _csv_list(args.extra_floors, float) if args.extra_floors.strip() else []
+    args.windows = _csv_list(args.windows, int) if args.windows.strip() else []
     for net in args.networks:
         if net not in ARCHS:
             p.error(f"unknown network '{net}'")
@@ -193,23 +199,27 @@ def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration],
     truth = truth / truth.sum()
     probs = {name: cal.apply(t_logits) for name, cal in cals.items()}
     priors = {f"em_{name}": em_prior(cal.apply(s_logits), source, max_iter=1000, tol=1e-7) for name, cal in cals.items()}
-    tracker = PriorTracker(source, window=WINDOW, min_samples=min(WINDOW, len(stream_idx)), max_iter=1000, tol=1e-7)
-    tracker.add(cals["bcts"].apply(s_logits))
-    priors["em_bcts_w512"] = tracker.estimate()
     priors["bbse"] = bbse_prior(confusion, predicted_distribution(s_logits))
-    uses = {"em_none": "none", "em_temp": "temp", "em_bcts": "bcts", "em_bcts_w512": "bcts", "bbse": "bcts"}
+    uses = {"em_none": "none", "em_temp": "temp", "em_bcts": "bcts", "bbse": "temp"}
+    for w in args.windows:  # what a PriorTracker of that window holds at the end of the stream
+        tracker = PriorTracker(source, window=w, min_samples=min(w, len(stream_idx)), max_iter=1000, tol=1e-7)
+        tracker.add(cals["temp"].apply(s_logits))
+        priors[f"em_temp_w{w}"], uses[f"em_temp_w{w}"] = tracker.estimate(), "temp"
     acc = {"served": top1(probs["none"], y)}
     for name, q in priors.items():
         acc[name] = top1(correct(probs[uses[name]], source, q, args.floor), y)
+    gated = tv(priors["em_temp"], source) >= args.gate
+    acc[f"em_temp_gate{args.gate:g}"] = acc["em_temp"] if gated else acc["served"]
     mask = torch.full((k,), float("-inf"), dtype=torch.float64)
     mask[sub] = 0.0
     acc["oracle"] = top1(t_logits + mask, y)
     for f in args.extra_floors:
-        acc[f"em_bcts_floor{f:g}"] = top1(correct(probs["bcts"], source, priors["em_bcts"], f), y)
+        acc[f"em_temp_floor{f:g}"] = top1(correct(probs["temp"], source, priors["em_temp"], f), y)
     return {
         "subset": subset_name(classes), "size": len(classes), "stream": len(stream_idx), "scored": len(y),
         "top1": acc, "prior_tv": {name: tv(q, truth) for name, q in priors.items()},
         "prior": {name: [round(float(v), 4) for v in q] for name, q in priors.items()},
+        "em_temp_shift_tv": tv(priors["em_temp"], source),
     }
 
 

@@ -260,8 +260,8 @@ class PriorTracker:
     def __init__(
         self,
         source_prior: torch.Tensor,
-        window: int = 512,
-        min_samples: int = 32,
+        window: int = 1024,
+        min_samples: int = 64,
         max_iter: int = 100,
         tol: float = 1e-6,
     ) -> None:
