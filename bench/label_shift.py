@@ -45,7 +45,7 @@ from prune_core import ARCHS, ImageSet, ModelCard, ModelFormatError, TrainConfig
 from prune_core.jsonsafe import finite
 from prune_core.label_shift import (
     DEFAULT_FLOOR, Calibration, CalibrationMethod, PriorTracker, bbse_prior, class_prior, confusion_matrix, correct, em_prior,
-    fit_calibration, predicted_distribution,
+    fit_calibration, predicted_distribution, total_variation,
 )
 
 DEFAULT_OUT = REPO / "bench" / "out" / "label_shift"
@@ -179,10 +179,6 @@ def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(1) == labels).double().mean())
 
 
-def tv(q: torch.Tensor, truth: torch.Tensor) -> float:
-    return 0.5 * float((q - truth).abs().sum())
-
-
 def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration], source: torch.Tensor,
                     confusion: torch.Tensor, args, order_seed: int) -> dict:
     """Every method's top-1 on the subset's scored images, and each estimator's prior error."""
@@ -208,7 +204,7 @@ def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration],
     acc = {"served": top1(probs["none"], y)}
     for name, q in priors.items():
         acc[name] = top1(correct(probs[uses[name]], source, q, args.floor), y)
-    gated = tv(priors["em_temp"], source) >= args.gate
+    gated = total_variation(priors["em_temp"], source) >= args.gate
     acc[f"em_temp_gate{args.gate:g}"] = acc["em_temp"] if gated else acc["served"]
     mask = torch.full((k,), float("-inf"), dtype=torch.float64)
     mask[sub] = 0.0
@@ -217,9 +213,9 @@ def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration],
         acc[f"em_temp_floor{f:g}"] = top1(correct(probs["temp"], source, priors["em_temp"], f), y)
     return {
         "subset": subset_name(classes), "size": len(classes), "stream": len(stream_idx), "scored": len(y),
-        "top1": acc, "prior_tv": {name: tv(q, truth) for name, q in priors.items()},
+        "top1": acc, "prior_tv": {name: total_variation(q, truth) for name, q in priors.items()},
         "prior": {name: [round(float(v), 4) for v in q] for name, q in priors.items()},
-        "em_temp_shift_tv": tv(priors["em_temp"], source),
+        "em_temp_shift_tv": total_variation(priors["em_temp"], source),
     }
 
 
