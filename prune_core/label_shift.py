@@ -228,6 +228,11 @@ def bbse_prior(confusion: torch.Tensor, target_pred_dist: torch.Tensor) -> torch
     return q / q.sum() if q.sum() > 0 else mu
 
 
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Half the L1 distance between two distributions: how far an estimated prior moved from another (0..1)."""
+    return 0.5 * float((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().sum())
+
+
 def floored(prior: torch.Tensor, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
     """`prior` mixed with the uniform distribution so every class has at least `floor` (sums to 1)."""
     prior = _check_prior(prior, prior.shape[-1], "prior")
@@ -264,8 +269,8 @@ class PriorTracker:
     def __init__(
         self,
         source_prior: torch.Tensor,
-        window: int = 512,
-        min_samples: int = 32,
+        window: int = 1024,
+        min_samples: int = 64,
         max_iter: int = 100,
         tol: float = 1e-6,
     ) -> None:
@@ -327,5 +332,5 @@ class PriorTracker:
 
 __all__ = [
     "DEFAULT_FLOOR", "CalibrationMethod", "Calibration", "IDENTITY", "fit_calibration", "class_prior", "em_prior",
-    "confusion_matrix", "predicted_distribution", "bbse_prior", "floored", "correct", "PriorTracker",
+    "confusion_matrix", "predicted_distribution", "bbse_prior", "total_variation", "floored", "correct", "PriorTracker",
 ]

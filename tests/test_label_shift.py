@@ -19,6 +19,7 @@ from prune_core.label_shift import (
     fit_calibration,
     floored,
     predicted_distribution,
+    total_variation,
 )
 
 K = 4
@@ -47,6 +48,7 @@ def test_em_recovers_a_known_shifted_prior():
     q = em_prior(torch.softmax(logits, 1), SOURCE, max_iter=500, tol=1e-8)
     assert float(q.sum()) == pytest.approx(1.0, abs=1e-9)
     assert torch.allclose(q, SHIFTED, atol=0.04), q
+    assert total_variation(q, SHIFTED) < 0.05 and total_variation(SOURCE, SHIFTED) == pytest.approx(0.4)
     # without a shift it stays at the source prior
     logits, _ = sample(SOURCE, 6000, seed=2)
     assert torch.allclose(em_prior(torch.softmax(logits, 1), SOURCE), SOURCE, atol=0.04)
