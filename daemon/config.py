@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     # Unlabelled traffic: label shift and the generalist
     prior_adaptation: bool = Field(True, description="serve answers corrected to the class prior estimated from traffic (no training, no labels)")
     prior_floor: float = Field(1e-3, ge=0, lt=0.01, description="the smallest prior share a class is given, so none is ever driven to zero")
-    prior_window: int = Field(2000, ge=10, description="recent answers the class prior is estimated over")
-    prior_min_samples: int = Field(50, ge=1, description="answers seen before the estimate is used")
+    prior_gate: float = Field(0.2, ge=0, le=1, description="correct only once the estimate is this far (total variation) from the model's own prior: without a shift EM's noise only costs")
+    prior_window: int = Field(1024, ge=10, description="recent answers the class prior is estimated over")
+    prior_min_samples: int = Field(64, ge=1, description="answers seen before the estimate is used")
     generalist_fallback: bool = Field(True, description="run the first model (the generalist) on a sample of traffic and serve it again when a class the specialised model was not trained for appears")
     drift_sample_every: int = Field(4, ge=1, description="the generalist looks at every Nth answered image")
     drift_appear_share: float = Field(0.1, gt=0, lt=1, description="a class this frequent in the generalist's estimate ...")

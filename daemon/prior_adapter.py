@@ -14,7 +14,7 @@ from typing import Deque
 
 import torch
 
-from prune_core.label_shift import PriorTracker, bbse_prior, correct, predicted_distribution
+from prune_core.label_shift import PriorTracker, bbse_prior, correct, predicted_distribution, total_variation
 from prune_core.model_format import ModelCard
 
 
@@ -22,8 +22,9 @@ from prune_core.model_format import ModelCard
 class PriorSettings:
     enabled: bool = True  # correct answers to the estimated prior (estimation runs either way)
     floor: float = 1e-3  # the smallest prior share a class is given when correcting
-    window: int = 2000  # traffic samples the estimate is made over
-    min_samples: int = 50  # no correction before this many samples
+    gate: float = 0.2  # correct only when the estimate is at least this far (total variation) from the model's prior
+    window: int = 1024  # traffic samples the estimate is made over
+    min_samples: int = 64  # no correction before this many samples
     update_every: int = 10  # re-estimate after this many new samples
     spot_window: int = 200  # labelled requests the spot check looks back over
     spot_min: int = 20  # labelled requests before the spot check can switch correction off
@@ -32,7 +33,7 @@ class PriorSettings:
     def from_settings(cls, settings) -> "PriorSettings":
         """From the daemon's Settings (prior_* fields)."""
         window = settings.prior_window
-        return cls(settings.prior_adaptation, settings.prior_floor, window, min(settings.prior_min_samples, window))
+        return cls(settings.prior_adaptation, settings.prior_floor, settings.prior_gate, window, min(settings.prior_min_samples, window))
 
 
 @dataclass
@@ -101,7 +102,11 @@ class PriorAdapter:
             self._spots.append((raw_pred == label, served_pred == label))
 
     def _applied(self) -> bool:
-        return self.s.enabled and self._estimate is not None and not self._spot_check_fails()
+        return self.s.enabled and self._shifted() and not self._spot_check_fails()
+
+    def _shifted(self) -> bool:
+        """An estimate exists and has moved past the gate: without a shift, EM's noise only costs."""
+        return self._estimate is not None and total_variation(self._estimate, self.source) >= self.s.gate
 
     def _spot_check_fails(self) -> bool:
         if len(self._spots) < self.s.spot_min:
@@ -110,9 +115,11 @@ class PriorAdapter:
         corrected = sum(c for _, c in self._spots)
         return corrected < raw
 
-    def estimate(self) -> list[float] | None:
+    def target(self) -> list[float] | None:
+        """The prior a cycle's teacher should be corrected to: the estimate while answers are being
+        corrected to it, else None (no shift, correction off, or the spot check against it)."""
         with self._lock:
-            return None if self._estimate is None else [float(v) for v in self._estimate]
+            return [float(v) for v in self._estimate] if self._applied() else None
 
     def view(self) -> PriorView:
         with self._lock:
@@ -125,6 +132,9 @@ class PriorAdapter:
                 reason = "prior_adaptation is off"
             elif estimate is None:
                 reason = f"estimating: {len(self.tracker)} of {self.s.min_samples} samples"
+            elif not self._shifted():
+                reason = (f"no shift: the estimate is {total_variation(self._estimate, self.source):.2f} from the model's prior"
+                          f" (total variation; correction from {self.s.gate:g})")
             else:
                 reason = "the corrected answers scored below the uncorrected ones on recent labelled requests"
             bbse = self._bbse()

@@ -1,6 +1,7 @@
 """Calibrate a model on its labelled held-out split and record it in its card: the temperature and
 biases its probabilities need (label_shift.fit_calibration), the class prior it was trained under, and
-its confusion matrix (for BBSE). Done when a model is trained or imported, before it is served."""
+its confusion matrix (for BBSE). Temperature scaling by default: BCTS calibrates a little
+better but its per-class biases corrected the prior worse (bench/RESULTS.md, label shift). Done when a model is trained or imported, before it is served."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,7 @@ def calibrated_card(
     card: ModelCard,
     held_set: ImageSet,
     train_labels: torch.Tensor | None = None,
-    method: CalibrationMethod = CalibrationMethod.BCTS,
+    method: CalibrationMethod = CalibrationMethod.TEMPERATURE,
 ) -> ModelCard:
     """A copy of `card` with calibration, class prior and confusion fitted on `held_set`'s labelled
     samples; the class prior is that of `train_labels` (the data the model learned), kept otherwise.

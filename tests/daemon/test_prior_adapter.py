@@ -7,12 +7,12 @@ from daemon.prior_adapter import PriorAdapter, PriorSettings
 from prune_core.model_format import ModelCard
 
 
-def _traffic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _traffic(n: int, seed: int = 0, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log-likelihoods of three overlapping 2-D Gaussians (calibrated posteriors under a uniform
     prior) on traffic of classes 0 and 1 only: knowing the prior is worth a lot."""
     g = torch.Generator().manual_seed(seed)
     means = torch.tensor([[0.0, 0.0], [1.5, 0.0], [0.75, 1.0]])
-    labels = torch.randint(0, 2, (n,), generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
     x = means[labels] + torch.randn(n, 2, generator=g)
     logits = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)
     return logits, labels
@@ -31,7 +31,7 @@ def test_prior_estimate_converges_and_correction_helps():
     late = labels[500:]
     assert (served.argmax(1) == late).float().mean() > (raw.argmax(1) == late).float().mean() + 0.05
     view = adapter.view()
-    assert view.applied and view.samples == 2000
+    assert view.applied and view.samples == 1024  # the window
     assert view.estimate[2] < 0.05 and abs(view.estimate[0] - 0.5) < 0.1
     assert abs(sum(served[0].tolist()) - 1) < 1e-5 and float(served.min()) > 0  # the floor: no class at zero
 
@@ -63,3 +63,18 @@ def test_disabled_adapter_still_estimates_but_serves_uncorrected():
     view = adapter.view()
     assert not view.applied and view.reason == "prior_adaptation is off" and view.estimate is not None
     assert view.to_dict()["source_prior"] == {"a": 0.4, "b": 0.4, "c": 0.2}
+
+
+def test_no_shift_no_correction():
+    """Traffic with the model's own prior: EM's estimate stays near it, under the gate, and the answers
+    are the uncorrected ones; a cycle's teacher gets no target prior either."""
+    card = ModelCard("cifar_small", 3, ["a", "b", "c"], 32)
+    adapter = PriorAdapter(card, PriorSettings(min_samples=50, update_every=10, gate=0.2))
+    logits, _ = _traffic(600, classes=3)
+    served, raw = adapter.answer(logits)
+    view = adapter.view()
+    assert view.estimate is not None and not view.applied and view.reason.startswith("no shift")
+    assert torch.equal(served, raw) and adapter.target() is None
+    shifted = PriorAdapter(card, PriorSettings(min_samples=50, update_every=10, gate=0.2))
+    shifted.answer(_traffic(600)[0])
+    assert shifted.target() is not None and shifted.target()[2] < 0.05
