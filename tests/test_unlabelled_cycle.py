@@ -136,3 +136,21 @@ def test_corrected_teacher_favours_the_traffic_classes_and_its_student_card_reco
     assert s.temperature == 1.0 and s.logit_bias == [] and s.confusion == [] and s.prior()[0] < 0.01
     plain = corrected_teacher(model, card, None)
     assert not plain.corrected and plain.model is model and plain.student_card.temperature == 2.0
+
+
+def test_calibrate_command_writes_temperature_prior_and_confusion(tmp_path, mnist_folder, capsys):
+    import json
+
+    from prune_core.cli import run
+    from prune_core.model_format import read_card, save_model
+
+    torch.manual_seed(0)
+    names = sorted(p.name for p in mnist_folder.iterdir() if p.is_dir())
+    model = build_model("cifar_small", len(names))
+    save_model(model, ModelCard("cifar_small", len(names), names, 32, mean=MEAN, std=STD), tmp_path / "m")
+    assert run(["calibrate", str(tmp_path / "m"), "--data", str(mnist_folder)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    card = read_card(tmp_path / "m")
+    assert out["temperature"] == card.temperature > 0
+    assert sum(map(sum, card.confusion)) == out["samples"] and card.prior() == pytest.approx(list(out["class_prior"].values()))
+    assert run(["calibrate", str(tmp_path / "nope"), "--data", str(mnist_folder)]) == 2
