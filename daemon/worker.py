@@ -184,7 +184,8 @@ def run_worker(job: CycleJob, control, events) -> None:
             teacher.model, teacher.student_card, train_set, held_set, config, should_continue=should_continue,
             on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version,
         )
-        result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
+        result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note,
+                                     "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()
         post(StepEvent("validate"))
         accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
