@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-rates", default="0,0.1", help="shares of the stream that carry labels")
     p.add_argument("--levels", default="0.8", help="comma-separated cycle levels: fractions, or auto (the daemon's default)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the fully labelled ceiling")
+    p.add_argument("--kd-temperature", type=float, default=None,
+                   help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -98,12 +100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
+    cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
+    if kd_temperature is not None:
+        cfg = replace(cfg, temperature=kd_temperature)
     return CycleConfig(
         level=level, criterion=s.cycle_criterion, allocation=s.cycle_allocation, finetune_before=s.cycle_finetune_before,
-        tolerance=s.cycle_tolerance,
-        train=TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed),
+        tolerance=s.cycle_tolerance, train=cfg,
     )
 
 
@@ -180,7 +184,7 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
-    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed))
+    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, s.max_accuracy_drop, s.min_size_gain, s.min_agreement)
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
@@ -246,7 +250,8 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         row["cycles"] = []
         for rate in args.label_rates:
             for level in args.levels:
-                path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}.json"
+                kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
+                path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")
                 got = cached(path, lambda: run_one_cycle(model, card, sub, rate, level, args, s))
