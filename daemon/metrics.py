@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from .cycle_state import CycleState
+
 if TYPE_CHECKING:
     from .gate import GateState
     from .telemetry import Reading
@@ -58,7 +60,7 @@ class Metrics:
         self.model_macs.set(macs)
 
     def observe_poll(self, reading: Reading, gate: GateState, buffer: dict, thermal_limit_c: float,
-                     power_budget_w: float | None, cycle_state: str | None) -> None:
+                     power_budget_w: float | None, cycle_state: CycleState | None) -> None:
         """One scheduler poll: telemetry, the gate, the buffer and whether a cycle runs."""
         nan = float("nan")
         for zone, temp in reading.temperatures_c.items():
@@ -78,7 +80,7 @@ class Metrics:
         self.buffer_bytes.set(buffer["bytes"])
         self.buffer_max_bytes.set(buffer["max_bytes"])
         self.buffer_max_samples.set(buffer["max_rows"])
-        self.cycle_running.set({"running": 1, "paused": 2}.get(cycle_state or "", 0))
+        self.cycle_running.set({CycleState.RUNNING: 1, CycleState.PAUSED: 2}.get(cycle_state, 0))
 
     def observe_prior(self, view) -> None:
         """The served model's label-shift state (a prior_adapter.PriorView)."""

@@ -83,7 +83,7 @@ class Scheduler:
             self._thread.join(timeout=10)
         with self._lock:
             if self.active() is not None:
-                self.worker.stop()
+                self.worker.kill()
                 self._finish(self.current, CycleState.ABORTED, "the daemon is shutting down")
 
     def _loop(self) -> None:
@@ -266,7 +266,7 @@ class Scheduler:
                 record.state, record.reason = CycleState.RUNNING, None
             elif now - (self._paused_at or now) > self.s.pause_timeout_s:
                 self.worker.abort()
-                self.worker.stop(grace_s=5)
+                self.worker.kill(grace_s=5)
                 self._finish(record, CycleState.ABORTED,
                              f"paused longer than pause_timeout_s ({self.s.pause_timeout_s:g}s): {'; '.join(gate.reasons)}")
                 return
@@ -276,7 +276,7 @@ class Scheduler:
 
     def _conclude(self, record: CycleRecord, event: FinalEvent) -> None:
         self._final_event = event
-        self.worker.stop(grace_s=10)
+        self.worker.kill(grace_s=10)
         if not isinstance(event, ResultEvent):
             self._finish(record, CycleState.FAILED if isinstance(event, FailedEvent) else CycleState.ABORTED, event.reason)
             return
@@ -302,7 +302,7 @@ class Scheduler:
         log.info("cycle %s accepted: now serving %s", record.id, version)
 
     def _finish(self, record: CycleRecord, state: CycleState, reason: str | None) -> None:
-        self.worker.stop()
+        self.worker.kill()
         if self._staging is not None:  # an unaccepted candidate is never kept
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from .config import Settings
+from .cycle_state import CycleState
 from .gate import Gate
 from .scheduler import SchedulerView
 from .generalist import GeneralistWatch
@@ -34,7 +35,7 @@ def scheduler_section(view: SchedulerView, settings: Settings, gate: Gate, now: 
     failures, not_before = view.backoff.failures, view.backoff.not_before
     if not_before is not None and not_before <= now:
         not_before = None
-    why = g.reasons if state in (IDLE, "waiting", "paused") else []
+    why = g.reasons if state in (IDLE, CycleState.WAITING, CycleState.PAUSED) else []
     if not_before and state == IDLE:
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(not_before))
         why = why + [f"{failures} failed cycles in a row: next automatic cycle not before {when}"]

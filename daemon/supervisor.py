@@ -1,5 +1,5 @@
 """The cycle worker's process, seen from the daemon: start it, pause, resume or abort it through a
-shared control value, stop it, and collect the typed events it sends.
+shared control value, kill it, and collect the typed events it sends.
 
 The target is replaceable: the daemon runs `daemon.worker.run_worker`, tests a fast fake with the
 same signature `(job, control, events)`."""
@@ -31,7 +31,7 @@ class WorkerSupervisor:
         return self._proc is not None
 
     def start(self, job: CycleJob) -> None:
-        self.stop()
+        self.kill()
         self._control = self._ctx.Value("i", Control.RUN)
         self._events = self._ctx.Queue()
         self._proc = self._ctx.Process(target=self.target, args=(job, self._control, self._events),
@@ -70,7 +70,7 @@ class WorkerSupervisor:
         except (queue.Empty, OSError, ValueError, EOFError):
             return out
 
-    def stop(self, grace_s: float = 0.0) -> None:
+    def kill(self, grace_s: float = 0.0) -> None:
         """Give the worker `grace_s` to exit by itself, then kill it; forget it."""
         proc = self._proc
         if proc is not None:
