@@ -86,7 +86,21 @@ class Settings(BaseSettings):
     worker_nice: int = Field(10, ge=0, le=19, description="extra niceness of the cycle worker, on top of the service's Nice=")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="a candidate may lose at most this much held-out top-1")
     min_size_gain: float = Field(0.05, ge=0, lt=1, description="a candidate must also have at least this fraction fewer parameters")
-    keep_versions: int = Field(5, ge=1, description="model versions kept on disk")
+    keep_versions: int = Field(5, ge=1, description="model versions kept on disk; the first one (the generalist) is always among them")
+    min_agreement: float = Field(
+        0.9, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
+        " served model on at least this share of them")
+
+    # Unlabelled traffic: label shift and the generalist
+    prior_adaptation: bool = Field(True, description="serve answers corrected to the class prior estimated from traffic (no training, no labels)")
+    prior_floor: float = Field(1e-3, ge=0, lt=0.01, description="the smallest prior share a class is given, so none is ever driven to zero")
+    prior_gate: float = Field(0.2, ge=0, le=1, description="correct only once the estimate is this far (total variation) from the model's own prior: without a shift EM's noise only costs")
+    prior_window: int = Field(1024, ge=10, description="recent answers the class prior is estimated over")
+    prior_min_samples: int = Field(64, ge=1, description="answers seen before the estimate is used")
+    generalist_fallback: bool = Field(True, description="run the first model (the generalist) on a sample of traffic and serve it again when a class the specialised model was not trained for appears")
+    drift_sample_every: int = Field(4, ge=1, description="the generalist looks at every Nth answered image")
+    drift_appear_share: float = Field(0.1, gt=0, lt=1, description="a class this frequent in the generalist's estimate ...")
+    drift_trained_share: float = Field(0.02, gt=0, lt=1, description="... that the served model's prior gave less than this triggers the fallback")
 
     # The cycle options are checked by prune_core.options, the one validator of cycle options everywhere;
     # its ValueError names the problem.

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from .metrics import Metrics
 from .model_store import ModelStore
+from .prior_adapter import PriorSettings
 from .serving import ModelHolder, Served, load_served
 
 log = logging.getLogger("edgetune.installer")
 
 
 class Installer:
-    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device):
+    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device, prior: PriorSettings = PriorSettings()):
+        self.prior = prior
         self.store = store
         self.holder = holder
         self.metrics = metrics
@@ -27,7 +29,7 @@ class Installer:
         not load, or when the pointer cannot be moved unless `pointer_optional` (start-up on a
         read-only state dir: serve it anyway and log)."""
         with self._lock:
-            served = load_served(version, self.store.path(version), self.device)  # loads and warms up
+            served = load_served(version, self.store.path(version), self.device, self.prior)  # loads and warms up
             previous = self.holder.swap(served)
             if self.store.active() != version:
                 try:

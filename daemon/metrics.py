@@ -47,6 +47,10 @@ class Metrics:
         self.power_budget = Gauge("edgetune_power_budget_watts", "Configured power budget (NaN: none)", registry=r)
         self.load = Gauge("edgetune_load_percent", "Load by unit", ["unit"], registry=r)
         self.gate_open = Gauge("edgetune_gate_open", "1 when a cycle may start", registry=r)
+        self.generalist_fallbacks = Counter("edgetune_generalist_fallbacks", "Swaps back to the generalist because a class the served model was not trained for appeared", registry=r)
+        self.class_prior = Gauge("edgetune_class_prior", "Class prior: what the served model assumes (source) and the traffic's estimate (em, bbse)", ["class", "estimator"], registry=r)
+        self.prior_correction = Gauge("edgetune_prior_correction_applied", "1 while answers are corrected to the estimated class prior", registry=r)
+        self.spot_checks = Gauge("edgetune_prior_spot_check", "Recent labelled requests, and how many the uncorrected / corrected answer got right", ["count"], registry=r)
         self.gate_condition = Gauge("edgetune_gate_condition", "Gate conditions (1 = satisfied)", ["condition"], registry=r)
 
     def set_model(self, version: str, arch: str, params: int, macs: int) -> None:
@@ -77,6 +81,17 @@ class Metrics:
         self.buffer_max_bytes.set(buffer["max_bytes"])
         self.buffer_max_samples.set(buffer["max_rows"])
         self.cycle_running.set({CycleState.RUNNING: 1, CycleState.PAUSED: 2}.get(cycle_state, 0))
+
+    def observe_prior(self, view) -> None:
+        """The served model's label-shift state (a prior_adapter.PriorView)."""
+        self.class_prior.clear()
+        for estimator, values in (("source", view.source_prior), ("em", view.estimate), ("bbse", view.bbse)):
+            for name, share in zip(view.classes, values or []):
+                self.class_prior.labels(**{"class": name, "estimator": estimator}).set(share)
+        self.prior_correction.set(1 if view.applied else 0)
+        spots = view.spot_check
+        for count, value in (("labelled", spots.labelled), ("correct_raw", spots.correct_raw), ("correct_corrected", spots.correct_corrected)):
+            self.spot_checks.labels(count=count).set(value)
 
     def cycle_finished(self, outcome: str, seconds: float | None) -> None:
         self.cycles.labels(outcome=outcome).inc()

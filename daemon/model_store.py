@@ -39,6 +39,12 @@ class ModelStore:
     def versions(self) -> list[str]:
         return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / MODEL_JSON).is_file())
 
+    def generalist(self) -> str | None:
+        """The first version the device was given (the oldest kept): never removed, served again
+        when traffic holds classes a specialised version was not trained for."""
+        versions = self.versions()
+        return versions[0] if versions else None
+
     def active(self) -> str | None:
         try:
             name = self.pointer.read_text().strip()
@@ -105,7 +111,8 @@ class ModelStore:
                     leftover.unlink(missing_ok=True)
             removed = []
             versions = self.versions()
-            for version in versions[: max(0, len(versions) - self.keep)]:
+            # the generalist (the first version) always stays: the newest `keep - 1` others beside it
+            for version in versions[1:][: max(0, len(versions) - self.keep)]:
                 if version not in protect:
                     self.remove(version)
                     removed.append(version)

@@ -8,6 +8,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prune_core import pick_device
 from prune_core.model_format import ModelFormatError
 from prune_core.options import check_cycle_options
@@ -19,9 +21,12 @@ from .gate import Gate
 from .installer import Installer
 from .metrics import Metrics
 from .model_store import ModelStore, UnknownVersion
+from .prior_adapter import PriorSettings
+from .drift import Appeared, DriftSettings
+from .generalist import GeneralistWatch
 from .recovery import recover_interrupted
 from .scheduler import Clock, Conflict, Scheduler
-from .serving import ModelHolder, Served
+from .serving import Answer, ModelHolder, Served
 from .status_view import status_document
 from .supervisor import WorkerSupervisor, WorkerTarget
 from .telemetry import make_provider
@@ -57,7 +62,7 @@ class Runtime:
                 raise StartupError(f"cannot import --model {import_model}: {exc}") from None
             self.store.set_active(version)
         self.holder = ModelHolder()
-        self.installer = Installer(self.store, self.holder, self.metrics, self.device)
+        self.installer = Installer(self.store, self.holder, self.metrics, self.device, PriorSettings.from_settings(settings))
         self._load_first_model()
         self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction)
         self.provider = make_provider(settings.telemetry, settings.simulated_telemetry)
@@ -66,6 +71,12 @@ class Runtime:
         recover_interrupted(self.cycles, self.installer)
         self.scheduler = Scheduler(settings, self.buffer, self.cycles, self.installer, self.gate, self.provider,
                                    self.metrics, WorkerSupervisor(worker_target), clock)
+        generalist = self.store.generalist()
+        self.generalist = None if generalist is None else GeneralistWatch(
+            generalist, self.store.path(generalist), self.device, DriftSettings(
+                settings.generalist_fallback, settings.drift_sample_every, appear_share=settings.drift_appear_share,
+                trained_share=settings.drift_trained_share),
+            on_appeared=self._fall_back)
 
     def _load_first_model(self) -> None:
         """The active version, or, if it will not load, the newest version that does."""
@@ -85,8 +96,12 @@ class Runtime:
     def start(self) -> None:
         self.buffer.start()
         self.scheduler.start()
+        if self.generalist is not None:
+            self.generalist.start()
 
     def stop(self) -> None:
+        if self.generalist is not None:
+            self.generalist.stop()
         self.scheduler.stop()
         self.buffer.close()
         self.provider.close()
@@ -96,10 +111,20 @@ class Runtime:
         """The model being served (None only before the first load)."""
         return self.holder.current
 
-    def note_inference(self, latency_s: float) -> None:
-        """An inference was answered: the gate counts traffic, the metrics its latency."""
+    def note_inference(self, latency_s: float, model: Served, image: torch.Tensor, answer: Answer, label: int | None) -> None:
+        """An inference was answered: the gate counts traffic, the metrics its latency; a labelled
+        one is a spot check of the prior correction; the generalist watch may look at the image."""
         self.metrics.inference_latency.observe(latency_s)
         self.gate.note_request()
+        if label is not None:
+            model.prior.spot_check(answer.raw_pred, answer.top[0][0], label)
+        if self.generalist is not None:
+            self.generalist.offer(model.version, model.card, image)
+
+    def _fall_back(self, appeared: Appeared) -> None:
+        """The generalist saw classes the served specialist was not trained for: serve it again."""
+        if self.generalist is not None:
+            self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)")
 
     def submit_sample(self, sample: NewSample) -> Future:
         """Buffer a sample seen by /infer (group-committed by the buffer's writer thread)."""
@@ -184,7 +209,7 @@ class Runtime:
         """The /status document (reads the buffer's stats: call it off the event loop)."""
         return status_document(model=self.holder.current, buffer_stats=self.buffer.stats(), view=self.scheduler.view(),
                                settings=self.settings, gate=self.gate, provider_name=self.provider.name,
-                               now=self.scheduler.clock())
+                               now=self.scheduler.clock(), generalist=self.generalist)
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()

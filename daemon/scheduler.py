@@ -124,6 +124,32 @@ class Scheduler:
                 raise Conflict(f"cycle {busy.id} is {busy.state.value}; activate after it ends")
             return self.installer.install(version)
 
+    def fall_back(self, version: str, why: str) -> CycleRecord | None:
+        """Serve `version` (the generalist) again at once because traffic changed: a swap, not a cycle.
+        An active cycle (specialising on the old traffic) is aborted first. The swap is recorded in
+        the cycle history (trigger "drift"). None when `version` is already served."""
+        with self._lock:
+            served = self.installer.holder.current
+            if served is not None and served.version == version:
+                return None
+            busy = self.active()
+            if busy is not None:
+                self.worker.abort()
+                self.worker.stop(grace_s=5)
+                self._finish(busy, CycleState.ABORTED, f"traffic changed: {why}")
+            now = self.clock()
+            record = CycleRecord(
+                id=time.strftime("%Y%m%dT%H%M%S", time.localtime(now)) + "-" + uuid.uuid4().hex[:6],
+                state=CycleState.ACCEPTED, created=now, trigger="drift", request={"fallback": version},
+                reason=f"{why}: serving the generalist {version} again until a cycle re-specialises",
+                started=now, finished=now, version_before=served.version if served else None, version_after=version,
+            )
+            self.installer.install(version)
+            self.metrics.generalist_fallbacks.inc()
+            self.cycles.save(record)
+            log.warning("traffic changed (%s): serving the generalist %s", why, version)
+            return record
+
     def backoff(self) -> Backoff:
         return backoff(self.cycles.list(), self.clock(), self.s.cycle_backoff_base_s, self.s.cycle_backoff_max_s)
 
@@ -142,6 +168,9 @@ class Scheduler:
         self.reading, self.gate_state = reading, gate
         self.metrics.observe_poll(reading, gate, stats, self.s.thermal_limit_c, self.gate.power_budget(reading),
                                   self.current.state if self.current else None)
+        served = self.installer.holder.current
+        if served is not None:
+            self.metrics.observe_prior(served.prior.view())
         with self._lock:
             current = self.active()
             if current is None:
@@ -182,6 +211,7 @@ class Scheduler:
             finetune_before=s.cycle_finetune_before, tolerance=s.cycle_tolerance, batch_size=s.cycle_batch_size,
             min_steps=s.cycle_min_steps, hflip=s.cycle_hflip, max_accuracy_drop=s.max_accuracy_drop,
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
+            min_agreement=s.min_agreement, target_prior=served.prior.target(), prior_floor=s.prior_floor,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()

@@ -16,6 +16,17 @@ from torch import nn
 from prune_core.measure import count_macs, count_params
 from prune_core.model_format import ModelCard, load_model
 
+from .prior_adapter import PriorAdapter, PriorSettings
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's answer: the top-k served (prior-corrected where that is on) and the uncorrected
+    calibrated argmax (what the spot check compares against)."""
+
+    top: list[tuple[int, float]]
+    raw_pred: int
+
 
 @dataclass(frozen=True)
 class Served:
@@ -27,25 +38,37 @@ class Served:
     device: torch.device
 
     scale: tuple[torch.Tensor, torch.Tensor]  # mean and std ×255, on the device: built once, not per request
+    prior: PriorAdapter  # calibration and the traffic's class prior, per served model
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, top_k: int = 5) -> list[list[tuple[int, float]]]:
-        """Top-k (class index, probability) for a uint8 batch N×3×S×S."""
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's raw logits for a uint8 batch N×3×S×S (on the CPU)."""
         mean, std = self.scale
         x = (images.to(self.device).float() - mean) / std
-        probs = torch.softmax(self.model(x).float(), 1)
+        return self.model(x).float().cpu()
+
+    def predict(self, images: torch.Tensor, top_k: int = 5, track: bool = True) -> list[Answer]:
+        """Answers for a uint8 batch N×3×S×S. With `track` the answers are traffic: they feed the
+        class-prior estimate (warm-up passes do not)."""
+        logits = self.logits(images)
+        if track:
+            probs, raw = self.prior.answer(logits)
+        else:
+            probs = raw = self.prior.calibration.apply(logits)
         scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        return [list(zip(i.tolist(), p.tolist())) for i, p in zip(idx.cpu(), scores.cpu())]
+        raw_pred = raw.argmax(1).tolist()
+        return [Answer(list(zip(i.tolist(), p.tolist())), r) for i, p, r in zip(idx, scores, raw_pred)]
 
 
-def load_served(version: str, directory: Path, device: torch.device) -> Served:
+def load_served(version: str, directory: Path, device: torch.device, prior: PriorSettings = PriorSettings()) -> Served:
     """Load a model directory and warm it up (first forward passes allocate and tune kernels)."""
     model, card = load_model(directory, device)
     scale = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (card.mean, card.std))
-    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device, scale)
+    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device, scale,
+                    PriorAdapter(card, prior))
     warm = torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8)
     for _ in range(2):
-        served.predict(warm)
+        served.predict(warm, track=False)
     return served
 
 

@@ -8,6 +8,7 @@ from .config import Settings
 from .cycle_state import CycleState
 from .gate import Gate
 from .scheduler import SchedulerView
+from .generalist import GeneralistWatch
 from .serving import Served
 
 IDLE = "idle"
@@ -62,9 +63,23 @@ def telemetry_section(view: SchedulerView, settings: Settings, gate: Gate, provi
         "max_cpu_load": settings.max_cpu_load, "max_gpu_load": settings.max_gpu_load}}
 
 
+def label_shift_section(model: Served | None, generalist: GeneralistWatch | None) -> dict | None:
+    """The served model's class-prior estimate and correction, and the generalist watch's estimate."""
+    if model is None:
+        return None
+    section = model.prior.view().to_dict()
+    estimate = generalist.watch.estimate() if generalist is not None and generalist.watch is not None else None
+    section["generalist"] = None if generalist is None else {
+        "version": generalist.version, "watching": model.version != generalist.version,
+        "estimate": None if estimate is None else dict(zip(model.card.class_names, estimate)),
+    }
+    return section
+
+
 def status_document(*, model: Served | None, buffer_stats: dict, view: SchedulerView, settings: Settings,
-                    gate: Gate, provider_name: str, now: float) -> dict:
+                    gate: Gate, provider_name: str, now: float, generalist: GeneralistWatch | None = None) -> dict:
     return {
+        "label_shift": label_shift_section(model, generalist),
         "model": model_section(model),
         "buffer": buffer_section(buffer_stats, model.card.class_names if model else []),
         "scheduler": scheduler_section(view, settings, gate, now),

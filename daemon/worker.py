@@ -65,24 +65,29 @@ class CycleJob:
     nice: int
     memory_limit_mb: int | None = None
     seed: int = 0
+    min_agreement: float = 0.9
+    target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
+    prior_floor: float = 1e-3
 
 
-def decide(summary: dict, max_drop: float, min_gain: float) -> tuple[bool, str]:
-    """The acceptance rule: not worse than the served model by more than `max_drop` on held-out
-    labelled samples (or on agreement with its predictions where no labels exist), and smaller
-    by at least `min_gain` of its parameters."""
+def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float) -> tuple[bool, str]:
+    """The acceptance rule. Smaller by at least `min_gain` of the parameters, and then, on the evidence
+    the cycle had (summary["evidence"]): with labelled held-out samples, not worse than the served
+    model by more than `max_drop` on them; without, agreeing with the (prior-corrected) served model on
+    at least `min_agreement` of the held-out samples. The reason names the evidence that decided."""
     gain = 1 - summary["params_after"] / summary["params_before"]
     if gain < min_gain:
         return False, f"size gain {gain:.3f} below min_size_gain {min_gain:g}"
     before, after = summary["top1_before"], summary["top1_after"]
-    if not (isinstance(before, float) and math.isnan(before)):
+    if summary.get("evidence", "labels") == "labels" and not (isinstance(before, float) and math.isnan(before)):
         if after < before - max_drop:
-            return False, f"held-out top-1 {after:.4f} is below served {before:.4f} by more than {max_drop:g}"
-        return True, f"held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
+            return False, f"labels: held-out top-1 {after:.4f} is below served {before:.4f} by more than {max_drop:g}"
+        return True, f"labels: held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
     agreement = summary["agreement_with_before"]
-    if agreement < 1 - max_drop:
-        return False, f"agreement with the served model {agreement:.4f} below {1 - max_drop:.4f} (no labels)"
-    return True, f"agreement {agreement:.4f} with the served model (no labels), {gain:.1%} fewer parameters"
+    teacher = "the prior-corrected served model" if summary.get("teacher", {}).get("corrected") else "the served model"
+    if agreement < min_agreement:
+        return False, f"no labels: agreement with {teacher} {agreement:.4f} below min_agreement {min_agreement:g}"
+    return True, f"no labels: agreement {agreement:.4f} with {teacher}, {gain:.1%} fewer parameters"
 
 
 def _die_with_parent() -> None:
@@ -136,6 +141,7 @@ def run_worker(job: CycleJob, control, events) -> None:
 
         from prune_core import CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model
         from prune_core.model_format import channel_plan
+        from prune_core.teacher import corrected_teacher
 
         from .buffer import read_snapshot
 
@@ -173,13 +179,16 @@ def run_worker(job: CycleJob, control, events) -> None:
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
             tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed),
         )
+        teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
         result = run_cycle(
-            model, card, train_set, held_set, config, should_continue=should_continue,
+            teacher.model, teacher.student_card, train_set, held_set, config, should_continue=should_continue,
             on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version,
         )
+        result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note,
+                                     "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()
         post(StepEvent("validate"))
-        accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain)
+        accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
         if accepted:
             post(StepEvent("write"))
             check()

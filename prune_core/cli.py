@@ -149,7 +149,25 @@ def _load_data(args, card: ModelCard) -> ImageSet:
     return load_image_folder(args.data, card.class_names, card.input_size, skip_unknown=args.skip_unknown)
 
 
+def _calibration_summary(card) -> dict:
+    return {"temperature": card.temperature, "class_prior": dict(zip(card.class_names, card.prior()))}
+
+
+def cmd_calibrate(args) -> dict:
+    from .calibrate import calibrated_card
+    from .device import pick_device
+    from .model_format import load_model, save_model
+
+    device = pick_device(args.device)
+    model, card = load_model(args.dir, device)
+    data = _load_data(args, card)
+    card = calibrated_card(model, card, data, data.labels)
+    save_model(model, card, args.dir)
+    return {"dir": args.dir, "samples": len(data), **_calibration_summary(card)}
+
+
 def cmd_train(args) -> dict:
+    from .calibrate import calibrated_card
     from .data import split_holdout
     from .device import pick_device
     from .model_format import load_model, save_model
@@ -161,8 +179,11 @@ def cmd_train(args) -> dict:
     train_set, held_set = split_holdout(data, HOLDOUT)
     started = time.monotonic()
     result = train(model, train_set, held_set, card.mean, card.std, _train_config(args), progress=not args.quiet)
+    if held_set.labelled:  # calibration and the class prior, for serving under label shift
+        card = calibrated_card(model, card, held_set, train_set.labels)
     save_model(model, card, args.dir)
     return {
+        "calibration": _calibration_summary(card),
         "dir": args.dir,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
@@ -317,6 +338,7 @@ COMMANDS: tuple[tuple[str, str, Configure, Callable], ...] = (
     ("train", "train or fine-tune on an ImageFolder", _train_arguments, cmd_train),
     ("prune", "one offline rank → prune → retrain → evaluate cycle", _prune_arguments, cmd_prune),
     ("eval", "top-1 accuracy on an ImageFolder", _eval_arguments, cmd_eval),
+    ("calibrate", "fit the temperature and class prior on labelled images (for serving under label shift)", _eval_arguments, cmd_calibrate),
     ("info", "describe a model directory", _info_arguments, cmd_info),
     ("export", "export a model directory", _export_arguments, cmd_export),
 )

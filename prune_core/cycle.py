@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Callable, Literal
 
 from torch import nn
@@ -23,6 +24,13 @@ from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, TrainResult, train
 from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
+
+
+class Evidence(str, Enum):
+    """What judged the candidates: held-out labels, or (none there) agreement with the teacher."""
+
+    LABELS = "labels"
+    AGREEMENT = "agreement"
 
 
 @dataclass
@@ -88,6 +96,12 @@ def run_cycle(
     held = lambda: batches(held_set, 256, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
     acc_before = evaluate(base, held())
+    evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT
+
+    def score(candidate: nn.Module) -> float:
+        """What the level search and the choice between criteria judge by: held-out top-1 where
+        the split has labels, else agreement with `model` (the teacher) on it."""
+        return evaluate(candidate, held()).top1 if evidence is Evidence.LABELS else agreement(candidate, base, held())
 
     reference = base
     if config.finetune_before > 0:
@@ -133,9 +147,8 @@ def run_cycle(
         retrained = TrainResult()
         if not state["stopped"]:
             retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
-        acc = evaluate(pruned, held())
         probe = Probe(
-            level, outcome.achieved_level, acc.top1, outcome.params_after, count_macs(pruned, card.input_size),
+            level, outcome.achieved_level, score(pruned), outcome.params_after, count_macs(pruned, card.input_size),
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
             kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch,
         )
@@ -149,7 +162,7 @@ def run_cycle(
             ceiling_model = copy.deepcopy(base)
             ft = adaptation(config.train, config.train.epochs)
             train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
-        ceiling = evaluate(ceiling_model, held()).top1
+        ceiling = score(ceiling_model)
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes, level, kept = found.probes, found.level, found.best_probe
         pruned = found.best if found.best is not None else ceiling_model
@@ -179,7 +192,8 @@ def run_cycle(
         "macs_after": count_macs(pruned, card.input_size),
         "top1_before": acc_before.top1,
         "top1_after": acc_after.top1,
-        "top1_ceiling": ceiling,
+        "top1_ceiling": ceiling,  # on the evidence below: top-1, or agreement with the teacher
+        "evidence": evidence.value,
         "agreement_with_before": agreement(pruned, base, held()),
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .architectures import build_model
+from .calibrate import calibrated_card
 from .data import ImageSet, split_holdout
 from .datasets import MNIST_CLASSES, mnist5k
 from .model_format import MODEL_JSON, ModelCard, load_model, save_model
@@ -64,6 +65,8 @@ def base_model(path: Path, data: Digits, epochs: int, device: torch.device) -> t
     torch.manual_seed(0)
     card = ModelCard(ARCH, 10, MNIST_CLASSES, SIZE)
     model = build_model(ARCH, 10).to(device)
-    train(model, data.base, data.held, card.mean, card.std, TrainConfig(epochs=epochs, lr=0.05, flip=False, patience=epochs), progress=True)
+    learn, calibration = split_holdout(data.base, 0.2, salt="edgetune-calibration")
+    train(model, learn, data.held, card.mean, card.std, TrainConfig(epochs=epochs, lr=0.05, flip=False, patience=epochs), progress=True)
+    card = calibrated_card(model, card, calibration, learn.labels)  # temperature and prior, for serving under label shift
     save_model(model, card, path)
     return model, card, True

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,6 +23,9 @@ from torch import nn
 
 from .architectures import ARCHS, build_model
 from .measure import count_macs, count_params
+
+if TYPE_CHECKING:
+    from .label_shift import Calibration
 
 FORMAT = "edgetune-model"
 FORMAT_VERSION = 1
@@ -70,6 +73,24 @@ class ModelCard:
     params: int = 0
     macs: int = 0
     weights_sha256: str = ""
+    # Label-shift correction: calibrated probabilities are softmax(logits / temperature + logit_bias),
+    # and class_prior is the class distribution they assume (what the model was trained for).
+    temperature: float = 1.0
+    logit_bias: list[float] = field(default_factory=list)  # empty: no per-class bias
+    class_prior: list[float] = field(default_factory=list)  # empty: uniform
+    confusion: list[list[float]] = field(default_factory=list)  # [predicted][true] counts on labelled held-out data (BBSE)
+
+    def prior(self) -> list[float]:
+        """The class prior the model's calibrated probabilities assume (uniform when none is recorded)."""
+        return list(self.class_prior) or [1.0 / self.num_classes] * self.num_classes
+
+    def bias(self) -> list[float]:
+        return list(self.logit_bias) or [0.0] * self.num_classes
+
+    def calibration(self) -> "Calibration":
+        from .label_shift import Calibration
+
+        return Calibration(self.temperature, tuple(self.logit_bias) if self.logit_bias else None)
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -95,6 +116,10 @@ class ModelCard:
                 params=int(data.get("params", 0)),
                 macs=int(data.get("macs", 0)),
                 weights_sha256=str(data.get("weights_sha256", "")),
+                temperature=float(data.get("temperature", 1.0)),
+                logit_bias=[float(v) for v in data.get("logit_bias", [])],
+                class_prior=[float(v) for v in data.get("class_prior", [])],
+                confusion=[[float(v) for v in row] for row in data.get("confusion", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFormatError(f"{where}: missing or invalid field ({type(exc).__name__}: {exc})") from None
@@ -104,6 +129,16 @@ class ModelCard:
             raise ModelFormatError(f"{where}: {len(card.class_names)} class names for {card.num_classes} classes")
         if len(card.mean) != 3 or len(card.std) != 3 or any(s <= 0 for s in card.std):
             raise ModelFormatError(f"{where}: mean and std need 3 values each, std positive")
+        if not card.temperature > 0:
+            raise ModelFormatError(f"{where}: temperature must be positive")
+        for name in ("logit_bias", "class_prior"):
+            values = getattr(card, name)
+            if values and len(values) != card.num_classes:
+                raise ModelFormatError(f"{where}: {name} has {len(values)} values for {card.num_classes} classes")
+        if card.confusion and (len(card.confusion) != card.num_classes or any(len(r) != card.num_classes for r in card.confusion)):
+            raise ModelFormatError(f"{where}: confusion must be {card.num_classes}x{card.num_classes}")
+        if card.class_prior and (min(card.class_prior) < 0 or sum(card.class_prior) <= 0):
+            raise ModelFormatError(f"{where}: class_prior must be non-negative with a positive sum")
         return card
 
 

@@ -175,6 +175,7 @@ def test_init(flow, mnist_folder):
 def test_train(flow):
     train = flow["train"]
     assert train["epochs_run"] == 1 and len(train["history"]) == 1 and train["early_stop_epoch"] is None
+    assert train["calibration"]["temperature"] > 0 and abs(sum(train["calibration"]["class_prior"].values()) - 1) < 1e-6
     assert train["train_samples"] + train["held_out_samples"] == 400
     assert 40 <= train["held_out_samples"] <= 120
     assert 0.0 <= train["held_out_top1"] <= 1.0 and train["seconds"] > 0

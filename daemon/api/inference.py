@@ -77,12 +77,12 @@ def router(rt: Runtime) -> APIRouter:
             tensor = await run_in_threadpool(decode_image, data, model.card.input_size)
         except DataError as exc:
             raise error(400, str(exc)) from None
-        top = await run_in_threadpool(model.predict, tensor.unsqueeze(0))
+        answer = (await run_in_threadpool(model.predict, tensor.unsqueeze(0)))[0]
         latency = time.perf_counter() - started
-        rt.note_inference(latency)
-        best = top[0][0]
+        rt.note_inference(latency, model, tensor, answer, index)
+        best = answer.top[0]
         result = {
-            "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in top[0]],
+            "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in answer.top],
             "model_version": model.version, "latency_ms": latency * 1000, "sample_id": None, "buffered": False,
         }
         sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version)

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from prune_core.data import ImageSet, batches
+from prune_core.label_shift import correct
 from prune_core.device import pick_device
 from prune_core.digits import Digits, base_model, digits, only, parse_classes
 from prune_core.measure import count_macs, count_params, evaluate, latency_ms
@@ -59,7 +60,7 @@ class DemoOptions:
     state_dir: Path
     classes: list[int]
     images_per_class: int = 200
-    label_every: int = 3
+    label_every: int = 0
     base_epochs: int = 4
     cycle_epochs: int = 3
     cycle_min_steps: int = 40
@@ -260,7 +261,8 @@ class Bars:
         self.bars.console.print(text, markup=False, soft_wrap=True)
 
 
-def replay(api: ApiClient, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str) -> StreamStats:
+def replay(api: ApiClient, stream: list[tuple[bytes, str]], label_every: int, serve: ServeProcess, prefix: str,
+           show_prior: bool = False) -> StreamStats:
     stats = StreamStats()
     step = max(1, len(stream) // 10)
     with Bars() as bars:
@@ -280,7 +282,20 @@ def replay(api: ApiClient, stream: list[tuple[bytes, str]], label_every: int, se
             info = f"{stats.labelled} labelled, served by {reply['model_version']}: top-1 {stats.top1:.3f}, /infer {stats.p50_ms:.1f} ms p50"
             milestone = n % step == 0 or n == len(stream)
             bars.update(task, completed=n, info=info, milestone=f"{prefix} {n}/{len(stream)} images, {info}" if milestone else None)
+            if milestone and show_prior:
+                bars.say(f"[prior] {describe_prior(api.get('/status').get('label_shift'))}")
     return stats
+
+
+def describe_prior(shift: dict | None) -> str:
+    """'1 33%, 4 32%, 7 31%, others 4% (correcting answers)': the daemon's estimate of the camera's classes."""
+    if not shift or not shift.get("estimate"):
+        return f"estimating the camera's classes ({(shift or {}).get('reason', 'no estimate yet')})"
+    ranked = sorted(shift["estimate"].items(), key=lambda kv: -kv[1])
+    top = [(name, share) for name, share in ranked if share >= 0.05]
+    rest = 1 - sum(share for _, share in top)
+    text = ", ".join(f"{name} {share:.0%}" for name, share in top) + (f", others {rest:.0%}" if rest >= 0.005 else "")
+    return f"{text} ({'correcting answers' if shift.get('applied') else shift.get('reason')})"
 
 
 # ---- waiting for the cycle --------------------------------------------------------------
@@ -359,10 +374,18 @@ class Row:
     top1: float
 
 
-def measure(name: str, version: str, model_dir: Path, held: ImageSet, infer_ms: float, device: torch.device) -> Row:
-    """The served version's own weights, read from the daemon's model store."""
+def measure(name: str, version: str, model_dir: Path, held: ImageSet, infer_ms: float, device: torch.device,
+            prior: dict | None = None) -> Row:
+    """The served version's own weights, read from the daemon's model store; with `prior` (class name:
+    share), its calibrated answers corrected to that class prior as the daemon serves them."""
     model, card = load_model(model_dir, device)
-    top1 = evaluate(model, batches(held, 256, card.mean, card.std, device=device)).top1
+    if prior is None:
+        top1 = evaluate(model, batches(held, 256, card.mean, card.std, device=device)).top1
+    else:
+        target = torch.tensor([prior[name] for name in card.class_names])
+        with torch.no_grad():
+            probs = torch.cat([card.calibration().apply(model(x).cpu()) for x, _ in batches(held, 256, card.mean, card.std, device=device)])
+        top1 = float((correct(probs, torch.tensor(card.prior()), target).argmax(1) == held.labels).float().mean())
     return Row(name, version, count_params(model), count_macs(model, card.input_size), forward_ms(model, card.input_size), infer_ms, top1)
 
 
@@ -473,7 +496,7 @@ def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, s
     labels = f"a user labels 1 image in {opts.label_every}" if opts.label_every else "no labels"
     log(f"the camera sees only digits {names}: {len(stream)} images the base model never saw, through POST /infer ({labels})")
     t0 = time.monotonic()
-    seen = replay(api, stream, opts.label_every, serve, "[camera]")
+    seen = replay(api, stream, opts.label_every, serve, "[camera]", show_prior=True)
     log(f"the camera stopped after {time.monotonic() - t0:.0f}s; the daemon starts a cycle by itself once idle for {opts.idle_seconds:g}s")
 
     t0 = time.monotonic()
@@ -486,6 +509,13 @@ def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, s
 
     models = state / "daemon" / "models"
     rows = [measure("before", cycle["version_before"], models / cycle["version_before"], held, seen.p50_ms, device)]
+    if outcome is CycleState.REJECTED:
+        shift = api.get("/status").get("label_shift") or {}
+        estimate = shift.get("estimate") if shift.get("applied") else None
+    else:  # the prior the cycle's teacher was corrected to
+        estimate = ((cycle.get("metrics") or {}).get("teacher") or {}).get("prior")
+    if estimate:  # the same base model, its answers corrected to the camera's estimated classes: no training, no labels
+        rows.insert(1, measure("+prior", cycle["version_before"], models / cycle["version_before"], held, seen.p50_ms, device, estimate))
     if outcome is CycleState.ACCEPTED:
         after = replay(api, stream[:100], 0, serve, "[replay]")
         rows.append(measure("after", cycle["version_after"], models / cycle["version_after"], held, after.p50_ms, device))
@@ -534,7 +564,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default="demo-state", help="base model, daemon state and log (reused: the base model is trained once)")
     p.add_argument("--classes", default="1,4,7", help="the digits the camera sees")
     p.add_argument("--images-per-class", type=argtypes.positive_int, default=200, help="camera images per class (at most ~200 exist)")
-    p.add_argument("--label-every", type=argtypes.non_negative_int, default=3, help="the user labels every Nth image (0: none)")
+    p.add_argument("--label-every", type=argtypes.non_negative_int, default=0, help="the user labels every Nth image (default 0: none, as on a real device)")
     p.add_argument("--base-epochs", type=argtypes.positive_int, default=4, help="base model training (first run only)")
     p.add_argument("--cycle-epochs", type=argtypes.non_negative_int, default=3, help="retraining epochs in the cycle")
     p.add_argument("--cycle-min-steps", type=argtypes.non_negative_int, default=40, help="at least this many SGD steps per retraining")

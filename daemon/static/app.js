@@ -206,6 +206,20 @@ function renderBuffer(buf) {
     : [el("p", { class: "muted" }, "empty")]));
 }
 
+// the class prior the daemon estimates from traffic (EM), beside what the served model assumes
+function renderPrior(shift) {
+  const state = $("prior-state");
+  if (!shift) { state.replaceWith(Object.assign(pill("no model", "closed"), { id: "prior-state" })); return; }
+  state.replaceWith(Object.assign(pill(shift.applied ? "correcting" : "not correcting", shift.applied ? "ok" : "closed"), { id: "prior-state" }));
+  const spots = shift.spot_check || {};
+  $("prior-reason").textContent = (shift.reason || "answers are corrected to the estimate") + " · " + shift.samples + " answers in the window"
+    + (spots.labelled ? " · spot checks: " + spots.correct_corrected + " / " + spots.labelled + " right corrected, " + spots.correct_raw + " uncorrected" : "");
+  const entries = Object.entries(shift.estimate || {}).sort((a, b) => b[1] - a[1]).filter(([, v]) => v >= 0.01);
+  $("prior-estimate").replaceChildren(...(entries.length
+    ? entries.map(([name, v]) => bar(name, v, 1, pct(v) + " (model assumes " + pct(shift.source_prior[name]) + ")", false))
+    : [el("p", { class: "muted" }, "no estimate yet")]));
+}
+
 function renderModels() {
   const active = models.find((m) => m.active);
   const stored = new Set(models.map((m) => m.version));
@@ -256,6 +270,7 @@ async function poll() {
     renderGate(st.scheduler);
     renderCycle(st.cycle);
     renderBuffer(st.buffer);
+    renderPrior(st.label_shift);
     $("provider").textContent = "(" + st.telemetry.provider + ")";
     pushReading(st.telemetry);
     const key = st.cycle ? st.cycle.id + ":" + st.cycle.state : "";

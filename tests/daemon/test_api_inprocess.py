@@ -162,7 +162,10 @@ def test_models_and_activate(inproc):
 def test_status_and_metrics(inproc):
     inproc.tick()
     status = inproc.client.get("/status").json()
-    assert set(status) == {"model", "buffer", "scheduler", "telemetry", "cycle"}
+    assert set(status) == {"model", "buffer", "scheduler", "telemetry", "cycle", "label_shift"}
+    shift = status["label_shift"]
+    assert shift["estimate"] is None and not shift["applied"] and shift["reason"].startswith("estimating")
+    assert shift["source_prior"]["0"] == 0.1 and shift["generalist"] == {"version": "v0001", "watching": False, "estimate": None}
     assert status["model"]["version"] == "v0001" and status["model"]["arch"] == "cifar_small"
     assert status["cycle"] is None
     s = status["scheduler"]
@@ -172,7 +175,8 @@ def test_status_and_metrics(inproc):
     assert status["telemetry"]["limits"]["thermal_limit_c"] == 75.0
     text = inproc.client.get("/metrics").text
     for name in ("edgetune_requests_total", "edgetune_request_latency_seconds_bucket", "edgetune_buffer_samples",
-                 "edgetune_model_params", "edgetune_temperature_celsius", "edgetune_power_watts", "edgetune_gate_open"):
+                 "edgetune_model_params", "edgetune_temperature_celsius", "edgetune_power_watts", "edgetune_gate_open",
+                 'edgetune_class_prior{class="0",estimator="source"}', "edgetune_prior_correction_applied"):
         assert name in text, name
     assert re.search(r'^edgetune_model_info\{arch="cifar_small",version="v0001"\} 1\.0$', text, re.M)
     assert re.search(r"^edgetune_temperature_max_celsius 45\.0$", text, re.M)
