@@ -171,6 +171,9 @@ def fit_state_dict(model: nn.Module, state: StateDict, where: str = "the state d
         if wrong:
             k = wrong[0]
             parts.append(f"other shapes: {_shown(wrong)} (e.g. '{k}' is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
+        shared = len(set(state) & set(own))
+        if shared < len(own) / 2:
+            parts.append(f"only {shared} of the model's {len(own)} tensors are named in the file: another architecture's weights?")
         raise WeightsError(f"{where} does not fit the model: {'; '.join(parts)}")
 
     merged = collections.OrderedDict(own)

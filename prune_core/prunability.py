@@ -112,7 +112,7 @@ def check_prunable(model: nn.Module, card: ModelCard) -> Trial:
     except Exception as exc:  # a failure outside any layer (Torch-Pruning's graph building)
         raise UnprunableModel(f"{arch} cannot be pruned: Torch-Pruning failed ({first_line(exc)})") from None
     pruned = outcome.model.eval()
-    after = f"{arch} after a trial prune of {TRIAL_RATIO:.0%} of its channels"
+    after = f"{arch} cannot be pruned (a trial prune of {TRIAL_RATIO:.0%} of its channels breaks it)"
     _check_logits(_run(pruned, x, after), 1, classes, after)
     if outcome.params_after >= outcome.params_before:
         raise UnprunableModel(f"{arch} cannot be pruned: Torch-Pruning found no channel it can remove")
@@ -122,11 +122,12 @@ def check_prunable(model: nn.Module, card: ModelCard) -> Trial:
             save_model(pruned, copy.deepcopy(card), tmp)
             loaded, _ = load_model(tmp)
         except (ModelFormatError, RuntimeError) as exc:
-            raise UnprunableModel(f"{after} cannot be stored and loaded: {first_line(exc)}") from None
-    got, want = _run(loaded, x, f"{after}, loaded"), _run(pruned, x, after)
+            raise UnprunableModel(f"{arch} cannot be pruned (once pruned, it cannot be stored and loaded): {first_line(exc)}") from None
+    got, want = _run(loaded, x, after), _run(pruned, x, after)
     if not torch.allclose(got, want, atol=ATOL, rtol=RTOL):
         layer = _first_different_layer(loaded, pruned, x)
-        raise UnprunableModel(f"{after}: layer '{layer}' computes differently once loaded (its state is not all in the channel plan)")
+        raise UnprunableModel(f"{arch} cannot be pruned (once pruned, it computes differently when loaded): layer '{layer}' "
+                              "keeps state the channel plan does not describe")
 
     try:
         replayed = replay(base, outcome.history, size)
@@ -137,5 +138,6 @@ def check_prunable(model: nn.Module, card: ModelCard) -> Trial:
         layer = next(n for n in expected if plan.get(n) != expected[n])
         raise UnprunableModel(f"{arch}: the recorded surgery replays differently at layer '{layer}'")
 
-    _check_logits(_run(loaded, batch, f"{after}, training", train=True), 2, classes, after)
+    trained = f"{arch} cannot be trained once pruned"
+    _check_logits(_run(loaded, batch, trained, train=True), 2, classes, trained)
     return Trial(outcome.params_before, count_params(pruned))

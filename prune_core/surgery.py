@@ -302,7 +302,8 @@ def prune_to_level(
         return PruneOutcome(copy.deepcopy(model), before, before, 0.0, spec.allocation)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, input_size, input_size, device=device)
-    round_to = spec.round_to if spec.round_to > 1 else None
+    # Where rounding is off for the network (grouped convs, `pruner_setup`), a retry without it would prune the same.
+    round_to = spec.round_to if spec.round_to > 1 and pruner_setup(model).allow_round_to else None
     best = _bisect(model, scores, spec, example, prefer_norm_layers, round_to, before)
     if round_to and abs(best.achieved - spec.level) > ROUNDING_SLACK:
         # Small layers move in steps of `round_to` channels (densenet's growth convs,
