@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from typing import List, Literal
 
 import torch
-import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function as tpf
 
 from .architectures import classifier_module, stem_module
 from .choices import parse_choices
 from .criteria import NORM_TYPES, Scores, channel_count
 from .layer_errors import LayerError, first_line, naming_failing_layer
 from .measure import count_params
-from .tp_compat import pruner_setup
+from .tp_compat import pruner_setup, tp
+
+tpf = tp.pruner.function
 
 ROUNDING_SLACK = 0.02  # accept this miss of the level before giving up channel rounding
 STALL_PROBES = 3  # bisection probes in a row that reach no new parameter count before the search ends
