@@ -33,6 +33,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Classifier names of torchvision, timm and other zoos; a trailing index (classifier.1) is allowed.
 CLASSIFIER_NAMES = ("fc", "head.fc", "head", "classifier", "last_linear", "logits", "head.l")
 SHOWN_KEYS = 4
+OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from checkpoints of old torch versions: the model's own value is kept
 
 
 class WeightsError(ValueError):
@@ -122,7 +123,8 @@ def _map_classifier(state: StateDict, own: StateDict, head: str, fit: WeightsFit
     """Rename a classifier stored under another name onto `head` (the model's), when that is the
     only difference between the names."""
     head_keys = {k for k in own if k.startswith(head + ".")}
-    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    missing = {k for k in set(own) - set(state) if not k.endswith(OPTIONAL_SUFFIX)}
+    unexpected = set(state) - set(own)
     if not missing or not missing <= head_keys or not unexpected:
         return state
     prefixes = {k.rsplit(".", 1)[0] for k in unexpected}
@@ -159,7 +161,7 @@ def fit_state_dict(model: nn.Module, state: StateDict, where: str = "the state d
                          f"everything else is loaded, the classifier '{head}' starts untrained")
 
     missing = sorted(k for k in set(own) - set(state) if k not in head_keys or head not in fit.untrained)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old checkpoints
+    missing = [k for k in missing if not k.endswith(OPTIONAL_SUFFIX)]
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or wrong:
