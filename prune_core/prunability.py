@@ -135,7 +135,7 @@ def check_prunable(model: nn.Module, card: ModelCard) -> Trial:
         raise UnprunableModel(f"{arch}: the recorded surgery does not replay: {exc}") from None
     plan, expected = channel_plan(replayed), channel_plan(pruned)
     if plan != expected:
-        layer = next(n for n in expected if plan.get(n) != expected[n])
+        layer = next(n for n in sorted(set(plan) | set(expected)) if plan.get(n) != expected.get(n))
         raise UnprunableModel(f"{arch}: the recorded surgery replays differently at layer '{layer}'")
 
     trained = f"{arch} cannot be trained once pruned"
