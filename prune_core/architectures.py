@@ -1,7 +1,10 @@
-"""Registry of CNN architectures that edgetune can build, train and prune.
+"""The CNN architectures that edgetune can build, train and prune.
 
-Every model is built from scratch (``weights=None``); nothing here touches the
-network.  Each entry records the default input size used when the user gives
+An architecture is named by one string (``arch_spec``): a built-in name from ``ARCHS``,
+``timm:<model>`` for any model of the ``timm`` zoo, or ``<module>:<factory>`` for a user's own
+``nn.Module``, built by calling ``factory(num_classes=..., **arch_kwargs)`` from an importable
+module. Every model is built from scratch (``weights=None``, ``pretrained=False``); nothing here
+touches the network: a user's weights come through ``edgetune init --weights``.  Each entry records the default input size used when the user gives
 none (``image_size``) and the smallest square input the network runs at
 (``min_image_size``, verified by running a forward pass at that size and
 checking that one pixel less fails).
@@ -17,10 +20,11 @@ pulls in torch's compiler stack, a large share of a daemon's start-up time that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
+import difflib
 import importlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
@@ -28,7 +32,9 @@ __all__ = [
     "ArchSpec",
     "ARCHS",
     "CifarSmall",
+    "arch_spec",
     "build_model",
+    "check_arch_name",
     "classifier_module",
     "stem_module",
 ]
@@ -38,7 +44,7 @@ __all__ = [
 class ArchSpec:
     name: str
     image_size: int        # default input size used when a user gives none
-    min_image_size: int    # smallest input the network runs at
+    min_image_size: int    # smallest input the network runs at (1: not known in advance)
     build: Callable[[int], nn.Module]   # num_classes -> freshly initialised model
 
 
@@ -182,14 +188,100 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+TIMM_PREFIX = "timm:"
+# Default input size of architectures outside ARCHS, like the torchvision ones': small enough to
+# train on a CPU; their smallest input is not known in advance (`edgetune init` runs one).
+EXTERNAL_IMAGE_SIZE = 64
+_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+# Keyword arguments edgetune sets itself when it builds a timm model.
+_TIMM_RESERVED = ("pretrained", "num_classes", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def check_arch_name(arch: str) -> None:
+    """Raise ValueError unless `arch` is a built-in name, ``timm:<model>`` or ``<module>:<factory>``.
+
+    Only the spelling is checked: nothing is imported (a model.json is read without running code)."""
+    if arch in ARCHS:
+        return
+    if arch.startswith(TIMM_PREFIX):
+        if arch[len(TIMM_PREFIX):].strip():
+            return
+        raise ValueError(f"architecture '{arch}' names no timm model (e.g. timm:resnet18)")
+    if ":" in arch:
+        if _FACTORY.fullmatch(arch):
+            return
+        raise ValueError(f"architecture '{arch}' is not of the form package.module:factory")
+    close = difflib.get_close_matches(arch, ARCHS, n=3)
+    raise ValueError(
+        f"unknown architecture '{arch}'; choose from {', '.join(sorted(ARCHS))}, timm:<model> or package.module:factory"
+        + (f" (did you mean {', '.join(close)}?)" if close else "")
+    )
+
+
+def _timm_builder(name: str, kwargs: Mapping[str, Any]) -> Callable[[int], nn.Module]:
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError:
+        raise ValueError(f"architecture 'timm:{name}' needs the timm package (pip install timm)") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ValueError(f"timm has no model '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    reserved = sorted(set(kwargs) & set(_TIMM_RESERVED))
+    if reserved:
+        raise ValueError(f"arch kwargs may not set {', '.join(reserved)} (edgetune builds untrained models; weights come with --weights)")
+
+    def build(num_classes: int) -> nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+    return build
+
+
+def _factory_builder(arch: str, kwargs: Mapping[str, Any]) -> Callable[[int], nn.Module]:
+    module_name, _, attr_path = arch.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"architecture '{arch}': cannot import {module_name} ({exc}); is it installed or on PYTHONPATH?") from None
+    for attr in attr_path.split("."):
+        if not hasattr(target, attr):
+            raise ValueError(f"architecture '{arch}': {module_name} has no '{attr_path}'")
+        target = getattr(target, attr)
+    if not callable(target):
+        raise ValueError(f"architecture '{arch}': {attr_path} is not callable")
+
+    def build(num_classes: int) -> nn.Module:
+        try:
+            model = target(num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"architecture '{arch}': calling {attr_path}(num_classes=..., **arch_kwargs) failed: {exc}") from None
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"architecture '{arch}': {attr_path} returned {type(model).__name__}, not a torch nn.Module")
+        return model
+
+    return build
+
+
+def arch_spec(arch: str, kwargs: Mapping[str, Any] | None = None) -> ArchSpec:
+    """The ArchSpec `arch` names, its builder bound to `kwargs` (the factory's keyword arguments,
+    recorded in model.json as ``arch_kwargs``; built-in architectures take none).
+
+    Raises ValueError naming the problem: an unknown name, a missing package or factory."""
+    kwargs = dict(kwargs or {})
+    check_arch_name(arch)
+    if arch in ARCHS:
+        if kwargs:
+            raise ValueError(f"built-in architecture '{arch}' takes no arch kwargs (got {', '.join(sorted(kwargs))})")
+        return ARCHS[arch]
+    if arch.startswith(TIMM_PREFIX):
+        build = _timm_builder(arch[len(TIMM_PREFIX):], kwargs)
+    else:
+        build = _factory_builder(arch, kwargs)
+    return ArchSpec(arch, EXTERNAL_IMAGE_SIZE, 1, build)
+
+
+def build_model(arch: str, num_classes: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a freshly initialised (untrained) ``arch`` with ``num_classes`` outputs."""
-    spec = ARCHS.get(arch)
-    if spec is None:
-        raise ValueError(
-            f"unknown architecture {arch!r}; choose from {', '.join(sorted(ARCHS))}"
-        )
-    return spec.build(num_classes)
+    return arch_spec(arch, kwargs).build(num_classes)
 
 
 def classifier_module(model: nn.Module) -> nn.Module:

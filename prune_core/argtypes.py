@@ -3,7 +3,8 @@ cycle options): a bad value becomes argparse's one-line usage error, never a twi
 from __future__ import annotations
 
 import argparse
-from typing import Callable, TypeVar
+import json
+from typing import Any, Callable, Dict, TypeVar
 
 from .options import Level, parse_allocations, parse_criteria, parse_level
 
@@ -53,3 +54,16 @@ criteria = checked_by(parse_criteria)  # 'l1', or several comma-separated
 allocations = checked_by(parse_allocations)  # 'uniform', 'global' or 'uniform,global'
 non_negative_int = _at_least(0)
 positive_int = _at_least(1)
+
+
+def _json_object(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object such as '{{\"width\": 32}}', got {type(value).__name__}")
+    return value
+
+
+json_object: Callable[[str], Dict[str, Any]] = converted_by(_json_object)  # keyword arguments, e.g. --arch-kwargs

@@ -19,8 +19,6 @@ from .errors import UsageError
 from .jsonsafe import finite
 
 if TYPE_CHECKING:
-    import torch
-
     from .data import ImageSet
     from .model_format import ModelCard
     from .retrain import TrainConfig
@@ -66,28 +64,6 @@ def _emit(data: dict) -> None:
     print(json.dumps(finite(data), indent=2, default=float, allow_nan=False))
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or from a torch file with `weights_only` (no code executed)."""
-    import torch
-
-    if not path.is_file():
-        raise UsageError(f"weights file '{path}' not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file: pickle, safetensors, zip and OS errors alike
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"weights file '{path}' is unreadable: {first}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UsageError(f"weights file '{path}' does not hold a state dict")
-    return state
-
-
 def _class_names(args) -> list[str]:
     if args.classes_from:
         root = Path(args.classes_from)
@@ -110,29 +86,44 @@ def _class_names(args) -> list[str]:
 def cmd_init(args) -> dict:
     import torch
 
-    from .architectures import ARCHS, build_model
+    from .architectures import arch_spec
+    from .checkpoint import WeightsError, load_weights
+    from .data import Preprocess
     from .model_format import ModelCard, save_model
+    from .prunability import check_prunable
 
     names = _class_names(args)
-    spec = ARCHS.get(args.arch)
-    if spec is None:
-        raise UsageError(f"unknown architecture '{args.arch}'; choose from {', '.join(sorted(ARCHS))}")
-    size = args.image_size or spec.image_size
+    try:
+        spec = arch_spec(args.arch, args.arch_kwargs)
+        size = args.image_size or spec.image_size
+        preprocess = Preprocess(size, args.resize_size, args.interpolation)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if size < spec.min_image_size:
         raise UsageError(f"{args.arch} needs --image-size of at least {spec.min_image_size}")
     out = Path(args.dir)
     if (out / "model.json").exists() and not args.force:
         raise UsageError(f"'{out}' already holds a model (use --force to overwrite)")
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, len(names))
+    model = spec.build(len(names))
+    fit = None
     if args.weights:
-        state = _load_weights(Path(args.weights))
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise UsageError(f"weights do not fit {args.arch} with {len(names)} classes: {str(exc).splitlines()[0]}") from None
-    card = save_model(model, ModelCard(args.arch, len(names), names, size), out)
-    return {"dir": str(out), "arch": card.arch, "num_classes": card.num_classes, "input_size": size, "params": card.params, "macs": card.macs}
+            fit = load_weights(model, args.weights)
+        except WeightsError as exc:
+            raise UsageError(f"{exc} ({args.arch} with {len(names)} classes)") from None
+    card = ModelCard(args.arch, len(names), names, size, resize_size=preprocess.resize_size,
+                     interpolation=preprocess.interpolation, arch_kwargs=dict(args.arch_kwargs))
+    trial = check_prunable(model, card)  # refuses, naming the layer, what cannot be pruned and stored
+    card = save_model(model, card, out)
+    for note in fit.notes if fit else []:
+        print(f"edgetune init: note: {note}", file=sys.stderr)
+    return {
+        "dir": str(out), "arch": card.arch, "arch_kwargs": card.arch_kwargs, "num_classes": card.num_classes,
+        "input_size": size, "resize_size": card.resize_size, "interpolation": card.preprocess.interpolation.value,
+        "params": card.params, "macs": card.macs, "trial_prune_level": trial.level,
+        **({"weights": {"tensors_loaded": fit.loaded, "renamed": fit.renamed, "untrained": fit.untrained, "notes": fit.notes}} if fit else {}),
+    }
 
 
 def _train_config(args) -> TrainConfig:
@@ -146,7 +137,7 @@ def _train_config(args) -> TrainConfig:
 def _load_data(args, card: ModelCard) -> ImageSet:
     from .data import load_image_folder
 
-    return load_image_folder(args.data, card.class_names, card.input_size, skip_unknown=args.skip_unknown)
+    return load_image_folder(args.data, card.class_names, card.preprocess, skip_unknown=args.skip_unknown)
 
 
 def _calibration_summary(card) -> dict:
@@ -284,14 +275,25 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = 
 
 def _init_arguments(p: argparse.ArgumentParser) -> None:
     from .architectures import ARCHS
+    from .data import Interpolation
 
     p.add_argument("dir")
-    p.add_argument("--arch", required=True, help=f"one of: {', '.join(sorted(ARCHS))}")
+    p.add_argument("--arch", required=True,
+                   help=f"one of: {', '.join(sorted(ARCHS))}; or timm:<model> (any timm model, e.g. timm:efficientnet_b0); "
+                        "or package.module:factory, a function returning your nn.Module, called as factory(num_classes=N, **arch-kwargs)")
+    p.add_argument("--arch-kwargs", type=argtypes.json_object, default={}, metavar="JSON",
+                   help="keyword arguments of the timm model or factory, as a JSON object (kept in model.json)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--class-names", help="comma-separated class names (default 0..N-1)")
     p.add_argument("--classes-from", help="take class names from the sub-folders of this ImageFolder")
-    p.add_argument("--weights", help="initial weights (.safetensors, or a torch state dict loaded with weights_only)")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--weights", help="initial weights: .safetensors, or a torch state dict or training checkpoint (read with "
+                                      "weights_only); a classifier named differently or with another class count is mapped or left untrained")
+    p.add_argument("--image-size", type=argtypes.positive_int, help="the model's square input (the crop size), e.g. 224")
+    p.add_argument("--resize-size", type=argtypes.positive_int,
+                   help="scale each image's shorter side to this, then cut the centre --image-size square (torchvision's "
+                        "presets: 256 for 224); default: scale the whole image to the square")
+    p.add_argument("--interpolation", default=Interpolation.BILINEAR.value, choices=[i.value for i in Interpolation],
+                   help="resampling filter of the resize")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
 

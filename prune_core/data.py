@@ -2,6 +2,8 @@
 
 Decoded images are kept as uint8 tensors at the model's input size (3 bytes/pixel), which is
 what a device-local buffer of a few thousand samples costs; batches are normalised on the fly.
+How an image of any shape becomes that input is one `Preprocess`, taken from the model card by
+every caller (serving, cycles, the CLI), so a model sees the same pixels wherever it runs.
 """
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,21 +74,82 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(source: bytes | str | Path, size: int) -> torch.Tensor:
-    """Decode any common image (grey, alpha, palette, 16-bit) to a uint8 3×size×size tensor.
+class Interpolation(str, Enum):
+    """Resampling filter of the resize (PIL's, antialiased when shrinking, as torchvision's on PIL images)."""
+
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+
+    @property
+    def pil(self) -> int:
+        return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[self.value]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image of any shape becomes the model's square `crop_size` input.
+
+    With `resize_size`, as torchvision's classification presets do (``Resize(resize_size)`` then
+    ``CenterCrop(crop_size)``): the shorter side is scaled to `resize_size`, the aspect ratio kept,
+    and the centre `crop_size` square cut out. Without it (edgetune's original policy, the one of
+    model cards that name only ``input_size``), the whole image is scaled to the square.
+    """
+
+    crop_size: int
+    resize_size: int | None = None
+    interpolation: Interpolation = Interpolation.BILINEAR
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 1:
+            raise ValueError(f"crop size must be positive, got {self.crop_size}")
+        if self.resize_size is not None and self.resize_size < self.crop_size:
+            raise ValueError(f"resize size {self.resize_size} is smaller than the crop size {self.crop_size}")
+        object.__setattr__(self, "interpolation", Interpolation(self.interpolation))
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize; torchvision's rule: the longer side is truncated."""
+        if self.resize_size is None:
+            return self.crop_size, self.crop_size
+        if width <= height:
+            return self.resize_size, int(self.resize_size * height / width)
+        return int(self.resize_size * width / height), self.resize_size
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        """`img` resized and centre-cropped to crop_size×crop_size."""
+        size = self.resized_size(*img.size)
+        if img.size != size:
+            img = img.resize(size, self.interpolation.pil)
+        width, height = size
+        if (width, height) == (self.crop_size, self.crop_size):
+            return img
+        top = int(round((height - self.crop_size) / 2.0))
+        left = int(round((width - self.crop_size) / 2.0))
+        return img.crop((left, top, left + self.crop_size, top + self.crop_size))
+
+
+# A plain int is a square input size: the whole image scaled to it (Preprocess(size)).
+PreprocessLike = Union[Preprocess, int]
+
+
+def as_preprocess(policy: PreprocessLike) -> Preprocess:
+    return policy if isinstance(policy, Preprocess) else Preprocess(int(policy))
+
+
+def decode_image(source: bytes | str | Path, policy: PreprocessLike) -> torch.Tensor:
+    """Decode any common image (grey, alpha, palette, 16-bit) to a uint8 3×S×S tensor, S the
+    policy's crop size (an int policy: the whole image scaled to S×S).
 
     Raises DataError for empty, truncated, unrecognised or over-large images.
     """
+    policy = as_preprocess(policy)
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
         with fp, Image.open(fp) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(f"image of {img.width}x{img.height} pixels exceeds the {MAX_PIXELS} pixel limit")
             img.load()
-            rgb = _to_rgb(img)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(rgb, dtype=np.uint8)
+            arr = np.asarray(policy.apply(_to_rgb(img)), dtype=np.uint8)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -129,11 +193,12 @@ def scan_image_folder(
 def load_image_folder(
     root: str | Path,
     class_names: Sequence[str],
-    image_size: int,
+    policy: PreprocessLike,
     skip_unknown: bool = False,
     limit_per_class: int | None = None,
 ) -> ImageSet:
-    """Decode an ImageFolder into memory (two threads: PIL releases the GIL while decoding)."""
+    """Decode an ImageFolder into memory by `policy` (the model card's `preprocess`, or a square
+    size) with two threads: PIL releases the GIL while decoding."""
     root = Path(root)
     items = scan_image_folder(root, class_names, skip_unknown)
     if limit_per_class is not None:
@@ -147,7 +212,7 @@ def load_image_folder(
 
     def load(item: tuple[Path, int]) -> torch.Tensor:
         try:
-            return decode_image(item[0], image_size)
+            return decode_image(item[0], policy)
         except DataError as exc:
             raise DataError(f"{item[0]}: {exc}") from None
 

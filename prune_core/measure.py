@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch_pruning as tp
 from torch import nn
+
+from .tp_compat import tp
 
 
 def count_params(model: nn.Module) -> int:

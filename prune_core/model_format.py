@@ -1,5 +1,9 @@
 """A model is a directory: `model.json` (architecture, channel plan, classes, lineage) + `weights.safetensors`.
 
+The architecture is a built-in name, `timm:<model>` or a user's `<module>:<factory>` with its
+keyword arguments (`arch_kwargs`); how images become its input is `input_size` (the square the
+model sees) plus an optional `resize_size` and `interpolation` (`ModelCard.preprocess`).
+
 Loading builds the architecture fresh, shrinks every pruned layer to the channel plan, and loads
 the weights with safetensors (no unpickling). Anything that does not fit raises ModelFormatError
 naming the file and the problem.
@@ -21,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .architectures import ARCHS, build_model
+from .architectures import build_model, check_arch_name
+from .data import Interpolation, Preprocess
 from .measure import count_macs, count_params
 
 if TYPE_CHECKING:
@@ -68,6 +73,9 @@ class ModelCard:
     input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize_size: int | None = None  # shorter side scaled to this, then centre-cropped to input_size; None: whole image scaled
+    interpolation: Interpolation = Interpolation.BILINEAR
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a timm model or a factory
     channel_plan: dict[str, dict[str, Any]] = field(default_factory=dict)
     lineage: Lineage = field(default_factory=Lineage)
     params: int = 0
@@ -92,9 +100,15 @@ class ModelCard:
 
         return Calibration(self.temperature, tuple(self.logit_bias) if self.logit_bias else None)
 
+    @property
+    def preprocess(self) -> Preprocess:
+        """How an image becomes this model's input, for every caller that decodes one."""
+        return Preprocess(self.input_size, self.resize_size, self.interpolation)
+
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
         body["mean"], body["std"] = list(self.mean), list(self.std)
+        body["interpolation"] = Interpolation(self.interpolation).value
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **body}
 
     @classmethod
@@ -111,6 +125,9 @@ class ModelCard:
                 input_size=int(data["input_size"]),
                 mean=tuple(float(v) for v in data["mean"]),
                 std=tuple(float(v) for v in data["std"]),
+                resize_size=None if data.get("resize_size") is None else int(data["resize_size"]),
+                interpolation=Interpolation(data.get("interpolation", Interpolation.BILINEAR.value)),
+                arch_kwargs=dict(data.get("arch_kwargs", {})),
                 channel_plan={str(k): dict(v) for k, v in data.get("channel_plan", {}).items()},
                 lineage=Lineage(**data.get("lineage", {})),
                 params=int(data.get("params", 0)),
@@ -123,8 +140,11 @@ class ModelCard:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFormatError(f"{where}: missing or invalid field ({type(exc).__name__}: {exc})") from None
-        if card.arch not in ARCHS:
-            raise ModelFormatError(f"{where}: unknown architecture '{card.arch}'")
+        try:
+            check_arch_name(card.arch)
+            card.preprocess  # noqa: B018 -- validates resize_size against input_size
+        except ValueError as exc:
+            raise ModelFormatError(f"{where}: {exc}") from None
         if len(card.class_names) != card.num_classes:
             raise ModelFormatError(f"{where}: {len(card.class_names)} class names for {card.num_classes} classes")
         if len(card.mean) != 3 or len(card.std) != 3 or any(s <= 0 for s in card.std):
@@ -283,7 +303,10 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFormatError(f"{weights}: unreadable safetensors file ({exc})") from None
-    model = build_model(card.arch, card.num_classes)
+    try:
+        model = build_model(card.arch, card.num_classes, card.arch_kwargs)
+    except ValueError as exc:
+        raise ModelFormatError(f"{directory / MODEL_JSON}: {exc}") from None
     apply_channel_plan(model, card.channel_plan, shapes, str(directory / MODEL_JSON))
     # Module versions (e.g. MNASNet's) live in state_dict metadata, which safetensors does not keep;
     # the freshly built model's metadata describes the same code.

@@ -3,7 +3,8 @@
 Torch-Pruning traces the network and groups every tensor slice coupled to a channel (next
 layers' inputs, batch norms, residual additions, concatenations, depthwise/grouped convs, SE
 blocks); we supply the ranking (`ScoreImportance`) and the allocation: how many channels each
-group loses so that the model sheds `level` of its parameters.
+group loses so that the model sheds `level` of its parameters. A trace or a group that fails
+raises LayerError naming the layer (the model given is never modified: pruning works on copies).
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import List, Literal
 
 import torch
-import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function as tpf
 
 from .architectures import classifier_module, stem_module
 from .choices import parse_choices
 from .criteria import NORM_TYPES, Scores, channel_count
+from .layer_errors import LayerError, first_line, naming_failing_layer
 from .measure import count_params
-from .tp_compat import pruner_setup
+from .tp_compat import pruner_setup, tp
+
+tpf = tp.pruner.function
 
 ROUNDING_SLACK = 0.02  # accept this miss of the level before giving up channel rounding
 STALL_PROBES = 3  # bisection probes in a row that reach no new parameter count before the search ends
@@ -165,7 +167,7 @@ def _pruner(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Te
         ignored.append(classifier_module(model))
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    with setup.tracing(), warnings.catch_warnings():
+    with setup.tracing(), naming_failing_layer(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TP warns about every unwrapped parameter it handles
         return tp.pruner.MetaPruner(
             model,
@@ -186,9 +188,31 @@ def _prune_once(
 ) -> _Candidate:
     pruned = copy.deepcopy(model).eval()
     pruner = _pruner(pruned, scores, spec, example, prefer_norm, round_to, ratio, layer_ratios)
-    pruner.step()
+    _step(pruner, pruned)
     pruned.train(model.training)
     return _Candidate(1.0 - count_params(pruned) / before, pruned, ratio, copy.deepcopy(pruner.pruning_history()))
+
+
+def _step(pruner: tp.pruner.MetaPruner, model: nn.Module) -> None:
+    """pruner.step(), group by group: a group Torch-Pruning cannot prune raises LayerError naming
+    its root layer (`model` is then half pruned: it is always a copy)."""
+    names = {m: n for n, m in model.named_modules()}
+    for group in pruner.step(interactive=True):
+        try:
+            group.prune()
+        except Exception as exc:
+            raise LayerError(names.get(group[0].dep.target.module, "?"), f"Torch-Pruning cannot prune it: {first_line(exc)}") from exc
+
+
+def prune_at_ratio(model: nn.Module, scores: Scores, ratio: float, input_size: int) -> PruneOutcome:
+    """A copy of `model` with `ratio` of every prunable layer's channels removed (no rounding, stem
+    and classifier kept), in one step: what `edgetune init`'s trial prune uses."""
+    before = count_params(model)
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, input_size, input_size, device=device)
+    spec = PruneSpec(level=0.0, round_to=1)
+    cut = _prune_once(model, scores, spec, ratio, example, False, None, before)
+    return PruneOutcome(cut.model, before, count_params(cut.model), ratio, spec.allocation, cut.history)
 
 
 def value_per_parameter(model: nn.Module, scores: Scores, spec: PruneSpec, example: torch.Tensor, prefer_norm: bool) -> dict[str, torch.Tensor]:
@@ -278,7 +302,8 @@ def prune_to_level(
         return PruneOutcome(copy.deepcopy(model), before, before, 0.0, spec.allocation)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, input_size, input_size, device=device)
-    round_to = spec.round_to if spec.round_to > 1 else None
+    # Where rounding is off for the network (grouped convs, `pruner_setup`), a retry without it would prune the same.
+    round_to = spec.round_to if spec.round_to > 1 and pruner_setup(model).allow_round_to else None
     best = _bisect(model, scores, spec, example, prefer_norm_layers, round_to, before)
     if round_to and abs(best.achieved - spec.level) > ROUNDING_SLACK:
         # Small layers move in steps of `round_to` channels (densenet's growth convs,
@@ -300,7 +325,7 @@ def _graph(model: nn.Module, input_size: int) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model`, traced with the same workarounds as pruning."""
     device = next(model.parameters()).device
     setup = pruner_setup(model)
-    with setup.tracing(), warnings.catch_warnings():
+    with setup.tracing(), naming_failing_layer(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tp.DependencyGraph().build_dependency(
             model, torch.zeros(1, 3, input_size, input_size, device=device),

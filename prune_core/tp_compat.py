@@ -7,15 +7,35 @@ and checked by `bench/tp_survey.py` (which also verifies that the right channels
 - ConvNeXt's `layer_scale` parameters: declare them, pruned along dim 0.
 - Grouped (not depthwise) convs: TP's `round_to` compares per-group counts against totals and
   silently skips those layers, so rounding is turned off for such networks.
+- Importing TP imports timm when it is installed (its op counter's hooks for vision-transformer
+  attention), and timm imports torchvision and torch's compiler stack: seconds of every daemon
+  start, for hooks no CNN needs. prune_core imports TP from here (`tp`), without timm.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Iterator
 
-import torch_pruning as tp
 from torch import nn
+
+
+def _import_without_timm() -> ModuleType:
+    """torch_pruning, imported while `import timm` fails (unless timm or TP is already loaded)."""
+    if "timm" in sys.modules or "torch_pruning" in sys.modules:
+        return importlib.import_module("torch_pruning")
+    sys.modules["timm"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        return importlib.import_module("torch_pruning")
+    finally:
+        if sys.modules.get("timm", 0) is None:
+            del sys.modules["timm"]
+
+
+tp = _import_without_timm()
 
 
 def grouped_convs(model: nn.Module) -> list[nn.Module]:
