@@ -152,7 +152,7 @@ def run_worker(job: CycleJob, control, events) -> None:
         train_parts, held_parts = ([], [], []), ([], [], [])
         for sample_id, image, label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id):
             try:
-                tensor = decode_image(image, card.input_size)
+                tensor = decode_image(image, card.preprocess)
             except ValueError:
                 continue
             part = held_parts if holdout else train_parts

@@ -74,7 +74,7 @@ def router(rt: Runtime) -> APIRouter:
         data, ctype = await read_image(request, rt.settings.max_upload_bytes)
         started = time.perf_counter()
         try:
-            tensor = await run_in_threadpool(decode_image, data, model.card.input_size)
+            tensor = await run_in_threadpool(decode_image, data, model.card.preprocess)
         except DataError as exc:
             raise error(400, str(exc)) from None
         answer = (await run_in_threadpool(model.predict, tensor.unsqueeze(0)))[0]

@@ -42,7 +42,7 @@ def router(rt: Runtime) -> APIRouter:
             if len(data) > max_bytes:
                 raise error(413, f"samples[{i}] exceeds max_upload_bytes ({max_bytes})")
             try:
-                await run_in_threadpool(decode_image, data, model.card.input_size)
+                await run_in_threadpool(decode_image, data, model.card.preprocess)
             except DataError as exc:
                 raise error(422, f"samples[{i}]: {exc}") from None
             prepared.append(NewSample(data, "application/octet-stream", label=label_index(model, item.label), source="ingest"))
