@@ -156,7 +156,7 @@ def cached_logits(model, pools: Pools, model_dir: Path) -> dict[str, torch.Tenso
     path = model_dir / "logits.pt"
     keys = {name: getattr(pools, name).keys for name in ("held", "stream", "score")}
     if path.is_file():
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)
         if cached.get("keys") == keys:
             return cached["logits"]
     out = {name: logits_of(model, getattr(pools, name)) for name in keys}

@@ -53,7 +53,13 @@ def cli_error(capsys, *argv) -> str:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     """ImageFolder of 12 MNIST digits in each of 4 classes."""
-    from conftest import write_mnist_folder
+    import importlib.util
+
+    # tests/conftest.py by path: under xdist another conftest (tests/daemon/) may own the name
+    spec = importlib.util.spec_from_file_location("top_conftest", Path(__file__).parent / "conftest.py")
+    top = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(top)
+    write_mnist_folder = top.write_mnist_folder
 
     return write_mnist_folder(tmp_path_factory.mktemp("digits") / "images", [0, 1, 2, 3], 12)
 
