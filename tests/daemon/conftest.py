@@ -2,6 +2,7 @@
 an in-process daemon (Runtime + TestClient, the fake worker, a clock the test moves) for the fast tier."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -48,6 +50,15 @@ def png_bytes(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "PNG")
     return buf.getvalue()
+
+
+def noise_png(seed: int) -> bytes:
+    """A unique 32×32 PNG of random pixels (unique per seed, so the buffer never dedupes it)."""
+    return png_bytes(torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (3, 32, 32), dtype=np.uint8)))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="session")

@@ -3,25 +3,12 @@ simulated telemetry) through Starlette's TestClient, with the fake cycle worker.
 request; tests/daemon/test_api.py checks the same contract against a real `edgetune serve`."""
 from __future__ import annotations
 
-import base64
-import io
 import re
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import b64
+from conftest import noise_png as png
 from pydantic import SecretStr
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def seed(d, n: int, start: int = 0) -> None:

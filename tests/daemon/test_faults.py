@@ -3,9 +3,7 @@ private mount namespace), cycles that raise, run out of memory or overrun their 
 exponential backoff of automatic cycles, and corrupted model files at start-up."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -16,10 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
+from conftest import b64, noise_png
 
 from daemon.backoff import backoff
 from daemon.cycle_records import CycleRecord
@@ -46,19 +43,8 @@ MOUNT_UNAVAILABLE = _mount_unavailable()
 needs_mount = pytest.mark.skipif(MOUNT_UNAVAILABLE is not None, reason=str(MOUNT_UNAVAILABLE))
 
 
-def _noise_png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def _seed(d, images, n: int) -> None:
-    r = d.client.post("/samples", json={"samples": [{"image": _b64(b), "label": label} for b, label in images[:n]]})
+    r = d.client.post("/samples", json={"samples": [{"image": b64(b), "label": label} for b, label in images[:n]]})
     assert r.status_code == 201, r.text
 
 
@@ -83,11 +69,11 @@ def test_disk_full(make_daemon, tmp_path, device_images):
                 fh.flush()
         except OSError as exc:
             assert exc.errno == 28
-    fresh = [_noise_png(i) for i in range(400)]
+    fresh = [noise_png(i) for i in range(400)]
     statuses = []
     for k in range(0, 400, 20):  # the WAL may still have room for a few rows: write until refused
         batch = fresh[k : k + 20]
-        r = d.client.post("/samples", json={"samples": [{"image": _b64(b)} for b in batch]})
+        r = d.client.post("/samples", json={"samples": [{"image": b64(b)} for b in batch]})
         statuses.append(r.status_code)
         if r.status_code == 201:
             acked |= {hashlib.sha256(b).hexdigest() for b in batch}
@@ -110,7 +96,7 @@ def test_disk_full(make_daemon, tmp_path, device_images):
     assert d.infer(fresh[-2]).status_code == 200
 
     (view / "filler").unlink()  # space returns: ingest recovers without a restart
-    r = d.client.post("/samples", json={"samples": [{"image": _b64(b)} for b in fresh[380:390]]})
+    r = d.client.post("/samples", json={"samples": [{"image": b64(b)} for b in fresh[380:390]]})
     assert r.status_code == 201, r.text
     acked |= {hashlib.sha256(b).hexdigest() for b in fresh[380:390]}
     copy = tmp_path / "copy"  # SQLite resolves /proc/<pid>/root to our namespace: read a copy
@@ -135,7 +121,7 @@ def test_read_only_state_dir(make_daemon, device_images):
     assert d.client.get("/status").json()["buffer"]["samples"] == 40  # still readable
     r = d.infer(device_images[50][0])
     assert r.status_code == 200 and r.json()["buffered"] is False and "read-only" in r.json()["buffer_error"], r.text
-    r = d.client.post("/samples", json={"samples": [{"image": _b64(device_images[51][0])}]})
+    r = d.client.post("/samples", json={"samples": [{"image": b64(device_images[51][0])}]})
     assert r.status_code == 503 and "read-only" in r.json()["detail"], r.text
     assert d.client.post("/samples/1/label", json={"label": "1"}).status_code == 503
     cycle_id = d.client.post("/prune", json={"force": True}).json()["cycle_id"]
@@ -145,7 +131,7 @@ def test_read_only_state_dir(make_daemon, device_images):
     d.stop()
     d.wrap = []  # writable again: ingest recovers
     d.start()
-    assert d.client.post("/samples", json={"samples": [{"image": _b64(device_images[51][0])}]}).status_code == 201
+    assert d.client.post("/samples", json={"samples": [{"image": b64(device_images[51][0])}]}).status_code == 201
 
 
 # ---- cycle faults -------------------------------------------------------------------------
@@ -188,7 +174,7 @@ def test_out_of_memory_cycles_back_off_exponentially(make_daemon, device_images)
         cycles = d.client.get("/cycles").json()
         if len([c for c in cycles if c["state"] == "failed"]) >= 4:
             break
-        batch = [{"image": _b64(_noise_png(10_000 + fed + k))} for k in range(5)]
+        batch = [{"image": b64(noise_png(10_000 + fed + k))} for k in range(5)]
         assert d.client.post("/samples", json={"samples": batch}).status_code == 201
         fed += 5
         time.sleep(1.0)

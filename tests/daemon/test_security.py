@@ -118,9 +118,9 @@ class _Exploit:
         return (open, (self.marker, "w"))  # unpickling this would create the marker file
 
 
-def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path, base_model_dir):
+def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path, untrained_model_dir):
     model = tmp_path / "model"
-    shutil.copytree(base_model_dir, model)
+    shutil.copytree(untrained_model_dir, model)
     marker = tmp_path / "pwned"
     weights = model / "weights.safetensors"
     with open(weights, "wb") as fh:
