@@ -21,6 +21,9 @@ from prune_core.data import holdout_mask
 from prune_core.level_search import DEFAULT_GRID
 from prune_core.model_format import MODEL_JSON, ModelCard, save_model
 
+# Real subprocesses that train and prune (several minutes on 2 cores in all, the module's fixtures run them together).
+pytestmark = pytest.mark.slow
+
 DIGITS = [str(d) for d in range(10)]
 
 
