@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .results import DATA_AWARE, METHODS, PICKED
 
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -82,7 +83,8 @@ def config_line(args: argparse.Namespace) -> str:
     )
 
 
-def write_report(out: Path, config_line: str) -> str:
+def write_report(out: Path, recipe: str) -> str:
+    """results.md from results.csv, under the title and `recipe` (config_line); the text is returned too."""
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     info = summarise(rows)
@@ -90,7 +92,7 @@ def write_report(out: Path, config_line: str) -> str:
     lines = [
         "# ADaPT protocol (arXiv 2006.08554) on CIFAR-10, small scale",
         "",
-        config_line,
+        recipe,
         "",
         "Top-1 (%) on each class subset's held-out images, mean over subsets. *best* is the data-aware method "
         "(adapt, activation, apoz, taylor) with the highest mean at that network and level; *gain* is best − agnostic "
