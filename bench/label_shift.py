@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from paper_protocol import CIFAR_MEAN, CIFAR_STD, CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, _csv_list, make_subsets, subset_name, unpack
+from paper_protocol import csv_list
+from protocol.data import CIFAR_MEAN, CIFAR_STD, CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, make_subsets, subset_name, unpack
 from prune_core import ARCHS, ImageSet, ModelCard, ModelFormatError, TrainConfig, batches, build_model, load_image_folder, load_model, save_model, split_holdout, train
 from prune_core.jsonsafe import finite
 from prune_core.label_shift import (
@@ -80,10 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tarball is unpacked (once)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
-    args.networks = _csv_list(args.networks, str)
-    args.subset_sizes = _csv_list(args.subset_sizes, int)
-    args.extra_floors = _csv_list(args.extra_floors, float) if args.extra_floors.strip() else []
-    args.windows = _csv_list(args.windows, int) if args.windows.strip() else []
+    args.networks = csv_list(args.networks, str)
+    args.subset_sizes = csv_list(args.subset_sizes, int)
+    args.extra_floors = csv_list(args.extra_floors, float) if args.extra_floors.strip() else []
+    args.windows = csv_list(args.windows, int) if args.windows.strip() else []
     for net in args.networks:
         if net not in ARCHS:
             p.error(f"unknown network '{net}'")

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from paper_protocol import (
-    DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_OUT as PROTOCOL_OUT, REPO, _csv_list, ceiling, load_splits, log, make_subsets, restrict,
-    subset_name, top1, unpack,
-)
+from paper_protocol import DEFAULT_OUT as PROTOCOL_OUT, csv_list
+from protocol.data import DEFAULT_CACHE, DEFAULT_DATA, REPO, load_splits, make_subsets, restrict, subset_name, unpack
+from protocol.progress import log
+from protocol.runner import ceiling, top1
 from prune_core import CycleConfig, ModelFormatError, TrainConfig, load_model, parse_allocations, run_cycle
 
 DEFAULT_BASE = PROTOCOL_OUT / "models" / "cifar_small" / "base"
@@ -101,8 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    args.levels = _csv_list(args.levels, float)
-    args.subset_sizes = _csv_list(args.subset_sizes, int)
+    args.levels = csv_list(args.levels, float)
+    args.subset_sizes = csv_list(args.subset_sizes, int)
     args.variants = [parse_variant(v, args.epochs, args.lr, args.batch_size, args.patience) for v in args.variants]
     return args
 

@@ -47,7 +47,7 @@ Workarounds (``make_pruner``; switch off with ``--no-workarounds``):
   nn.Parameter; TP auto-detects it (with a warning) and prunes dim 0, which is
   right; we pass it explicitly via ``unwrapped_parameters``.
 
-Run: ``python bench/tp_survey.py`` (all archs, ~5 min on 2 CPU cores) or
+Run: ``python bench/tp_survey.py`` (all archs; run times in bench/RESULTS.md) or
 ``python bench/tp_survey.py --archs resnet18,cifar_small --ratio 0.3``.
 """
 
@@ -408,8 +408,8 @@ def main(argv=None):
     ap.add_argument("--skip-vanilla", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="time DG build/step as the best of N runs")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: DG build/step are Python-bound and OpenMP "
-                         "spin-waiting makes them 10-30x slower on a busy 2-core box; 0 = torch default)")
+                    help="torch threads (default 1: DG build/step are Python-bound, and OpenMP "
+                         "spin-waiting makes them many times slower on a busy CPU; 0 = torch default)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:

@@ -19,14 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_PER_CLASS = 40
 CIFAR_PER_CLASS = 30
 # Intra-op threads for torch in the test process and in every process it starts (CLI, daemon and
-# its cycle worker, demo), set through the inherited environment. One thread: the test models and
-# batches are tiny, pytest runs two workers on two cores, and OpenMP with 2 threads competing with
-# other processes was measured ~14x slower (0.6 s vs 8.5 s for a small training run); a daemon
-# cycle took 52 s alone and 190 s beside the rest of the suite.
+# its cycle worker, demo), set through the inherited environment. One by default: the test models and
+# batches are tiny, pytest runs two workers on two cores, and OpenMP threads competing with other
+# processes run many times slower. EDGETUNE_TEST_THREADS=2 runs the suite with two (it must pass both ways).
 TEST_THREADS = int(os.environ.get("EDGETUNE_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TEST_THREADS)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def pytest_report_header(config) -> str:
+    """Which threads and CPU kernels the floats came from (ATEN_CPU_CAPABILITY=default|avx2 picks others)."""
+    return f"torch {torch.__version__}: {torch.get_num_threads()} thread(s), CPU kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,12 @@ from prune_core.model_format import ModelCard
 
 NUM_CLASSES = 10
 ALL_ARCHS = sorted(ARCHS)
+# The networks whose prune-and-reload takes more than ~15 s on a busy 2-core CPU (--durations): the slow tier.
+SLOW_ARCHS = {"densenet121", "inception_v3", "regnet_y_400mf", "resnet50", "resnext50_32x4d", "vgg11_bn", "wide_resnet50_2"}
+
+
+def arch_params(archs) -> list:
+    return [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_ARCHS else a for a in archs]
 
 
 def _model(arch: str) -> nn.Module:
@@ -22,7 +28,7 @@ def _input(arch: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ALL_ARCHS))
 def test_prune_half_the_parameters(arch, tmp_path):
     model = _model(arch)
     scores = get_criterion("l1").score(model)
@@ -59,7 +65,7 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet18", "cifar_mobilenet_v2", "googlenet"])
+@pytest.mark.parametrize("arch", ["cifar_resnet18", "cifar_mobilenet_v2", pytest.param("googlenet", marks=pytest.mark.slow)])
 def test_global_allocation(arch):
     model = _model(arch)
     scores = get_criterion("l1").score(model)

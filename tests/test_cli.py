@@ -1,8 +1,10 @@
-"""The `edgetune` command line, run as a real subprocess of the installed console script:
-init → train → prune → eval → info → export on MNIST digits, `--level auto`, and one-line errors.
+"""The `edgetune` command line. The slow tier runs the installed console script as real subprocesses:
+init → train → prune → eval → info → export on MNIST digits, `--level auto`, and a one-line error
+from the console script itself. The one-line errors of every user mistake are checked in-process
+(prune_core.cli.run, the function the console script exits with), in milliseconds.
 
-Independent commands (the error cases, the `--level auto` run, and the read-only commands on the
-pruned model) run concurrently in a small thread pool to keep the module's wall time down.
+Independent subprocess commands (the `--level auto` run, and the read-only commands on the pruned
+model) run concurrently in a small thread pool to keep the module's wall time down.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prune_core import cli
 from prune_core.architectures import build_model
 from prune_core.cli import HOLDOUT
 from prune_core.data import holdout_mask
@@ -119,9 +122,10 @@ ERROR_CASES = {
 
 @pytest.fixture(scope="module")
 def side_runs(pool, work, edgetune) -> dict[str, Future]:
-    """Start the `--level auto` run, `--skip-unknown` and the error cases in the background."""
+    """Start the `--level auto` run, `--skip-unknown`, a tiny training run and an error in the background."""
     run_edgetune = edgetune
-    futures = {name: pool.submit(run_edgetune, *build(work)) for name, (build, _, _) in ERROR_CASES.items()}
+    build, _, _ = ERROR_CASES["unknown_arch"]
+    futures = {"error": pool.submit(run_edgetune, *build(work))}
     futures["skip_unknown"] = pool.submit(run_edgetune, "eval", work["model"], "--data", work["unknown"], "--skip-unknown")
     futures["tiny"] = pool.submit(run_edgetune, "train", work["root"] / "tiny_model", "--data", work["tiny"], "--epochs", "1", "--quiet")
     futures["auto"] = pool.submit(
@@ -131,14 +135,10 @@ def side_runs(pool, work, edgetune) -> dict[str, Future]:
     return futures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _start_side_runs_first(side_runs):
-    """Autouse: the background runs start before the first test, overlapping the main flow."""
-
-
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory, mnist_folder, work, edgetune) -> dict:
-    """init → train → prune (activation, 0.5) in sequence, then eval/info/export/subset eval together."""
+def flow(tmp_path_factory, mnist_folder, work, edgetune, side_runs) -> dict:
+    """init → train → prune (activation, 0.5) in sequence, then eval/info/export/subset eval together
+    (the background runs, started first, overlap it)."""
     run_edgetune = edgetune
     root = tmp_path_factory.mktemp("flow")
     base, pruned, onnx_path = root / "base", root / "pruned", root / "x.onnx"
@@ -164,6 +164,7 @@ def flow(tmp_path_factory, mnist_folder, work, edgetune) -> dict:
 # The main flow
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_init(flow, mnist_folder):
     init = flow["init"]
     assert init["arch"] == "cifar_small" and init["num_classes"] == 10 and init["input_size"] == 32
@@ -172,6 +173,7 @@ def test_init(flow, mnist_folder):
     assert card["class_names"] == DIGITS  # sorted sub-folder names of --classes-from
 
 
+@pytest.mark.slow
 def test_train(flow):
     train = flow["train"]
     assert train["epochs_run"] == 1 and len(train["history"]) == 1 and train["early_stop_epoch"] is None
@@ -181,6 +183,7 @@ def test_train(flow):
     assert 0.0 <= train["held_out_top1"] <= 1.0 and train["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_prune_summary(flow):
     s = flow["prune"]
     assert s["criterion"] == "activation" and s["level"] == 0.5 and s["level_requested"] == 0.5 and s["fade_epochs"] == 1
@@ -197,6 +200,7 @@ def test_prune_summary(flow):
     assert sum(c["total"] for c in s["held_out_per_class"].values()) == s["held_out_samples"]
 
 
+@pytest.mark.slow
 def test_eval(flow):
     e = flow["eval"]
     assert e["samples"] == 400 and e["total"] == 400
@@ -208,6 +212,7 @@ def test_eval(flow):
     assert sum(c["correct"] for c in e["per_class"].values()) == e["correct"]
 
 
+@pytest.mark.slow
 def test_eval_on_a_folder_with_some_classes(flow):
     e = flow["eval_subset"]
     assert e["samples"] == e["total"] == 120
@@ -218,6 +223,7 @@ def test_eval_on_a_folder_with_some_classes(flow):
         assert abs(e["per_class"][cls]["correct"] - flow["eval"]["per_class"][cls]["correct"]) <= 1
 
 
+@pytest.mark.slow
 def test_info(flow):
     info = flow["info"]
     assert info["arch"] == "cifar_small" and info["class_names"] == DIGITS and info["input_size"] == 32
@@ -231,6 +237,7 @@ def test_info(flow):
     assert info["layers"]["layer3.0"] < 256 and info["size_mb"] > 0
 
 
+@pytest.mark.slow
 def test_export(flow):
     ex = flow["export"]
     assert flow["onnx"].is_file() and ex["onnx"] == str(flow["onnx"]) and ex["opset"] == 17
@@ -241,6 +248,7 @@ def test_export(flow):
 # --level auto and --skip-unknown (background runs)
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_level_auto_prints_probes(side_runs):
     proc = side_runs["auto"].result()
     s = ok(proc)
@@ -266,6 +274,7 @@ def test_level_auto_prints_probes(side_runs):
     assert Path(s["out"], MODEL_JSON).is_file()
 
 
+@pytest.mark.slow
 def test_train_without_held_out_samples_prints_strict_json(side_runs):
     """Four images, none held out: no held-out score exists, and the JSON says null (not NaN, which
     only Python's parser accepts; ok() rejects it)."""
@@ -274,6 +283,7 @@ def test_train_without_held_out_samples_prints_strict_json(side_runs):
     assert train["held_out_top1"] is None and train["history"][0]["val_score"] is None and train["history"][0]["val_loss"] is None
 
 
+@pytest.mark.slow
 def test_skip_unknown_makes_eval_work(side_runs):
     e = ok(side_runs["skip_unknown"].result())
     assert e["samples"] == 80 and set(e["per_class"]) == {"3", "4"}
@@ -283,7 +293,19 @@ def test_skip_unknown_makes_eval_work(side_runs):
 # Errors: one line on stderr, exit status 2, no traceback
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
+def test_console_script_error_is_one_line(side_runs):
+    """The installed script itself: exit status 2 and the one line, as `run` gives them in-process."""
+    _, command, fragments = ERROR_CASES["unknown_arch"]
+    one_line_error(side_runs["error"].result(), command, *fragments)
+
+
 @pytest.mark.parametrize("name", list(ERROR_CASES))
-def test_error(side_runs, name):
-    _, command, fragments = ERROR_CASES[name]
-    one_line_error(side_runs[name].result(), command, *fragments)
+def test_error(work, name, capsys):
+    build, command, fragments = ERROR_CASES[name]
+    try:
+        status = cli.run([str(a) for a in build(work)])
+    except SystemExit as stop:  # argparse's usage errors exit from inside the parser
+        status = stop.code
+    out, err = capsys.readouterr()
+    one_line_error(subprocess.CompletedProcess(build(work), status, out, err), command, *fragments)

@@ -1,4 +1,4 @@
-"""bench/paper_protocol.py --quick end to end on the real CIFAR-10 images (about 2-3 minutes on a 2-core CPU)."""
+"""bench/paper_protocol.py --quick end to end on the real CIFAR-10 images, and the parts of bench/protocol/ it runs."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +13,12 @@ SCRIPT = REPO / "bench" / "paper_protocol.py"
 DATA = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
 METHODS = {"agnostic", "adapt", "activation", "apoz", "taylor", "none", "ceiling"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    """paper_protocol and the protocol package importable as the script itself sees them (bench/ first)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
 
 
 # --quick, made smaller still for CI: the test checks the protocol's mechanics, not its numbers.
@@ -101,45 +107,43 @@ def _row(subset: str, method: str, accuracy: float, val: float | str = "") -> di
 
 
 def test_picked_is_the_data_aware_run_best_on_validation_not_on_test():
-    sys.path.insert(0, str(REPO / "bench"))
-    import paper_protocol as pp
+    from protocol.report import summarise
+    from protocol.results import DATA_AWARE, PICKED
 
     rows = [_row(s, m, 0.5) for s in ("a", "b") for m in ("none", "ceiling", "agnostic")]
     # subset a: taylor has the best validation score but not the best test score
     rows += [_row("a", "adapt", 0.80, 0.70), _row("a", "activation", 0.90, 0.60), _row("a", "apoz", 0.70, 0.65), _row("a", "taylor", 0.75, 0.71)]
     # subset b: a tie on validation goes to the first data-aware method
-    rows += [_row("b", m, acc, 0.6) for m, acc in zip(pp.DATA_AWARE, (0.60, 0.65, 0.70, 0.75))]
-    cell = pp.summarise(rows)["table"][("n", 0.9)]
-    assert cell[pp.PICKED] == {"a": 0.75, "b": 0.60}
+    rows += [_row("b", m, acc, 0.6) for m, acc in zip(DATA_AWARE, (0.60, 0.65, 0.70, 0.75))]
+    cell = summarise(rows)["table"][("n", 0.9)]
+    assert cell[PICKED] == {"a": 0.75, "b": 0.60}
     # without validation scores for every data-aware run (results of older runs) there is no pick
-    cell = pp.summarise([r for r in rows if not (r["subset"] == "b" and r["method"] == "apoz")] + [_row("b", "apoz", 0.7)])["table"][("n", 0.9)]
-    assert set(cell[pp.PICKED]) == {"a"}
+    cell = summarise([r for r in rows if not (r["subset"] == "b" and r["method"] == "apoz")] + [_row("b", "apoz", 0.7)])["table"][("n", 0.9)]
+    assert set(cell[PICKED]) == {"a"}
 
 
 def test_larger_caps_add_held_out_images_never_trained_on(tmp_path):
     """--test-per-class scores on a superset of the held-out images; --base-per-class trains the base model on a
     superset of the subsets' training images; neither ever trains on a held-out image."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import paper_protocol as pp
     from PIL import Image
+    from protocol.data import CLASSES, load_splits
 
-    for c in pp.CLASSES:
+    for c in CLASSES:
         (tmp_path / c).mkdir()
         for i in range(40):
             Image.new("RGB", (8, 8), (i * 6, 0, 0)).save(tmp_path / c / f"{i:04d}.jpg")
-    small = pp.load_splits(tmp_path, 8, 10, 0.1)
-    wide = pp.load_splits(tmp_path, 8, 10, 0.1, test_per_class=40)
+    small = load_splits(tmp_path, 8, 10, 0.1)
+    wide = load_splits(tmp_path, 8, 10, 0.1, test_per_class=40)
     assert (wide.fit.keys, wide.val.keys) == (small.fit.keys, small.val.keys)
     assert set(small.test.keys) < set(wide.test.keys)
     assert not set(wide.test.keys) & set(small.fit.keys + small.val.keys)
     assert len(wide.test) > 2 * len(small.test)
-    whole = pp.load_splits(tmp_path, 8, 40, 0.1)
+    whole = load_splits(tmp_path, 8, 40, 0.1)
     assert set(small.fit.keys) < set(whole.fit.keys) and set(small.val.keys) <= set(whole.val.keys)
     assert not set(whole.fit.keys + whole.val.keys) & set(wide.test.keys)
 
 
 def test_image_size_overrides_each_networks_own_and_is_checked_against_its_minimum(capsys):
-    sys.path.insert(0, str(REPO / "bench"))
     import paper_protocol as pp
 
     assert pp.parse_args(["--quick", "--networks", "resnet18", "--image-size", "32"]).image_size == 32

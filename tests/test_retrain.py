@@ -170,11 +170,14 @@ def test_zero_epochs_is_a_no_op(splits):
 
 
 def own_predictions(model: torch.nn.Module, held: ImageSet) -> ImageSet:
-    """`held` relabelled with the untrained model's own predictions: its score starts at 1.0 and can never improve."""
+    """`held` relabelled with the untrained model's own predictions: its score starts at 1.0 and can never improve.
+    The predictions come from the input the held-out judge sees (one batch of the whole split, normalised by
+    `batches`), so a near-tie between two logits cannot fall differently here than there on any CPU."""
+    from prune_core.data import batches
+
     model.eval()
-    x = (held.images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        own = model(x).argmax(1)
+        own = torch.cat([model(x).argmax(1) for x, _ in batches(held, len(held), MEAN, STD)])
     return ImageSet(held.images, own, list(held.keys))
 
 
@@ -259,7 +262,13 @@ def test_patience_runs_out_only_when_neither_top1_nor_loss_improves(splits, monk
 
 def test_held_out_score_and_loss_match_their_definitions(splits):
     """The one-pass held-out judge gives evaluate()'s top-1 and the training objective's mean (cross-
-    entropy here); on unlabelled samples, agreement with the teacher and the distillation loss."""
+    entropy here); on unlabelled samples, agreement with the teacher and the distillation loss.
+
+    The references are computed in float64 from the logits of the same batches, so the check is about
+    the judge's averaging, not about one CPU's rounding. The judge sums in float32, and the distillation
+    loss of two near-uniform untrained models is a small difference of log-probabilities (cancellation):
+    float32 leaves it about four significant digits, which differ between CPUs and batchings. rel=1e-3
+    allows that and still catches any wrong weighting or count of the rows averaged."""
     from prune_core.data import batches
     from prune_core.measure import agreement, evaluate
     from prune_core.retrain import _held_out
@@ -268,15 +277,15 @@ def test_held_out_score_and_loss_match_their_definitions(splits):
     model, teacher = fresh_model(1).eval(), fresh_model(2).eval()
     val = lambda data: (lambda: batches(data, 8, MEAN, STD))  # noqa: E731 - several batches, to check the averaging
     with torch.no_grad():
-        x = torch.cat([b[0] for b in val(held)()])
-        ce = F.cross_entropy(model(x), held.labels).item()
-        kd = distillation_loss(model(x), torch.full_like(held.labels, -1), teacher(x), TrainConfig()).item()
+        s_logits = torch.cat([model(b[0]) for b in val(held)()]).double()
         t_logits = [teacher(b[0]) for b in val(held)()]
+        ce = F.cross_entropy(s_logits, held.labels).item()
+        kd = distillation_loss(s_logits, torch.full_like(held.labels, -1), torch.cat(t_logits).double(), TrainConfig()).item()
     score, loss = _held_out(model, None, val(held), TrainConfig())
-    assert score == evaluate(model, val(held)()).top1 and loss == pytest.approx(ce, rel=1e-5)
+    assert score == evaluate(model, val(held)()).top1 and loss == pytest.approx(ce, rel=1e-3)
     blind = unlabelled(held)
     score, loss = _held_out(model, t_logits, val(blind), TrainConfig())
-    assert score == agreement(model, teacher, val(blind)()) and loss == pytest.approx(kd, rel=1e-5)
+    assert score == agreement(model, teacher, val(blind)()) and loss == pytest.approx(kd, rel=1e-3)
 
 
 def test_a_held_out_split_that_cannot_judge_is_ignored(splits):

@@ -18,6 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = ["bash", "deploy/install.sh"]
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+# pip installs the package into a fresh venv under a throwaway root, twice: the slow tier.
+pytestmark = pytest.mark.slow
 COPY = ("pyproject.toml", "README.md", "prune_core", "daemon", "deploy", "systemd")
 
 

@@ -50,15 +50,21 @@ def test_watchdog_interval_from_environment():
 
 
 def test_a_blocked_event_loop_stops_the_watchdog_pings(tmp_path):
+    """Pings flow while the loop runs; none is sent while it is blocked, however long that lasts. Counted,
+    not timed: the loop yields until four pings have arrived (a busy machine only makes that slower)."""
     rx = _receiver(str(tmp_path / "n.sock"))
     rx.settimeout(0)
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "n.sock"), "WATCHDOG_USEC": "200000"})  # ping every 0.1 s
 
     async def scenario() -> tuple[int, int]:
         task = asyncio.create_task(n.watchdog())
-        await asyncio.sleep(0.55)
-        healthy = _drain(rx)
-        time.sleep(0.6)  # the loop hangs: no pings may be sent meanwhile
+        healthy = 0
+        for _ in range(3000):  # a bound on the polls, never reached unless the pings stop
+            healthy += _drain(rx)
+            if healthy >= 4:
+                break
+            await asyncio.sleep(0.01)
+        time.sleep(0.6)  # the loop hangs for several ping intervals: no ping may be sent meanwhile
         hung = _drain(rx)
         task.cancel()
         return healthy, hung
