@@ -19,7 +19,7 @@ from .backoff import Backoff, backoff
 from .buffer import SampleBuffer
 from .config import Settings
 from .cycle_records import CycleRecord, CycleStore
-from .cycle_state import FINAL_STATES, CycleState  # noqa: F401 (FINAL_STATES: the clients' old import path)
+from .cycle_state import CycleState
 from .events import FINAL_EVENTS, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
 from .gate import Gate, GateState
 from .installer import Installer

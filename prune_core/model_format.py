@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import hashlib
 import json
 import os
 import tempfile
@@ -27,6 +26,7 @@ from torch import nn
 
 from .architectures import build_model, check_arch_name
 from .data import Interpolation, Preprocess
+from .hashing import file_sha256
 from .measure import count_macs, count_params
 
 if TYPE_CHECKING:
@@ -196,14 +196,6 @@ def atomic_write(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(model: nn.Module, card: ModelCard, directory: str | Path) -> ModelCard:
     """Write `model` with `card` (plan, params, MACs and checksum filled in) into `directory`.
 
@@ -217,7 +209,7 @@ def save_model(model: nn.Module, card: ModelCard, directory: str | Path) -> Mode
     card.macs = count_macs(model, card.input_size)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    card.weights_sha256 = _sha256(directory / WEIGHTS)
+    card.weights_sha256 = file_sha256(directory / WEIGHTS)
     atomic_write(directory / MODEL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(card.to_json(), indent=2) + "\n"))
     return card
 
@@ -295,7 +287,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise ModelFormatError(f"{weights}: not found")
-    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+    if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
         raise ModelFormatError(f"{weights}: checksum does not match model.json (file corrupted or replaced)")
     try:
         with safe_open(str(weights), framework="pt") as fh:

@@ -6,7 +6,6 @@ imports this without torch.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+
+from prune_core.hashing import file_sha256  # noqa: F401 (re-exported for build and load)
 
 ENGINE_JSON = "engine.json"
 FORMAT = "edgetune-engines"
@@ -126,15 +127,6 @@ class EngineInfo:
             build_seconds=float(data["build_seconds"]),
             built=str(data["built"]),
         )
-
-
-def file_sha256(path: Path) -> str:
-    """Checksum of an engine file (prune_core's twin imports torch, which serving must not)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def engines_document(infos: Dict[Backend, EngineInfo]) -> Dict[str, Any]:
