@@ -121,7 +121,7 @@ def test_models_and_activate_validation(api):
 
 def test_status_and_metrics_shape(api):
     status = api.client.get("/status").json()
-    assert set(status) == {"model", "buffer", "scheduler", "telemetry", "cycle"}
+    assert set(status) == {"model", "buffer", "scheduler", "telemetry", "cycle", "label_shift"}
     assert set(status["scheduler"]) >= {"state", "idle", "thermal_ok", "power_ok", "why_not_running"}
     assert status["telemetry"]["provider"] == "simulated" and status["telemetry"]["max_temperature_c"] == 45.0
     text = api.client.get("/metrics").text
