@@ -251,7 +251,7 @@ from daemon.engines import ort, trt, select, load, base, verify
 images = np.load(sys.argv[2])
 selection = select_engine("auto", sys.argv[1], threads=1)
 np.save(sys.argv[3], selection.engine.logits(images))
-heavy = sorted(m for m in ("torch", "torchvision", "prune_core") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "torchvision", "safetensors.torch", "prune_core.model_format") if m in sys.modules)
 print(selection.backend.value, heavy)
 """
 
