@@ -47,7 +47,8 @@ import torch
 
 from label_shift import DEFAULT_OUT as LABEL_SHIFT_OUT
 from label_shift import Pools, cached_logits, load_pools
-from paper_protocol import CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, _csv_list, make_subsets, subset_name, unpack
+from paper_protocol import csv_list
+from protocol.data import CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, make_subsets, subset_name, unpack
 from prune_core import CycleConfig, TrainConfig, load_model, run_cycle, train
 from prune_core.calibrate import calibrated_card
 from prune_core.cycle import adaptation
@@ -93,10 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
-    args.networks = _csv_list(args.networks, str)
-    args.subset_sizes = _csv_list(args.subset_sizes, int)
-    args.label_rates = _csv_list(args.label_rates, float)
-    args.levels = [parse_level(v) for v in _csv_list(args.levels, str)]
+    args.networks = csv_list(args.networks, str)
+    args.subset_sizes = csv_list(args.subset_sizes, int)
+    args.label_rates = csv_list(args.label_rates, float)
+    args.levels = [parse_level(v) for v in csv_list(args.levels, str)]
     return args
 
 
