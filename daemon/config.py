@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     min_size_gain: float = Field(0.05, ge=0, lt=1, description="a candidate must also have at least this fraction fewer parameters")
     keep_versions: int = Field(5, ge=1, description="model versions kept on disk; the first one (the generalist) is always among them")
     min_agreement: float = Field(
-        0.9, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
-        " served model on at least this share of them")
+        0.99, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
+        " served model on at least this share of them; disagreement bounds the accuracy it can lose against it")
 
     # Unlabelled traffic: label shift and the generalist
     prior_adaptation: bool = Field(True, description="serve answers corrected to the class prior estimated from traffic (no training, no labels)")

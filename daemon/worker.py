@@ -65,7 +65,7 @@ class CycleJob:
     nice: int
     memory_limit_mb: int | None = None
     seed: int = 0
-    min_agreement: float = 0.9
+    min_agreement: float = 0.99
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
 
@@ -74,7 +74,8 @@ def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float
     """The acceptance rule. Smaller by at least `min_gain` of the parameters, and then, on the evidence
     the cycle had (summary["evidence"]): with labelled held-out samples, not worse than the served
     model by more than `max_drop` on them; without, agreeing with the (prior-corrected) served model on
-    at least `min_agreement` of the held-out samples. The reason names the evidence that decided."""
+    at least `min_agreement` of the held-out samples (a student can be worse than its teacher on at most
+    the samples they disagree on). The reason names the evidence that decided."""
     gain = 1 - summary["params_after"] / summary["params_before"]
     if gain < min_gain:
         return False, f"size gain {gain:.3f} below min_size_gain {min_gain:g}"
