@@ -286,15 +286,21 @@ def report(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def prepare(args: argparse.Namespace) -> tuple[Path, Pools]:
+    """Threads set, the output folder made, the images unpacked and split into pools (shared with
+    bench/unlabelled_cycle.py)."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     root = unpack(Path(args.data), Path(args.cache))
     log("decoding images")
-    pools = load_pools(root, args)
+    return out, load_pools(root, args)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.monotonic()
+    out, pools = prepare(args)
     log(f"fit {len(pools.fit)}, held-out {len(pools.held)}, stream pool {len(pools.stream)}, scored pool {len(pools.score)}")
     results = [run_network(net, pools, args, out) for net in args.networks]
     config = {k: v for k, v in vars(args).items()}

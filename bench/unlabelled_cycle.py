@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 from label_shift import DEFAULT_OUT as LABEL_SHIFT_OUT
-from label_shift import Pools, cached_logits, load_pools
+from label_shift import Pools, cached_logits, prepare
 from paper_protocol import csv_list
-from protocol.data import CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, make_subsets, subset_name, unpack
+from protocol.data import CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, make_subsets, subset_name
 from prune_core import CycleConfig, TrainConfig, load_model, run_cycle, train
 from prune_core.calibrate import calibrated_card
 from prune_core.cycle import adaptation
@@ -326,14 +326,9 @@ def write(out: Path, args, results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     s = Settings(state_dir=Path("/nonexistent"))  # the daemon's defaults (no config file, no environment)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    root = unpack(Path(args.data), Path(args.cache))
-    log("decoding images")
-    pools = load_pools(root, args)
+    out, pools = prepare(args)
     results: list[dict] = []
     for net in args.networks:
         results.append(run_network(net, pools, args, s, out, results))

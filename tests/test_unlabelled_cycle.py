@@ -6,19 +6,13 @@ import torch
 
 from prune_core import CycleConfig, ModelCard, TrainConfig, build_model, run_cycle, train
 from prune_core.teacher import FoldError, fold_logit_transform, prior_offset
-
-MEAN = (0.1307, 0.1307, 0.1307)
-STD = (0.3081, 0.3081, 0.3081)
+from test_cycle import MEAN, STD, digits  # noqa: F401 (digits: a fixture)
 
 
 @pytest.fixture(scope="module")
-def unlabelled_digits():
-    from prune_core.datasets import mnist5k
-
-    data = mnist5k(32)
-    keep = torch.nonzero(data.labels < 3).flatten()[:240]
-    data = data.subset(keep)
-    train, held = data.subset(range(180)), data.subset(range(180, 240))
+def unlabelled_digits(digits):
+    """test_cycle's digits (classes 0-2, 180 to train on, 60 held out) with every label removed."""
+    train, held = (part.subset(range(len(part))) for part in digits)
     train.labels[:] = -1
     held.labels[:] = -1
     return train, held
