@@ -25,7 +25,6 @@ class PriorSettings:
     gate: float = 0.2  # correct only when the estimate is at least this far (total variation) from the model's prior
     window: int = 1024  # traffic samples the estimate is made over
     min_samples: int = 64  # no correction before this many samples
-    update_every: int = 10  # re-estimate after this many new samples
     spot_window: int = 200  # labelled requests the spot check looks back over
     spot_min: int = 20  # labelled requests before the spot check can switch correction off
 
@@ -79,22 +78,30 @@ class PriorAdapter:
         self.tracker = PriorTracker(self.source, window=settings.window, min_samples=settings.min_samples)
         self._lock = threading.Lock()
         self._estimate: torch.Tensor | None = None
-        self._since_update = 0
+        self._bbse: list[float] | None = None
+        self._refreshed_at = 0  # tracker.seen at the last refresh
         self._spots: Deque[tuple[bool, bool]] = deque(maxlen=settings.spot_window)
 
     def answer(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(served probabilities, uncorrected calibrated probabilities) for a batch of logits (N×K)."""
+        """(served probabilities, uncorrected calibrated probabilities) for a batch of logits (N×K).
+        The request path only records the answer; `refresh` (the scheduler's poll) re-estimates."""
         probs = self.calibration.apply(logits.detach().float().cpu())
         with self._lock:
             self.tracker.add(probs)
-            self._since_update += probs.shape[0]
-            if self._estimate is None or self._since_update >= self.s.update_every:
-                self._estimate = self.tracker.estimate()
-                self._since_update = 0
             estimate, applied = self._estimate, self._applied()
         if not applied or estimate is None:
             return probs, probs
         return correct(probs, self.source, estimate, self.s.floor), probs
+
+    def refresh(self) -> None:
+        """Re-estimate the prior (EM, and BBSE where the card allows) from the answers recorded since
+        the last refresh; called off the request path, by the scheduler at every poll."""
+        with self._lock:
+            if self.tracker.seen == self._refreshed_at:
+                return
+            self._refreshed_at = self.tracker.seen
+            self._estimate = self.tracker.estimate()
+            self._bbse = self._bbse_estimate()
 
     def spot_check(self, raw_pred: int, served_pred: int, label: int) -> None:
         """Record a labelled request: was the uncorrected / the corrected answer right?"""
@@ -137,13 +144,13 @@ class PriorAdapter:
                           f" (total variation; correction from {self.s.gate:g})")
             else:
                 reason = "the corrected answers scored below the uncorrected ones on recent labelled requests"
-            bbse = self._bbse()
+            bbse = self._bbse
         return PriorView(
             self.s.enabled, applied, reason, len(self.tracker), list(self.card.class_names),
             [float(v) for v in self.source], estimate, bbse, spots,
         )
 
-    def _bbse(self) -> list[float] | None:
+    def _bbse_estimate(self) -> list[float] | None:
         if not self.card.confusion or len(self.tracker) < self.s.min_samples:
             return None
         rows = self.tracker.probabilities()

@@ -170,6 +170,7 @@ class Scheduler:
                                   self.current.state if self.current else None)
         served = self.installer.holder.current
         if served is not None:
+            served.prior.refresh()
             self.metrics.observe_prior(served.prior.view())
         with self._lock:
             current = self.active()

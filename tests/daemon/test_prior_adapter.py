@@ -20,11 +20,12 @@ def _traffic(n: int, seed: int = 0, classes: int = 2) -> tuple[torch.Tensor, tor
 
 def test_prior_estimate_converges_and_correction_helps():
     card = ModelCard("cifar_small", 3, ["a", "b", "c"], 32)
-    adapter = PriorAdapter(card, PriorSettings(min_samples=50, update_every=10))
+    adapter = PriorAdapter(card, PriorSettings(min_samples=50))
     logits, labels = _traffic(2000)
     served, raw = [], []
     for i in range(0, 2000, 10):
         s, r = adapter.answer(logits[i:i + 10])
+        adapter.refresh()  # the scheduler's poll
         served.append(s)
         raw.append(r)
     served, raw = torch.cat(served[50:]), torch.cat(raw[50:])  # after the estimate settled
@@ -38,9 +39,10 @@ def test_prior_estimate_converges_and_correction_helps():
 
 def test_spot_check_switches_correction_off_when_it_hurts_and_back_on():
     card = ModelCard("cifar_small", 3, ["a", "b", "c"], 32)
-    adapter = PriorAdapter(card, PriorSettings(min_samples=10, update_every=1, spot_min=5, spot_window=10))
+    adapter = PriorAdapter(card, PriorSettings(min_samples=10, spot_min=5, spot_window=10))
     logits, _ = _traffic(100)
     adapter.answer(logits)
+    adapter.refresh()
     assert adapter.view().applied
     for _ in range(5):  # the corrected answer was wrong where the raw one was right
         adapter.spot_check(raw_pred=2, served_pred=1, label=2)
@@ -58,6 +60,7 @@ def test_disabled_adapter_still_estimates_but_serves_uncorrected():
     adapter = PriorAdapter(card, PriorSettings(enabled=False, min_samples=10))
     logits, _ = _traffic(50)
     served, raw = adapter.answer(logits)
+    adapter.refresh()
     assert torch.equal(served, raw)
     assert torch.allclose(raw, torch.softmax(logits / 2.0, 1), atol=1e-6)  # the card's temperature
     view = adapter.view()
@@ -69,12 +72,15 @@ def test_no_shift_no_correction():
     """Traffic with the model's own prior: EM's estimate stays near it, under the gate, and the answers
     are the uncorrected ones; a cycle's teacher gets no target prior either."""
     card = ModelCard("cifar_small", 3, ["a", "b", "c"], 32)
-    adapter = PriorAdapter(card, PriorSettings(min_samples=50, update_every=10, gate=0.2))
+    adapter = PriorAdapter(card, PriorSettings(min_samples=50, gate=0.2))
     logits, _ = _traffic(600, classes=3)
-    served, raw = adapter.answer(logits)
+    adapter.answer(logits)
+    adapter.refresh()
+    served, raw = adapter.answer(logits[:50])
     view = adapter.view()
     assert view.estimate is not None and not view.applied and view.reason.startswith("no shift")
     assert torch.equal(served, raw) and adapter.target() is None
-    shifted = PriorAdapter(card, PriorSettings(min_samples=50, update_every=10, gate=0.2))
+    shifted = PriorAdapter(card, PriorSettings(min_samples=50, gate=0.2))
     shifted.answer(_traffic(600)[0])
+    shifted.refresh()
     assert shifted.target() is not None and shifted.target()[2] < 0.05
