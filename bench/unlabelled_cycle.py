@@ -62,7 +62,7 @@ from prune_core.teacher import corrected_teacher
 sys.path.insert(0, str(REPO))
 from daemon.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
 from daemon.prior_adapter import PriorSettings  # noqa: E402
-from daemon.worker import decide  # noqa: E402
+from daemon.acceptance import Acceptance, decide  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "unlabelled_cycle"
 BUFFER_SALT = "unlabelled-cycle-buffer"
@@ -187,7 +187,7 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     started = time.monotonic()
     result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
-    accepted, reason = decide(result.summary, s.max_accuracy_drop, s.min_size_gain, s.min_agreement)
+    accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",

@@ -212,7 +212,7 @@ class Scheduler:
             finetune_before=s.cycle_finetune_before, tolerance=s.cycle_tolerance, batch_size=s.cycle_batch_size,
             min_steps=s.cycle_min_steps, hflip=s.cycle_hflip, max_accuracy_drop=s.max_accuracy_drop,
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
-            min_agreement=s.min_agreement, target_prior=served.prior.target(), prior_floor=s.prior_floor,
+            min_agreement=s.min_agreement, min_label_evidence=s.min_label_evidence, target_prior=served.prior.target(), prior_floor=s.prior_floor,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()

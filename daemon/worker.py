@@ -9,7 +9,6 @@ steps and after every training batch (pausing blocks there, so resuming continue
 from __future__ import annotations
 
 import errno
-import math
 import os
 import resource
 import time
@@ -19,6 +18,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from .acceptance import Acceptance, decide
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
 
 
@@ -66,29 +66,9 @@ class CycleJob:
     memory_limit_mb: int | None = None
     seed: int = 0
     min_agreement: float = 0.99
+    min_label_evidence: int = 200
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
-
-
-def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float) -> tuple[bool, str]:
-    """The acceptance rule. Smaller by at least `min_gain` of the parameters, and then, on the evidence
-    the cycle had (summary["evidence"]): with labelled held-out samples, not worse than the served
-    model by more than `max_drop` on them; without, agreeing with the (prior-corrected) served model on
-    at least `min_agreement` of the held-out samples (a student can be worse than its teacher on at most
-    the samples they disagree on). The reason names the evidence that decided."""
-    gain = 1 - summary["params_after"] / summary["params_before"]
-    if gain < min_gain:
-        return False, f"size gain {gain:.3f} below min_size_gain {min_gain:g}"
-    before, after = summary["top1_before"], summary["top1_after"]
-    if summary.get("evidence", "labels") == "labels" and not (isinstance(before, float) and math.isnan(before)):
-        if after < before - max_drop:
-            return False, f"labels: held-out top-1 {after:.4f} is below served {before:.4f} by more than {max_drop:g}"
-        return True, f"labels: held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
-    agreement = summary["agreement_with_before"]
-    teacher = "the prior-corrected served model" if summary.get("teacher", {}).get("corrected") else "the served model"
-    if agreement < min_agreement:
-        return False, f"no labels: agreement with {teacher} {agreement:.4f} below min_agreement {min_agreement:g}"
-    return True, f"no labels: agreement {agreement:.4f} with {teacher}, {gain:.1%} fewer parameters"
 
 
 def _die_with_parent() -> None:
@@ -189,7 +169,7 @@ def run_worker(job: CycleJob, control, events) -> None:
                                      "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()
         post(StepEvent("validate"))
-        accepted, reason = decide(result.summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
+        accepted, reason = decide(result.summary, Acceptance.of(job))
         if accepted:
             post(StepEvent("write"))
             check()

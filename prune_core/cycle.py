@@ -197,6 +197,7 @@ def run_cycle(
         "agreement_with_before": agreement(pruned, base, held()),
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),
+        "held_out_labelled": held_set.labelled,
         "held_out_per_class": acc_after.to_dict(card.class_names)["per_class"],
         "probes": [p.to_dict() for p in probes],
         "stopped": state["stopped"],

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
-from daemon.worker import Aborted, CycleJob, decide, obey
+from daemon.acceptance import Acceptance, decide
+from daemon.worker import Aborted, CycleJob, obey
 
 BATCH_S = 0.002
 PARAMS = 100_000
@@ -42,7 +43,7 @@ def fake_worker(job: CycleJob, control, events) -> None:
     summary = {"params_before": PARAMS, "params_after": int(PARAMS * (1 - level)), "macs_before": 10 * PARAMS,
                "macs_after": int(10 * PARAMS * (1 - level)), "top1_before": 0.9, "top1_after": 0.9,
                "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level}
-    accepted, reason = decide(summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
+    accepted, reason = decide(summary, Acceptance.of(job))
     if accepted:
         events.put(StepEvent("write"))
         for name in ("model.json", "weights.safetensors"):

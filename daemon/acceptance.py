@@ -1,0 +1,56 @@
+"""The acceptance rule: whether a cycle's candidate replaces the served model, and on what evidence.
+
+One rule for the worker, the fake worker in tests and the benchmarks. Labels decide where there are
+enough of them to tell a point of top-1 apart; with few labelled held-out samples and a
+prior-corrected teacher, the candidate must also agree with that teacher (a handful of labels cannot
+show that departing from the best unlabelled estimate is an improvement).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    max_drop: float  # held-out top-1 a candidate may lose against the served model (labels)
+    min_gain: float  # fraction of parameters a candidate must remove
+    min_agreement: float  # share of held-out samples it must answer like the (corrected) teacher
+    min_label_evidence: int = 0  # below this many labelled held-out samples, a corrected teacher's agreement is required too
+
+    @classmethod
+    def of(cls, source: Any) -> "Acceptance":
+        """From Settings or a CycleJob (the same field names)."""
+        return cls(source.max_accuracy_drop, source.min_size_gain, source.min_agreement, source.min_label_evidence)
+
+
+def _has_labels(summary: dict) -> bool:
+    before = summary["top1_before"]
+    return summary.get("evidence", "labels") == "labels" and not (isinstance(before, float) and math.isnan(before))
+
+
+def decide(summary: dict, rule: Acceptance) -> tuple[bool, str]:
+    """Smaller by at least `min_gain` of the parameters, and then, on the evidence the cycle had
+    (summary["evidence"]): with labelled held-out samples, not worse than the served model by more
+    than `max_drop` on them; without, agreeing with the (prior-corrected) served model on at least
+    `min_agreement` of the held-out samples (a student can be worse than its teacher on at most the
+    samples they disagree on). The reason names the evidence that decided."""
+    gain = 1 - summary["params_after"] / summary["params_before"]
+    if gain < rule.min_gain:
+        return False, f"size gain {gain:.3f} below min_size_gain {rule.min_gain:g}"
+    agreement = summary["agreement_with_before"]
+    corrected = bool((summary.get("teacher") or {}).get("corrected"))
+    teacher = "the prior-corrected served model" if corrected else "the served model"
+    if _has_labels(summary):
+        before, after = summary["top1_before"], summary["top1_after"]
+        if after < before - rule.max_drop:
+            return False, f"labels: held-out top-1 {after:.4f} is below served {before:.4f} by more than {rule.max_drop:g}"
+        labelled = summary.get("held_out_labelled")
+        if corrected and labelled is not None and labelled < rule.min_label_evidence and agreement < rule.min_agreement:
+            return False, (f"labels and agreement: {labelled} labelled held-out samples (fewer than min_label_evidence "
+                           f"{rule.min_label_evidence}) and agreement with {teacher} {agreement:.4f} below min_agreement {rule.min_agreement:g}")
+        return True, f"labels: held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
+    if agreement < rule.min_agreement:
+        return False, f"no labels: agreement with {teacher} {agreement:.4f} below min_agreement {rule.min_agreement:g}"
+    return True, f"no labels: agreement {agreement:.4f} with {teacher}, {gain:.1%} fewer parameters"
