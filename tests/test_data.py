@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prune_core import data as data_mod
+from prune_core import imagedecode
 from prune_core.data import (
     DataError,
     ImageSet,
@@ -169,7 +169,7 @@ class TestDecode:
             decode_image(png_header_only(30000, 30000), 32)
 
     def test_max_pixels_monkeypatched(self, monkeypatch):
-        monkeypatch.setattr(data_mod, "MAX_PIXELS", 100)
+        monkeypatch.setattr(imagedecode, "MAX_PIXELS", 100)  # the one place decoding reads it
         assert decode_image(encode(Image.new("RGB", (10, 10))), 8).shape == (3, 8, 8)
         with pytest.raises(DataError, match="exceeds"):
             decode_image(encode(Image.new("RGB", (11, 10))), 8)
