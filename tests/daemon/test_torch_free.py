@@ -22,6 +22,7 @@ TORCH_FREE = [
     "prune_core.card", "prune_core.imagedecode", "prune_core.label_shift", "prune_core.device", "prune_core.atomic",
     "prune_core.arch_names", "daemon.prior_adapter", "daemon.drift", "daemon.generalist", "daemon.metrics",
     "daemon.model_store", "daemon.cycle_records", "daemon.buffer", "daemon.gate", "daemon.config", "daemon.telemetry",
+    "prune_core.options",
     "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines",
 ]
 # Still pulling torch in through daemon/serving.py (Served holds a torch model) and daemon/api/inference.py
@@ -64,7 +65,8 @@ def test_the_rest_of_the_serving_process_imports_without_torch():
 
 
 def test_a_request_is_decoded_calibrated_and_corrected_without_torch(tmp_path, untrained_model_dir):
-    """Card, preprocessing, decoding, the prior adapter and the drift watch, run for real."""
+    """Card, preprocessing, decoding, the prior adapter, the drift watch, the settings and a cycle's
+    options, run for real."""
     photo = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(photo, "JPEG")
     run_without_torch(f"""
@@ -82,6 +84,10 @@ probs, raw = adapter.answer(logits)
 adapter.refresh()
 assert probs.shape == raw.shape == (4, card.num_classes) and adapter.view().estimate is not None
 DriftWatch(card, DriftSettings(window=8, min_samples=2)).observe(logits)
+from daemon.config import load_settings
+from prune_core.options import check_cycle_options
+load_settings(state_dir={str(tmp_path / "state")!r})  # validates the criteria and allocations lists
+assert check_cycle_options("auto", "taylor,apoz", "uniform,global") == "auto"
 """)
 
 
