@@ -20,6 +20,8 @@ import numpy as np
 from prune_core.card import ModelCard, read_card
 
 from .drift import Appeared, DriftSettings, DriftWatch
+from .engines import Backend, EngineUnavailable, ServingBackend, load_engine
+from .engines.select import AUTO_ORDER
 
 log = logging.getLogger("edgetune.generalist")
 
@@ -27,24 +29,23 @@ log = logging.getLogger("edgetune.generalist")
 Logits = Callable[[np.ndarray], np.ndarray]
 
 
-def engine_backends(serving_backend: str) -> list[str]:
+def engine_backends(serving_backend: ServingBackend | str) -> tuple[Backend, ...]:
     """The built engines worth trying for the generalist under `serving_backend`, best first
     (none for torch: the generalist then runs as the served model does)."""
-    if serving_backend == "torch":
-        return []
-    return ["tensorrt", "onnxruntime"] if serving_backend == "auto" else [serving_backend]
+    setting = ServingBackend(serving_backend)
+    if setting is ServingBackend.TORCH:
+        return ()
+    return AUTO_ORDER if setting is ServingBackend.AUTO else (Backend(setting.value),)
 
 
-def load_logits(directory: Path, serving_backend: str = "torch", device: Any = "cpu") -> Logits:
+def load_logits(directory: Path, serving_backend: ServingBackend | str = ServingBackend.TORCH, device: Any = "cpu") -> Logits:
     """The generalist's forward pass: its built engine of the serving backend where one loads here
     (daemon.engines.load_engine: never built here), else its torch model (imported only then)."""
-    from .engines import Backend, EngineUnavailable, load_engine
-
-    for name in engine_backends(serving_backend):
+    for backend in engine_backends(serving_backend):
         try:
-            return load_engine(directory, Backend(name)).logits
+            return load_engine(directory, backend).logits
         except EngineUnavailable as exc:
-            log.info("generalist: no %s engine (%s)", name, exc.reason)
+            log.info("generalist: no %s engine (%s)", backend.value, exc.reason)
     log.info("generalist: served by torch")
     return torch_logits(directory, device)
 
@@ -56,7 +57,7 @@ def torch_logits(directory: Path, device: Any = "cpu") -> Logits:
     from prune_core.model_format import load_model
 
     from .engines.base import InputSpec
-    from .engines.eager import TorchEngine
+    from .engines.eager import TorchEngine  # imports torch
 
     device = torch.device(device)
     model, card = load_model(directory, device)

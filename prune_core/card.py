@@ -10,13 +10,11 @@ import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .arch_names import check_arch_name
 from .imagedecode import Interpolation, Preprocess
-
-if TYPE_CHECKING:
-    from .label_shift import Calibration
+from .label_shift import Calibration
 
 FORMAT = "edgetune-model"
 FORMAT_VERSION = 1
@@ -75,9 +73,7 @@ class ModelCard:
     def bias(self) -> list[float]:
         return list(self.logit_bias) or [0.0] * self.num_classes
 
-    def calibration(self) -> "Calibration":
-        from .label_shift import Calibration
-
+    def calibration(self) -> Calibration:
         return Calibration(self.temperature, tuple(self.logit_bias) if self.logit_bias else None)
 
     @property
