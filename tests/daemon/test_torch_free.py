@@ -119,3 +119,21 @@ assert logits.__self__.backend.value == "onnxruntime"
 got = logits(np.load({str(tmp_path / 'images.npy')!r}))
 assert np.abs(got - np.load({str(tmp_path / 'want.npy')!r})).max() <= {TOLERANCES[Precision.FP32].allowed(want)!r}
 """)
+
+
+def test_the_device_is_named_without_torch(monkeypatch):
+    """device_name: the setting, else EDGETUNE_DEVICE, else what the CUDA driver reports (asked through
+    ctypes); a CUDA device the driver does not report is refused as pick_device refuses it."""
+    from prune_core.device import cuda_driver_devices, device_name
+
+    monkeypatch.delenv("EDGETUNE_DEVICE", raising=False)
+    run_without_torch("from prune_core.device import device_name\ndevice_name()\n")
+    assert device_name("cpu") == "cpu"
+    gpus = cuda_driver_devices()
+    assert device_name() == ("cuda" if gpus else "cpu")
+    monkeypatch.setenv("EDGETUNE_DEVICE", "cuda:0")
+    if gpus:
+        assert device_name() == "cuda:0"
+    else:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            device_name()
