@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from paper_protocol import csv_list
@@ -165,8 +166,9 @@ def cached_logits(model, pools: Pools, model_dir: Path) -> dict[str, torch.Tenso
     return out
 
 
-def nll_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[float, float]:
+def nll_ece(probs, labels: torch.Tensor, bins: int = 15) -> tuple[float, float]:
     """Negative log-likelihood and expected calibration error (equal-width confidence bins)."""
+    probs = torch.as_tensor(probs)  # label_shift answers numpy
     nll = float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
     conf, pred = probs.max(1)
     hit = (pred == labels).double()
@@ -176,12 +178,13 @@ def nll_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[
     return nll, ece
 
 
-def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((probs.argmax(1) == labels).double().mean())
+def top1(probs, labels) -> float:
+    """Top-1 of probabilities or logits (array or tensor) against labels."""
+    return float((np.asarray(probs).argmax(1) == np.asarray(labels)).mean())
 
 
-def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration], source: torch.Tensor,
-                    confusion: torch.Tensor, args, order_seed: int) -> dict:
+def evaluate_subset(classes, logits, pools: Pools, cals: dict[str, Calibration], source: np.ndarray,
+                    confusion: np.ndarray, args, order_seed: int) -> dict:
     """Every method's top-1 on the subset's scored images, and each estimator's prior error."""
     k = len(CLASSES)
     sub = torch.tensor(classes)

@@ -43,6 +43,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from label_shift import DEFAULT_OUT as LABEL_SHIFT_OUT
@@ -127,12 +128,12 @@ def acc(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).double().mean())
 
 
-def daemon_prior(card, probs: torch.Tensor, prior: PriorSettings) -> torch.Tensor | None:
+def daemon_prior(card, probs: np.ndarray, prior: PriorSettings) -> np.ndarray | None:
     """The PriorAdapter's estimate after `probs` arrived in order (every UPDATE_EVERY samples, warm-started)."""
-    tracker = PriorTracker(torch.tensor(card.prior(), dtype=torch.float64), window=prior.window, min_samples=prior.min_samples)
+    tracker = PriorTracker(np.asarray(card.prior(), dtype=np.float64), window=prior.window, min_samples=prior.min_samples)
     estimate = None
-    for chunk in probs.split(UPDATE_EVERY):
-        tracker.add(chunk)
+    for start in range(0, len(probs), UPDATE_EVERY):
+        tracker.add(probs[start:start + UPDATE_EVERY])
         estimate = tracker.estimate()
     return estimate
 
@@ -152,14 +153,14 @@ class Subset:
         self.score = pools.score.subset(torch.nonzero(in_score).flatten())
         self.y = self.score.labels
         cal = card.calibration()
-        self.source = torch.tensor(card.prior(), dtype=torch.float64)
+        self.source = np.asarray(card.prior(), dtype=np.float64)
         prior = PriorSettings.from_settings(s)
         self.estimate = daemon_prior(card, cal.apply(logits["stream"][idx]), prior)
         self.shift = None if self.estimate is None else total_variation(self.estimate, self.source)
         self.target = [float(v) for v in self.estimate] if self.shift is not None and self.shift >= prior.gate else None
         t_logits = logits["score"][in_score]
         served = t_logits.argmax(1)
-        corrected = correct(cal.apply(t_logits), self.source, torch.tensor(self.target), prior.floor).argmax(1) if self.target else served
+        corrected = torch.from_numpy(correct(cal.apply(t_logits), self.source, self.target, prior.floor).argmax(1)) if self.target else served
         mask = torch.full((len(CLASSES),), float("-inf"), dtype=torch.float64)
         mask[sub] = 0.0
         self.top1 = {"served": acc(served, self.y), "prior": acc(corrected, self.y), "oracle": acc((t_logits + mask).argmax(1), self.y)}

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prune_core.jsonsafe import finite
-from prune_core.model_format import atomic_write
+from prune_core.atomic import atomic_write
 
 from .cycle_state import CycleState
 

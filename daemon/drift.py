@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from prune_core.card import ModelCard
 from prune_core.label_shift import PriorTracker
-from prune_core.model_format import ModelCard
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class DriftWatch:
         self.s = settings
         self.card = generalist
         self.calibration = generalist.calibration()
-        self.tracker = PriorTracker(torch.tensor(generalist.prior()), window=settings.window, min_samples=settings.min_samples)
+        self.tracker = PriorTracker(np.asarray(generalist.prior()), window=settings.window, min_samples=settings.min_samples)
         self._lock = threading.Lock()
 
-    def observe(self, logits: torch.Tensor) -> None:
+    def observe(self, logits: np.ndarray) -> None:
         """The generalist's logits for sampled traffic images (N×K)."""
-        probs = self.calibration.apply(logits.detach().float().cpu())
+        probs = self.calibration.apply(np.asarray(logits, dtype=np.float32))
         with self._lock:
             self.tracker.add(probs)
 

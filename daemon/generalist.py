@@ -3,7 +3,9 @@ sample of the served images, and when a class the served specialist was not trai
 its class-prior estimate, it asks for the generalist to be served again (a swap, not a cycle).
 
 Requests only hand it images (a bounded queue: a full queue drops the image, never the request);
-the generalist is loaded on first use and only while a specialist is being served.
+the generalist is loaded on first use and only while a specialist is being served: through its
+built engine where the serving backend is not torch (no torch in the serving process), else, or
+where no engine of it loads, through its torch model.
 """
 from __future__ import annotations
 
@@ -11,34 +13,76 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-import torch
+import numpy as np
 
-from prune_core.model_format import ModelCard, load_model
+from prune_core.card import ModelCard, read_card
 
 from .drift import Appeared, DriftSettings, DriftWatch
+from .engines import Backend, EngineUnavailable, ServingBackend, load_engine
+from .engines.select import AUTO_ORDER
 
 log = logging.getLogger("edgetune.generalist")
 
+# A model's forward pass: uint8 images N×3×S×S in, float32 logits N×K out (an Engine's `logits`).
+Logits = Callable[[np.ndarray], np.ndarray]
+
+
+def engine_backends(serving_backend: ServingBackend | str) -> tuple[Backend, ...]:
+    """The built engines worth trying for the generalist under `serving_backend`, best first
+    (none for torch: the generalist then runs as the served model does)."""
+    setting = ServingBackend(serving_backend)
+    if setting is ServingBackend.TORCH:
+        return ()
+    return AUTO_ORDER if setting is ServingBackend.AUTO else (Backend(setting.value),)
+
+
+def load_logits(directory: Path, serving_backend: ServingBackend | str = ServingBackend.TORCH, device: Any = "cpu") -> Logits:
+    """The generalist's forward pass: its built engine of the serving backend where one loads here
+    (daemon.engines.load_engine: never built here), else its torch model (imported only then)."""
+    for backend in engine_backends(serving_backend):
+        try:
+            return load_engine(directory, backend).logits
+        except EngineUnavailable as exc:
+            log.info("generalist: no %s engine (%s)", backend.value, exc.reason)
+    log.info("generalist: served by torch")
+    return torch_logits(directory, device)
+
+
+def torch_logits(directory: Path, device: Any = "cpu") -> Logits:
+    """The generalist's torch model as a forward pass (imports torch)."""
+    import torch
+
+    from prune_core.model_format import load_model
+
+    from .engines.base import InputSpec
+    from .engines.eager import TorchEngine  # imports torch
+
+    device = torch.device(device)
+    model, card = load_model(directory, device)
+    return TorchEngine(model, InputSpec.of(card), device).logits
+
 
 class GeneralistWatch:
-    def __init__(self, version: str, directory: Path, device: torch.device, settings: DriftSettings,
-                 on_appeared: Callable[[Appeared], None]):
+    def __init__(self, version: str, directory: Path, settings: DriftSettings, on_appeared: Callable[[Appeared], None],
+                 logits: Callable[[], Logits] | None = None):
+        """`logits` makes the generalist's forward pass, called on first use (default: `load_logits`
+        under the torch backend on the CPU)."""
         self.version = version
         self.directory = directory
-        self.device = device
         self.s = settings
         self.on_appeared = on_appeared
-        self._queue: "queue.Queue[tuple[torch.Tensor, ModelCard] | None]" = queue.Queue(maxsize=64)
+        self._make_logits = logits or (lambda: load_logits(directory))
+        self._queue: "queue.Queue[tuple[np.ndarray, ModelCard] | None]" = queue.Queue(maxsize=64)
         self._offered = 0
-        self._model = None
-        self._scale: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._logits: Logits | None = None
         self.watch: DriftWatch | None = None
         self._thread: threading.Thread | None = None
 
-    def offer(self, served_version: str, served_card: ModelCard, image: torch.Tensor) -> None:
-        """A served image (uint8 3×S×S); every `sample_every`th one of a specialist reaches the generalist."""
+    def offer(self, served_version: str, served_card: ModelCard, image: Any) -> None:
+        """A served image (uint8 3×S×S, array or tensor); every `sample_every`th one of a specialist
+        reaches the generalist."""
         if not self.s.enabled or served_version == self.version or served_card.prior() == [1.0 / served_card.num_classes] * served_card.num_classes:
             return  # the generalist itself, or a model not specialised to a prior, needs no watch
         self._offered += 1
@@ -65,10 +109,8 @@ class GeneralistWatch:
             self.watch.reset()
 
     def _load(self) -> None:
-        model, card = load_model(self.directory, self.device)
-        self._model = model.eval()
-        self._scale = tuple(torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255 for v in (card.mean, card.std))
-        self.watch = DriftWatch(card, self.s)
+        self._logits = self._make_logits()
+        self.watch = DriftWatch(read_card(self.directory), self.s)
 
     def _run(self) -> None:
         while True:
@@ -77,12 +119,9 @@ class GeneralistWatch:
                 return
             image, served_card = item
             try:
-                if self._model is None:
+                if self._logits is None:
                     self._load()
-                mean, std = self._scale
-                with torch.inference_mode():
-                    logits = self._model((image.unsqueeze(0).to(self.device).float() - mean) / std).float().cpu()
-                self.watch.observe(logits)
+                self.watch.observe(self._logits(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[None])))
                 appeared = self.watch.appeared(served_card)
                 if appeared is not None:
                     self.on_appeared(appeared)

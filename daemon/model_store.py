@@ -10,9 +10,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from prune_core.model_format import (
-    MODEL_JSON, WEIGHTS, ModelCard, ModelFormatError, atomic_write, fsync_dir, load_model, read_card,
-)
+from prune_core.atomic import atomic_write, fsync_dir
+from prune_core.card import MODEL_JSON, WEIGHTS, ModelCard, ModelFormatError, read_card
 
 VERSION_RE = re.compile(r"v\d{4,9}")  # always used with fullmatch
 LEFTOVER_GLOBS = (".staging-*", ".trash-*", ".active.*")
@@ -82,6 +81,8 @@ class ModelStore:
 
     def import_model(self, source: Path) -> str:
         """Copy a prune_core model directory in as a new version (validated by loading it)."""
+        from prune_core.model_format import load_model  # torch: only an import pays for it
+
         load_model(source)  # raises ModelFormatError on anything wrong
         staging = self.staging_dir()
         for name in (MODEL_JSON, WEIGHTS):

@@ -3,7 +3,8 @@
 Every answered image's calibrated probabilities feed a sliding-window EM estimate of the traffic's class
 prior (prune_core.label_shift); answers are reweighted to it (floored, so no class is ever driven to
 zero). Labelled requests are spot checks: where the corrected answers score below the uncorrected ones
-over the recent spot checks, correction is switched off until they no longer do.
+over the recent spot checks, correction is switched off until they no longer do. numpy only: the
+serving process imports no torch.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque
 
-import torch
+import numpy as np
 
+from prune_core.card import ModelCard
 from prune_core.label_shift import PriorTracker, bbse_prior, correct, predicted_distribution, total_variation
-from prune_core.model_format import ModelCard
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,19 @@ class PriorAdapter:
         self.s = settings
         self.card = card
         self.calibration = card.calibration()
-        self.source = torch.tensor(card.prior(), dtype=torch.float64)
+        self.source = np.asarray(card.prior(), dtype=np.float64)
         self.tracker = PriorTracker(self.source, window=settings.window, min_samples=settings.min_samples)
         self._lock = threading.Lock()
-        self._estimate: torch.Tensor | None = None
+        self._estimate: np.ndarray | None = None
         self._bbse: list[float] | None = None
         self._refreshed_at = 0  # tracker.seen at the last refresh
         self._spots: Deque[tuple[bool, bool]] = deque(maxlen=settings.spot_window)
 
-    def answer(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(served probabilities, uncorrected calibrated probabilities) for a batch of logits (N×K).
-        The request path only records the answer; `refresh` (the scheduler's poll) re-estimates."""
-        probs = self.calibration.apply(logits.detach().float().cpu())
+    def answer(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(served probabilities, uncorrected calibrated probabilities), float32 N×K, for a batch of
+        logits (N×K). The request path only records the answer; `refresh` (the scheduler's poll)
+        re-estimates."""
+        probs = self.calibration.apply(np.asarray(logits, dtype=np.float32))
         with self._lock:
             self.tracker.add(probs)
             estimate, applied = self._estimate, self._applied()
@@ -154,4 +156,4 @@ class PriorAdapter:
         if not self.card.confusion or len(self.tracker) < self.s.min_samples:
             return None
         rows = self.tracker.probabilities()
-        return [float(v) for v in bbse_prior(torch.tensor(self.card.confusion), predicted_distribution(rows))]
+        return [float(v) for v in bbse_prior(np.asarray(self.card.confusion), predicted_distribution(rows))]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prune_core.model_format import ModelFormatError
+from prune_core.card import ModelFormatError
 
 from .cycle_records import CycleStore
 from .cycle_state import CycleState

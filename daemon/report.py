@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_core.model_format import atomic_write
+from prune_core.atomic import atomic_write
 
 log = logging.getLogger("edgetune.report")
 REPORT_JSON = "report.json"

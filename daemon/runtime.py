@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from prune_core import pick_device
-from prune_core.model_format import ModelFormatError
+from prune_core.card import ModelFormatError
+from prune_core.device import device_name
 from prune_core.options import check_cycle_options
 
 from .buffer import NewSample, SampleBuffer, Stored
@@ -23,7 +22,7 @@ from .metrics import Metrics
 from .model_store import ModelStore, UnknownVersion
 from .prior_adapter import PriorSettings
 from .drift import Appeared, DriftSettings
-from .generalist import GeneralistWatch
+from .generalist import GeneralistWatch, load_logits
 from .recovery import recover_interrupted
 from .scheduler import Clock, Conflict, Scheduler
 from .serving import Answer, ModelHolder, Served
@@ -49,7 +48,7 @@ class Runtime:
                  worker_target: WorkerTarget | None = None, clock: Clock = time.time):
         self.settings = settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(settings.device)
+        self.device = device_name(settings.device)  # a name: torch is imported only if it serves
         self.metrics = Metrics()
         self.store = ModelStore(settings.models_dir, settings.keep_versions)
         self.store.remove_stale(protect=set(self.store.versions()))
@@ -73,10 +72,12 @@ class Runtime:
                                    self.metrics, WorkerSupervisor(worker_target), clock)
         generalist = self.store.generalist()
         self.generalist = None if generalist is None else GeneralistWatch(
-            generalist, self.store.path(generalist), self.device, DriftSettings(
+            generalist, self.store.path(generalist), DriftSettings(
                 settings.generalist_fallback, settings.drift_sample_every, appear_share=settings.drift_appear_share,
                 trained_share=settings.drift_trained_share),
-            on_appeared=self._fall_back)
+            on_appeared=self._fall_back, logits=partial(
+                load_logits, self.store.path(generalist),  # serving_backend: issue 21, torch until that setting exists
+                getattr(settings, "serving_backend", "torch"), self.device))
 
     def _load_first_model(self) -> None:
         """The active version, or, if it will not load, the newest version that does."""
@@ -111,7 +112,7 @@ class Runtime:
         """The model being served (None only before the first load)."""
         return self.holder.current
 
-    def note_inference(self, latency_s: float, model: Served, image: torch.Tensor, answer: Answer, label: int | None) -> None:
+    def note_inference(self, latency_s: float, model: Served, image: Any, answer: Answer, label: int | None) -> None:
         """An inference was answered: the gate counts traffic, the metrics its latency; a labelled
         one is a spot check of the prior correction; the generalist watch may look at the image."""
         self.metrics.inference_latency.observe(latency_s)

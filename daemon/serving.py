@@ -50,11 +50,12 @@ class Served:
     def predict(self, images: torch.Tensor, top_k: int = 5, track: bool = True) -> list[Answer]:
         """Answers for a uint8 batch N×3×S×S. With `track` the answers are traffic: they feed the
         class-prior estimate (warm-up passes do not)."""
-        logits = self.logits(images)
+        logits = self.logits(images).numpy()  # the prior adapter is numpy (no torch when serving)
         if track:
             probs, raw = self.prior.answer(logits)
         else:
             probs = raw = self.prior.calibration.apply(logits)
+        probs, raw = torch.from_numpy(probs), torch.from_numpy(raw)
         scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
         raw_pred = raw.argmax(1).tolist()
         return [Answer(list(zip(i.tolist(), p.tolist())), r) for i, p, r in zip(idx, scores, raw_pred)]

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
+
+from .arch_names import BUILTIN_SIZES, EXTERNAL_IMAGE_SIZE, TIMM_PREFIX, check_arch_name
 
 __all__ = [
     "ArchSpec",
@@ -160,62 +161,38 @@ def _tv(name: str, **extra) -> Callable[[int], nn.Module]:
 
 _NO_AUX = dict(aux_logits=False, init_weights=True, transform_input=False)
 
-ARCHS: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in [
-        # name, default image size, min image size (verified by forward pass)
-        ArchSpec("alexnet", 64, 63, _tv("alexnet")),
-        ArchSpec("vgg11_bn", 64, 32, _tv("vgg11_bn")),
-        ArchSpec("resnet18", 64, 1, _tv("resnet18")),
-        ArchSpec("resnet50", 64, 1, _tv("resnet50")),
-        ArchSpec("resnext50_32x4d", 64, 1, _tv("resnext50_32x4d")),
-        ArchSpec("wide_resnet50_2", 64, 1, _tv("wide_resnet50_2")),
-        ArchSpec("squeezenet1_1", 64, 17, _tv("squeezenet1_1")),
-        ArchSpec("densenet121", 64, 29, _tv("densenet121")),
-        ArchSpec("googlenet", 64, 15, _tv("googlenet", **_NO_AUX)),
-        ArchSpec("inception_v3", 96, 75, _tv("inception_v3", **_NO_AUX)),
-        ArchSpec("mobilenet_v2", 64, 1, _tv("mobilenet_v2")),
-        ArchSpec("mobilenet_v3_small", 64, 1, _tv("mobilenet_v3_small")),
-        ArchSpec("mnasnet1_0", 64, 1, _tv("mnasnet1_0")),
-        ArchSpec("shufflenet_v2_x1_0", 64, 1, _tv("shufflenet_v2_x1_0")),
-        ArchSpec("efficientnet_b0", 64, 1, _tv("efficientnet_b0")),
-        ArchSpec("regnet_y_400mf", 64, 1, _tv("regnet_y_400mf")),
-        ArchSpec("convnext_tiny", 64, 32, _tv("convnext_tiny")),
-        ArchSpec("cifar_resnet18", 32, 1, _cifar_resnet18),
-        ArchSpec("cifar_mobilenet_v2", 32, 1, _cifar_mobilenet_v2),
-        ArchSpec("cifar_small", 32, 1, CifarSmall),
-    ]
+# The builder of every built-in name; names and sizes are arch_names.BUILTIN_SIZES.
+_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "alexnet": _tv("alexnet"),
+    "vgg11_bn": _tv("vgg11_bn"),
+    "resnet18": _tv("resnet18"),
+    "resnet50": _tv("resnet50"),
+    "resnext50_32x4d": _tv("resnext50_32x4d"),
+    "wide_resnet50_2": _tv("wide_resnet50_2"),
+    "squeezenet1_1": _tv("squeezenet1_1"),
+    "densenet121": _tv("densenet121"),
+    "googlenet": _tv("googlenet", **_NO_AUX),
+    "inception_v3": _tv("inception_v3", **_NO_AUX),
+    "mobilenet_v2": _tv("mobilenet_v2"),
+    "mobilenet_v3_small": _tv("mobilenet_v3_small"),
+    "mnasnet1_0": _tv("mnasnet1_0"),
+    "shufflenet_v2_x1_0": _tv("shufflenet_v2_x1_0"),
+    "efficientnet_b0": _tv("efficientnet_b0"),
+    "regnet_y_400mf": _tv("regnet_y_400mf"),
+    "convnext_tiny": _tv("convnext_tiny"),
+    "cifar_resnet18": _cifar_resnet18,
+    "cifar_mobilenet_v2": _cifar_mobilenet_v2,
+    "cifar_small": CifarSmall,
 }
 
+ARCHS: dict[str, ArchSpec] = {
+    name: ArchSpec(name, size, min_size, _BUILDERS[name]) for name, (size, min_size) in BUILTIN_SIZES.items()
+}
+if set(_BUILDERS) != set(ARCHS):
+    raise ImportError(f"builders without a size entry in arch_names: {sorted(set(_BUILDERS) - set(ARCHS))}")
 
-TIMM_PREFIX = "timm:"
-# Default input size of architectures outside ARCHS, like the torchvision ones': small enough to
-# train on a CPU; their smallest input is not known in advance (`edgetune init` runs one).
-EXTERNAL_IMAGE_SIZE = 64
-_FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 # Keyword arguments edgetune sets itself when it builds a timm model.
 _TIMM_RESERVED = ("pretrained", "num_classes", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
-
-
-def check_arch_name(arch: str) -> None:
-    """Raise ValueError unless `arch` is a built-in name, ``timm:<model>`` or ``<module>:<factory>``.
-
-    Only the spelling is checked: nothing is imported (a model.json is read without running code)."""
-    if arch in ARCHS:
-        return
-    if arch.startswith(TIMM_PREFIX):
-        if arch[len(TIMM_PREFIX):].strip():
-            return
-        raise ValueError(f"architecture '{arch}' names no timm model (e.g. timm:resnet18)")
-    if ":" in arch:
-        if _FACTORY.fullmatch(arch):
-            return
-        raise ValueError(f"architecture '{arch}' is not of the form package.module:factory")
-    close = difflib.get_close_matches(arch, ARCHS, n=3)
-    raise ValueError(
-        f"unknown architecture '{arch}'; choose from {', '.join(sorted(ARCHS))}, timm:<model> or package.module:factory"
-        + (f" (did you mean {', '.join(close)}?)" if close else "")
-    )
 
 
 def _timm_builder(name: str, kwargs: Mapping[str, Any]) -> Callable[[int], nn.Module]:

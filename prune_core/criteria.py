@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import parse_choices
+from .options import BUILTIN_CRITERIA, parse_criteria  # noqa: F401 (parse_criteria: re-exported)
 
 # typing's spellings: these aliases are evaluated at import, and JetPack 5's Python is 3.8
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -44,10 +44,6 @@ def get_criterion(name: str, **options) -> "Criterion":
         raise ValueError(f"unknown criterion '{name}'; choose from {', '.join(sorted(CRITERIA))}") from None
 
 
-def parse_criteria(text: str) -> tuple[str, ...]:
-    """'taylor', or 'activation,apoz,taylor' for a cycle that tries each and keeps the model best on the
-    held-out split (per-subset differences between criteria are often larger than their mean differences)."""
-    return parse_choices(text, sorted(CRITERIA), "criterion")
 
 
 def prunable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_TYPES) -> Iterator[tuple[str, nn.Module]]:
@@ -228,3 +224,7 @@ class Taylor(Criterion):
         if not n_batches:
             raise ValueError("criterion 'taylor' saw no samples")
         return {n: t / n_batches for n, t in totals.items()}
+
+
+if set(CRITERIA) != set(BUILTIN_CRITERIA):
+    raise ImportError(f"options.BUILTIN_CRITERIA {sorted(BUILTIN_CRITERIA)} != the registered criteria {sorted(CRITERIA)}")

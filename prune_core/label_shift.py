@@ -7,7 +7,9 @@ q is estimated from unlabelled traffic, either by EM on calibrated probabilities
 calibrate first, Alexandari et al. 2020) or from a labelled confusion matrix and the distribution of the
 model's predictions on the traffic (BBSE, Lipton et al. 2018).
 
-Everything here is torch only and works on probability or logit tensors (N×K); no model, daemon or SQL code.
+Everything here works on numpy arrays of probabilities or logits (N×K) and needs no torch, so the serving
+process can use it; only `fit_calibration` (run where models are trained) imports torch. No model, daemon or
+SQL code.
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 # The smallest target prior share `correct` lets a class have, so a class absent from recent traffic can
 # still win when it returns.
@@ -52,18 +53,20 @@ class Calibration:
             return CalibrationMethod.BCTS
         return CalibrationMethod.NONE if self.temperature == 1.0 else CalibrationMethod.TEMPERATURE
 
-    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
-        """The calibrated logits (N×K)."""
-        out = logits / self.temperature
+    def scaled(self, logits: np.ndarray) -> np.ndarray:
+        """The calibrated logits (N×K), in `logits`' float dtype (float32 for anything not float)."""
+        x = np.asarray(logits)
+        x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+        out = x / x.dtype.type(self.temperature)
         if self.bias is not None:
-            if len(self.bias) != logits.shape[-1]:
-                raise ValueError(f"calibration has {len(self.bias)} biases, logits have {logits.shape[-1]} classes")
-            out = out + torch.tensor(self.bias, dtype=logits.dtype, device=logits.device)
+            if len(self.bias) != x.shape[-1]:
+                raise ValueError(f"calibration has {len(self.bias)} biases, logits have {x.shape[-1]} classes")
+            out = out + np.asarray(self.bias, dtype=x.dtype)
         return out
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities p(y|x) (N×K) from logits (N×K)."""
-        return F.softmax(self.scaled(logits), dim=-1)
+        return softmax(self.scaled(logits))
 
     def to_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "bias": None if self.bias is None else list(self.bias)}
@@ -86,36 +89,44 @@ class Calibration:
 IDENTITY = Calibration()
 
 
-def _nll(scaled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(scaled, labels)
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in `x`'s dtype."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def fit_calibration(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits,
+    labels,
     method: CalibrationMethod = CalibrationMethod.BCTS,
     max_iter: int = 200,
     bias_l2: float = 1e-4,
 ) -> Calibration:
-    """Fit a calibration on labelled held-out logits (N×K) by minimising the negative log-likelihood.
+    """Fit a calibration on labelled held-out logits (N×K; tensor or array) by minimising the negative
+    log-likelihood.
 
     Full-batch L-BFGS on log T (T stays positive) and, for BCTS, the per-class biases. `bias_l2` is a
     tiny ridge on the biases: a class missing from the held-out split would otherwise have its bias
-    driven towards -inf, and the prior correction could never bring it back.
+    driven towards -inf, and the prior correction could never bring it back. Needs torch (imported
+    here: fitting runs where models are trained, never in the serving process).
     """
+    import torch
+    import torch.nn.functional as F
+
     method = CalibrationMethod(method)
     if method is CalibrationMethod.NONE:
         return IDENTITY
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError("expected logits N×K and labels N")
     known = labels >= 0
-    x, y = logits[known].detach().double().cpu(), labels[known].cpu()
+    x, y = logits[known].detach().double().cpu(), labels[known].long().cpu()
     if y.numel() == 0:
         raise ValueError("calibration needs labelled samples")
     # Start L-BFGS from the best temperature on a log grid: from T=1 its line search stalls on a
     # strongly over-confident model (huge first gradient) and returns T=1 unchanged.
     grid = torch.logspace(-2, 3, 61, dtype=torch.float64)
-    start = min(grid.tolist(), key=lambda t: float(_nll(x / t, y)))
+    start = min(grid.tolist(), key=lambda t: float(F.cross_entropy(x / t, y)))
     log_t = torch.tensor(math.log(start), dtype=torch.float64, requires_grad=True)
     params = [log_t]
     bias = None
@@ -127,7 +138,7 @@ def fit_calibration(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         scaled = x / log_t.exp()
-        loss = _nll(scaled if bias is None else scaled + bias, y)
+        loss = F.cross_entropy(scaled if bias is None else scaled + bias, y)
         if bias is not None:
             loss = loss + bias_l2 * (bias * bias).sum()
         loss.backward()
@@ -143,69 +154,72 @@ def fit_calibration(
     return Calibration(temperature, tuple(float(v) for v in b))
 
 
-def class_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The empirical class distribution of the labelled entries (label >= 0) of `labels`."""
-    known = labels[labels >= 0]
-    if known.numel() == 0:
+def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The empirical class distribution of the labelled entries (label >= 0) of `labels` (float64)."""
+    labels = np.asarray(labels)
+    known = labels[labels >= 0].astype(np.int64)
+    if known.size == 0:
         raise ValueError("no labelled samples")
-    counts = torch.bincount(known, minlength=num_classes).double()
+    counts = np.bincount(known, minlength=num_classes).astype(np.float64)
     return counts / counts.sum()
 
 
-def _check_prior(prior: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
-    prior = torch.as_tensor(prior, dtype=torch.float64)
+def _check_prior(prior: np.ndarray, num_classes: int, name: str) -> np.ndarray:
+    prior = np.asarray(prior, dtype=np.float64)
     if prior.shape != (num_classes,):
         raise ValueError(f"{name} has {tuple(prior.shape)} entries, expected ({num_classes},)")
-    if not torch.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
+    if not np.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
         raise ValueError(f"{name} must be finite, non-negative and not all zero")
     return prior / prior.sum()
 
 
 def em_prior(
-    probs: torch.Tensor,
-    source_prior: torch.Tensor,
+    probs: np.ndarray,
+    source_prior: np.ndarray,
     max_iter: int = 100,
     tol: float = 1e-6,
-    init: torch.Tensor | None = None,
-) -> torch.Tensor:
+    init: np.ndarray | None = None,
+) -> np.ndarray:
     """Saerens et al. (2002): EM re-estimate of the target class prior from unlabelled probabilities.
 
     `probs` (N×K) are calibrated p_s(y|x) under `source_prior` (K). Each step reweights every row by
     q/p, renormalises it, and takes the mean as the new q; it stops when no entry moves more than `tol`.
     `init` warm-starts q (e.g. the previous estimate of a sliding window). Returns q (K, float64).
     """
-    if probs.ndim != 2 or probs.shape[0] == 0:
-        raise ValueError("expected a non-empty N×K tensor of probabilities")
-    p = _check_prior(source_prior, probs.shape[1], "source_prior")
+    x = np.asarray(probs, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError("expected a non-empty N×K array of probabilities")
+    p = _check_prior(source_prior, x.shape[1], "source_prior")
     if (p <= 0).any():
         raise ValueError("source_prior must be positive for every class")
-    x = probs.detach().double().cpu()
-    q = p.clone() if init is None else _check_prior(init, probs.shape[1], "init")
+    q = p.copy() if init is None else _check_prior(init, x.shape[1], "init")
     for _ in range(max_iter):
         post = x * (q / p)
-        post = post / post.sum(1, keepdim=True).clamp_min(1e-300)
+        post = post / np.maximum(post.sum(1, keepdims=True), 1e-300)
         new = post.mean(0)
-        done = float((new - q).abs().max()) < tol
+        done = float(np.abs(new - q).max()) < tol
         q = new
         if done:
             break
     return q
 
 
-def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts C[i, j] of predicted class i for true class j (labelled entries only), float64."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
     known = labels >= 0
-    index = predictions[known].long() * num_classes + labels[known].long()
-    return torch.bincount(index.cpu(), minlength=num_classes * num_classes).double().view(num_classes, num_classes)
+    index = predictions[known].astype(np.int64) * num_classes + labels[known].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).astype(np.float64).reshape(num_classes, num_classes)
 
 
-def predicted_distribution(probs: torch.Tensor) -> torch.Tensor:
+def predicted_distribution(probs: np.ndarray) -> np.ndarray:
     """The share of each class among the argmax predictions of `probs` (N×K), float64."""
-    counts = torch.bincount(probs.argmax(1).cpu(), minlength=probs.shape[1]).double()
-    return counts / counts.sum().clamp_min(1.0)
+    probs = np.asarray(probs)
+    counts = np.bincount(probs.argmax(1), minlength=probs.shape[1]).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
 
 
-def bbse_prior(confusion: torch.Tensor, target_pred_dist: torch.Tensor) -> torch.Tensor:
+def bbse_prior(confusion: np.ndarray, target_pred_dist: np.ndarray) -> np.ndarray:
     """Lipton et al. (2018), black-box shift estimation of the target class prior.
 
     `confusion` (K×K, [predicted, true]) holds counts or shares from labelled source data;
@@ -214,27 +228,28 @@ def bbse_prior(confusion: torch.Tensor, target_pred_dist: torch.Tensor) -> torch
     (a class never seen or never predicted) is solved by least squares; the result is clipped to
     non-negative and renormalised.
     """
-    c = torch.as_tensor(confusion, dtype=torch.float64).cpu()
+    c = np.asarray(confusion, dtype=np.float64)
     k = c.shape[0]
     if c.shape != (k, k):
         raise ValueError("confusion must be K×K")
     mu = _check_prior(target_pred_dist, k, "target_pred_dist")
-    conditional = c / c.sum(0, keepdim=True).clamp_min(1e-300)
-    if int(torch.linalg.matrix_rank(conditional)) == k:
-        q = torch.linalg.solve(conditional, mu)
+    conditional = c / np.maximum(c.sum(0, keepdims=True), 1e-300)
+    if int(np.linalg.matrix_rank(conditional)) == k:
+        q = np.linalg.solve(conditional, mu)
     else:
-        q = torch.linalg.lstsq(conditional, mu.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    q = q.clamp_min(0.0)
+        q = np.linalg.lstsq(conditional, mu, rcond=None)[0]
+    q = np.maximum(q, 0.0)
     return q / q.sum() if q.sum() > 0 else mu
 
 
-def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+def total_variation(a: np.ndarray, b: np.ndarray) -> float:
     """Half the L1 distance between two distributions: how far an estimated prior moved from another (0..1)."""
-    return 0.5 * float((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().sum())
+    return 0.5 * float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).sum())
 
 
-def floored(prior: torch.Tensor, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
+def floored(prior: np.ndarray, floor: float = DEFAULT_FLOOR) -> np.ndarray:
     """`prior` mixed with the uniform distribution so every class has at least `floor` (sums to 1)."""
+    prior = np.asarray(prior, dtype=np.float64)
     prior = _check_prior(prior, prior.shape[-1], "prior")
     k = prior.shape[0]
     if not 0.0 <= floor * k < 1.0:
@@ -243,20 +258,22 @@ def floored(prior: torch.Tensor, floor: float = DEFAULT_FLOOR) -> torch.Tensor:
 
 
 def correct(
-    probs: torch.Tensor, source_prior: torch.Tensor, target_prior: torch.Tensor, floor: float = DEFAULT_FLOOR
-) -> torch.Tensor:
+    probs: np.ndarray, source_prior: np.ndarray, target_prior: np.ndarray, floor: float = DEFAULT_FLOOR
+) -> np.ndarray:
     """Reweight p_s(y|x) (N×K) by q(y)/p(y) and renormalise each row: p_t(y|x) under the target prior.
 
     The target prior is floored first (`floored`): no class is ever driven to zero, so one that
-    returns to the traffic can still be predicted. Returns rows in `probs`' dtype.
+    returns to the traffic can still be predicted. Returns rows in `probs`' float dtype.
     """
+    probs = np.asarray(probs)
+    probs = probs if probs.dtype in (np.float32, np.float64) else probs.astype(np.float64)
     k = probs.shape[-1]
     p = _check_prior(source_prior, k, "source_prior")
     if (p <= 0).any():
         raise ValueError("source_prior must be positive for every class")
-    w = (floored(_check_prior(target_prior, k, "target_prior"), floor) / p).to(probs.dtype).to(probs.device)
+    w = (floored(_check_prior(target_prior, k, "target_prior"), floor) / p).astype(probs.dtype)
     out = probs * w
-    return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return out / np.maximum(out.sum(-1, keepdims=True), np.finfo(probs.dtype).tiny)
 
 
 class PriorTracker:
@@ -268,7 +285,7 @@ class PriorTracker:
 
     def __init__(
         self,
-        source_prior: torch.Tensor,
+        source_prior: np.ndarray,
         window: int = 1024,
         min_samples: int = 64,
         max_iter: int = 100,
@@ -278,9 +295,9 @@ class PriorTracker:
             raise ValueError("need window >= 1 and 1 <= min_samples <= window")
         self.source_prior = _check_prior(source_prior, len(source_prior), "source_prior")
         self.window, self.min_samples, self.max_iter, self.tol = window, min_samples, max_iter, tol
-        self._rows: Deque[torch.Tensor] = deque(maxlen=window)
+        self._rows: Deque[np.ndarray] = deque(maxlen=window)
         self._seen = 0  # samples ever added
-        self._estimate: torch.Tensor | None = None
+        self._estimate: np.ndarray | None = None
         self._estimated_at = -1  # `_seen` when `_estimate` was computed
 
     def __len__(self) -> int:
@@ -291,38 +308,38 @@ class PriorTracker:
         """Samples added since the tracker was made (the window holds the last `window` of them)."""
         return self._seen
 
-    def add(self, probs: torch.Tensor) -> None:
+    def add(self, probs: np.ndarray) -> None:
         """Append one probability vector (K) or a batch of them (N×K)."""
-        rows = probs.detach().double().cpu()
-        rows = rows.unsqueeze(0) if rows.ndim == 1 else rows
+        rows = np.asarray(probs, dtype=np.float64)
+        rows = rows[None] if rows.ndim == 1 else rows
         if rows.ndim != 2 or rows.shape[1] != self.source_prior.shape[0]:
             raise ValueError(f"expected probabilities over {self.source_prior.shape[0]} classes")
         for row in rows:
             self._rows.append(row)
         self._seen += rows.shape[0]
 
-    def estimate(self) -> torch.Tensor | None:
+    def estimate(self) -> np.ndarray | None:
         """The EM target prior over the window; None until it holds `min_samples`."""
         if len(self._rows) < self.min_samples:
             return None
         if self._estimated_at != self._seen:
             self._estimate = em_prior(
-                torch.stack(list(self._rows)), self.source_prior, self.max_iter, self.tol, init=self._warm_start()
+                np.stack(self._rows), self.source_prior, self.max_iter, self.tol, init=self._warm_start()
             )
             self._estimated_at = self._seen
         return self._estimate
 
-    def _warm_start(self) -> torch.Tensor | None:
+    def _warm_start(self) -> np.ndarray | None:
         # Mixed with the source prior so a class the last estimate drove to ~0 can come back within a few steps.
         if self._estimate is None:
             return None
         return 0.5 * self._estimate + 0.5 * self.source_prior
 
-    def probabilities(self) -> torch.Tensor:
+    def probabilities(self) -> np.ndarray:
         """The window's probability vectors (N×K, float64; N may be 0)."""
         if not self._rows:
-            return torch.zeros(0, self.source_prior.shape[0], dtype=torch.float64)
-        return torch.stack(list(self._rows))
+            return np.zeros((0, self.source_prior.shape[0]), dtype=np.float64)
+        return np.stack(self._rows)
 
     def reset(self) -> None:
         """Forget the window (e.g. after the served model changed, whose probabilities it held)."""
@@ -331,6 +348,6 @@ class PriorTracker:
 
 
 __all__ = [
-    "DEFAULT_FLOOR", "CalibrationMethod", "Calibration", "IDENTITY", "fit_calibration", "class_prior", "em_prior",
+    "DEFAULT_FLOOR", "CalibrationMethod", "Calibration", "IDENTITY", "softmax", "fit_calibration", "class_prior", "em_prior",
     "confusion_matrix", "predicted_distribution", "bbse_prior", "total_variation", "floored", "correct", "PriorTracker",
 ]

@@ -2,9 +2,16 @@
 API and the demo all call these, so a level or criterion list is valid everywhere or nowhere."""
 from __future__ import annotations
 
+import sys
 from typing import Union
 
+from .choices import parse_choices
+
 AUTO = "auto"
+# The built-in criteria (prune_core.criteria registers exactly these) and the allocations: known
+# here, without torch, so the daemon's settings and API check a cycle's options without loading it.
+BUILTIN_CRITERIA = ("activation", "apoz", "l1", "random", "taylor")
+ALLOCATIONS = ("uniform", "global")
 Level = Union[float, str]  # a fraction of parameters to remove, or "auto" (the level search)
 
 
@@ -22,17 +29,18 @@ def parse_level(value: object) -> Level:
 
 
 def parse_criteria(text: str) -> tuple[str, ...]:
-    """The criterion names in a comma-separated list (registered ones only)."""
-    from .criteria import parse_criteria as parse
-
-    return parse(text)
+    """'taylor', or 'activation,apoz,taylor' for a cycle that tries each and keeps the model best on the
+    held-out split (per-subset differences between criteria are often larger than their mean differences).
+    Registered criteria only: the built-in ones, and any registered since prune_core.criteria was loaded."""
+    criteria = sys.modules.get(f"{__package__}.criteria")
+    known = sorted(criteria.CRITERIA) if criteria is not None else sorted(BUILTIN_CRITERIA)
+    return parse_choices(text, known, "criterion")
 
 
 def parse_allocations(text: str) -> tuple[str, ...]:
-    """The allocation names in a comma-separated list (uniform, global)."""
-    from .surgery import parse_allocations as parse
-
-    return parse(text)
+    """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
+    held-out split: which one wins is a property of the network at its input size (bench/RESULTS.md)."""
+    return parse_choices(text, ALLOCATIONS, "allocation", plural="both")
 
 
 def check_cycle_options(level: object, criterion: str, allocation: str) -> Level:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .architectures import classifier_module, stem_module
-from .choices import parse_choices
+from .options import ALLOCATIONS, parse_allocations  # noqa: F401 (re-exported)
 from .criteria import NORM_TYPES, Scores, channel_count
 from .layer_errors import LayerError, first_line, naming_failing_layer
 from .measure import count_params
@@ -100,13 +100,6 @@ def group_channel_cost(group) -> torch.Tensor:
     return cost.clamp(min=1.0)
 
 
-ALLOCATIONS = ("uniform", "global")
-
-
-def parse_allocations(text: str) -> tuple[str, ...]:
-    """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
-    held-out split: which one wins is a property of the network at its input size (bench/RESULTS.md)."""
-    return parse_choices(text, ALLOCATIONS, "allocation", plural="both")
 
 
 @dataclass

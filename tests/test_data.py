@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prune_core import data as data_mod
+from prune_core import imagedecode
 from prune_core.data import (
     DataError,
     ImageSet,
@@ -169,10 +169,53 @@ class TestDecode:
             decode_image(png_header_only(30000, 30000), 32)
 
     def test_max_pixels_monkeypatched(self, monkeypatch):
-        monkeypatch.setattr(data_mod, "MAX_PIXELS", 100)
+        monkeypatch.setattr(imagedecode, "MAX_PIXELS", 100)  # the one place decoding reads it
         assert decode_image(encode(Image.new("RGB", (10, 10))), 8).shape == (3, 8, 8)
         with pytest.raises(DataError, match="exceeds"):
             decode_image(encode(Image.new("RGB", (11, 10))), 8)
+
+
+
+def smooth_photo(width: int, height: int) -> Image.Image:
+    """A photo-like image: smooth gradients plus some texture (what JPEG and draft are made for)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    arr = np.stack([128 + 100 * np.sin(x / 37), 128 + 100 * np.cos(y / 23), 128 + 60 * np.sin((x + y) / 11)], -1)
+    arr += np.random.default_rng(0).normal(0, 6, arr.shape)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+class TestDecodeArray:
+    """imagedecode.decode_array: the torch-free decoder serving uses; decode_image wraps it."""
+
+    def test_decode_image_is_decode_array_as_a_tensor(self):
+        data = encode(smooth_photo(200, 150), "JPEG", quality=90)
+        arr = imagedecode.decode_array(data, 32)
+        assert arr.dtype == np.uint8 and arr.shape == (3, 32, 32) and arr.flags.c_contiguous
+        assert torch.equal(decode_image(data, 32), torch.from_numpy(arr))
+
+    def test_draft_applies_only_to_jpegs_at_least_twice_the_target(self):
+        """A JPEG under twice the resize target, or any PNG, is decoded exactly as without draft; a
+        larger JPEG is decoded at reduced scale: close to the full decode, not identical."""
+        small = encode(smooth_photo(60, 60), "JPEG", quality=90)  # under 2×32: no reduction possible
+        assert np.array_equal(imagedecode.decode_array(small, 32), imagedecode.decode_array(small, 32, draft=False))
+        png = encode(smooth_photo(640, 480))
+        assert np.array_equal(imagedecode.decode_array(png, 32), imagedecode.decode_array(png, 32, draft=False))
+        large = encode(smooth_photo(640, 480), "JPEG", quality=90)
+        drafted = imagedecode.decode_array(large, 32).astype(np.int16)
+        full = imagedecode.decode_array(large, 32, draft=False).astype(np.int16)
+        assert not np.array_equal(drafted, full)  # draft ran
+        assert np.abs(drafted - full).mean() < 4  # and kept the picture
+
+    def test_draft_keeps_the_resize_rule_for_resize_and_crop(self):
+        """resize 256 / crop 224 of a 1920×1440 JPEG (decoded at half scale, 960×720, still over twice
+        the 341×256 resize): the output shape is kept and the pixels stay close to the full decode."""
+        from prune_core.imagedecode import Preprocess
+
+        data = encode(smooth_photo(1920, 1440), "JPEG", quality=90)
+        policy = Preprocess(224, 256)
+        drafted, full = imagedecode.decode_array(data, policy), imagedecode.decode_array(data, policy, draft=False)
+        assert drafted.shape == full.shape == (3, 224, 224) and not np.array_equal(drafted, full)
+        assert np.abs(drafted.astype(np.int16) - full.astype(np.int16)).mean() < 4
 
 
 # ---------------------------------------------------------------------------

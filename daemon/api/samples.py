@@ -7,7 +7,7 @@ import binascii
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from prune_core.data import DataError, decode_image
+from prune_core.imagedecode import DataError, decode_array
 
 from ..buffer import NewSample, StorageError
 from ..runtime import Runtime
@@ -42,7 +42,7 @@ def router(rt: Runtime) -> APIRouter:
             if len(data) > max_bytes:
                 raise error(413, f"samples[{i}] exceeds max_upload_bytes ({max_bytes})")
             try:
-                await run_in_threadpool(decode_image, data, model.card.preprocess)
+                await run_in_threadpool(decode_array, data, model.card.preprocess)
             except DataError as exc:
                 raise error(422, f"samples[{i}]: {exc}") from None
             prepared.append(NewSample(data, "application/octet-stream", label=label_index(model, item.label), source="ingest"))

@@ -382,10 +382,11 @@ def measure(name: str, version: str, model_dir: Path, held: ImageSet, infer_ms: 
     if prior is None:
         top1 = evaluate(model, batches(held, 256, card.mean, card.std, device=device)).top1
     else:
-        target = torch.tensor([prior[name] for name in card.class_names])
+        target = [prior[name] for name in card.class_names]
         with torch.no_grad():
-            probs = torch.cat([card.calibration().apply(model(x).cpu()) for x, _ in batches(held, 256, card.mean, card.std, device=device)])
-        top1 = float((correct(probs, torch.tensor(card.prior()), target).argmax(1) == held.labels).float().mean())
+            logits = torch.cat([model(x).float().cpu() for x, _ in batches(held, 256, card.mean, card.std, device=device)])
+        probs = card.calibration().apply(logits.numpy())
+        top1 = float((correct(probs, card.prior(), target).argmax(1) == held.labels.numpy()).mean())
     return Row(name, version, count_params(model), count_macs(model, card.input_size), forward_ms(model, card.input_size), infer_ms, top1)
 
 

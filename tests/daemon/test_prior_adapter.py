@@ -1,21 +1,24 @@
 """daemon.prior_adapter: serving under the estimated class prior, with the labelled spot check."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from daemon.prior_adapter import PriorAdapter, PriorSettings
+from prune_core.label_shift import softmax
 from prune_core.model_format import ModelCard
 
 
-def _traffic(n: int, seed: int = 0, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact log-likelihoods of three overlapping 2-D Gaussians (calibrated posteriors under a uniform
-    prior) on traffic of classes 0 and 1 only: knowing the prior is worth a lot."""
+def _traffic(n: int, seed: int = 0, classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Exact log-likelihoods (float32 N×3, as an engine answers) of three overlapping 2-D Gaussians
+    (calibrated posteriors under a uniform prior) on traffic of classes 0 and 1 only: knowing the
+    prior is worth a lot. Drawn with torch's seeded generator."""
     g = torch.Generator().manual_seed(seed)
     means = torch.tensor([[0.0, 0.0], [1.5, 0.0], [0.75, 1.0]])
     labels = torch.randint(0, classes, (n,), generator=g)
     x = means[labels] + torch.randn(n, 2, generator=g)
     logits = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)
-    return logits, labels
+    return logits.numpy(), labels.numpy()
 
 
 def test_prior_estimate_converges_and_correction_helps():
@@ -28,9 +31,10 @@ def test_prior_estimate_converges_and_correction_helps():
         adapter.refresh()  # the scheduler's poll
         served.append(s)
         raw.append(r)
-    served, raw = torch.cat(served[50:]), torch.cat(raw[50:])  # after the estimate settled
+    served, raw = np.concatenate(served[50:]), np.concatenate(raw[50:])  # after the estimate settled
+    assert served.dtype == raw.dtype == np.float32
     late = labels[500:]
-    assert (served.argmax(1) == late).float().mean() > (raw.argmax(1) == late).float().mean() + 0.05
+    assert (served.argmax(1) == late).mean() > (raw.argmax(1) == late).mean() + 0.05
     view = adapter.view()
     assert view.applied and view.samples == 1024  # the window
     assert view.estimate[2] < 0.05 and abs(view.estimate[0] - 0.5) < 0.1
@@ -49,7 +53,7 @@ def test_spot_check_switches_correction_off_when_it_hurts_and_back_on():
     view = adapter.view()
     assert not view.applied and "labelled" in view.reason
     served, raw = adapter.answer(logits[:4])
-    assert torch.equal(served, raw)
+    assert np.array_equal(served, raw)
     for _ in range(10):  # the window moves on: corrected right, raw wrong
         adapter.spot_check(raw_pred=2, served_pred=1, label=1)
     assert adapter.view().applied and adapter.view().spot_check.labelled == 10
@@ -61,8 +65,8 @@ def test_disabled_adapter_still_estimates_but_serves_uncorrected():
     logits, _ = _traffic(50)
     served, raw = adapter.answer(logits)
     adapter.refresh()
-    assert torch.equal(served, raw)
-    assert torch.allclose(raw, torch.softmax(logits / 2.0, 1), atol=1e-6)  # the card's temperature
+    assert np.array_equal(served, raw)
+    assert np.allclose(raw, softmax(logits / 2.0), atol=1e-6)  # the card's temperature
     view = adapter.view()
     assert not view.applied and view.reason == "prior_adaptation is off" and view.estimate is not None
     assert view.to_dict()["source_prior"] == {"a": 0.4, "b": 0.4, "c": 0.2}
@@ -79,7 +83,7 @@ def test_no_shift_no_correction():
     served, raw = adapter.answer(logits[:50])
     view = adapter.view()
     assert view.estimate is not None and not view.applied and view.reason.startswith("no shift")
-    assert torch.equal(served, raw) and adapter.target() is None
+    assert np.array_equal(served, raw) and adapter.target() is None
     shifted = PriorAdapter(card, PriorSettings(min_samples=50, gate=0.2))
     shifted.answer(_traffic(600)[0])
     shifted.refresh()
