@@ -68,6 +68,7 @@ class CycleJob:
     min_agreement: float = 0.99
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
+    retrain_scope: str = "full"  # prune_core.options.RetrainScope's value
 
 
 def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float) -> tuple[bool, str]:
@@ -178,7 +179,10 @@ def run_worker(job: CycleJob, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed),
+            tolerance=job.tolerance, train=TrainConfig(
+                epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
+                scope=job.retrain_scope,
+            ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
         result = run_cycle(
