@@ -11,14 +11,18 @@ and scored on the subset's held-out images. A scope is `full`, `last`, `last_bn`
 Memory: each retraining runs in a forked child that first returns the heap's free memory to the
 system (malloc_trim) and resets its peak (/proc/self/clear_refs 5); the peak resident memory
 (VmHWM) minus the resident memory before training is what retraining added: gradients, optimizer
-state, activations, the best epoch's copy, the allocator's slack. The process's own baseline
+state, activations, the best epoch's copy, the allocator's slack. Time is the child's CPU time (one
+thread): on cores shared with other jobs, wall time measures the neighbours as much as the scope. The process's own baseline
 (torch, the data, the two models) is the same for every scope and not retraining's. Besides, one
 training step's bytes are counted exactly: tensors saved for backward (parameters excluded), and
 gradients plus momentum buffers (2 × the trainable parameters).
 
-Writes results.csv (resumed) and results.md under --out.
+Writes results.csv (resumed) and results.md under --out. With --memory-only, no data and no
+accuracy: an untrained network pruned to --level, --steps steps of random images per scope, for
+memory and time at any input size (camera resolution, where activations outweigh parameters).
 
     OMP_NUM_THREADS=1 python bench/retrain_scope.py --scopes full,last,last_bn,bias
+    OMP_NUM_THREADS=1 python bench/retrain_scope.py --memory-only --network mobilenet_v2 --image-size 224 --batch-size 16
 """
 from __future__ import annotations
 
@@ -38,14 +42,14 @@ from paper_protocol import csv_list
 from protocol.data import CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, REPO, load_splits, make_subsets, restrict, subset_name, unpack
 from protocol.progress import log
 from protocol.runner import get_base, top1
-from prune_core import TrainConfig, batches, count_params, train
+from prune_core import ImageSet, TrainConfig, batches, build_model, count_params, train
 from prune_core.criteria import get_criterion
 from prune_core.options import parse_scope
 from prune_core.scope import Frozen, plan_scope
 from prune_core.surgery import PruneSpec, prune_to_level
 
 DEFAULT_OUT = REPO / "bench" / "out" / "retrain_scope"
-FIELDS = ["variant", "subset", "subset_size", "accuracy", "seconds", "steps", "peak_mb", "trainable_share"]
+FIELDS = ["variant", "subset", "subset_size", "accuracy", "seconds", "cpu_seconds", "steps", "peak_mb", "trainable_share"]
 
 
 def parse_variant(text: str) -> tuple[str, object, float]:
@@ -76,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-only", action="store_true", help="random images, no accuracy (see above)")
+    p.add_argument("--steps", type=int, default=4, help="training steps per scope with --memory-only")
     args = p.parse_args(argv)
     args.subset_sizes = csv_list(args.subset_sizes, int)
     args.variants = [parse_variant(v) for v in csv_list(args.scopes, str)]
@@ -90,17 +96,17 @@ def _rss_mb(field: str) -> float:
 
 
 def _retrain_child(model, base, fit, val, test, config: TrainConfig, conn) -> None:
-    """In a forked child: retrain `model`, send (accuracy, seconds, steps, peak MiB added, trainable share)."""
+    """In a forked child: retrain `model`, send (accuracy, seconds, CPU seconds, steps, peak MiB added, trainable share)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         before = _rss_mb("VmRSS")
-        t = time.monotonic()
+        t, cpu = time.monotonic(), time.process_time()
         result = train(model, fit, val, CIFAR_MEAN, CIFAR_STD, config, teacher=base)
-        seconds = time.monotonic() - t
+        seconds, cpu = time.monotonic() - t, time.process_time() - cpu
         peak = _rss_mb("VmHWM") - before
         steps = sum(1 for _ in result.history) * -(-len(fit) // config.batch_size)
-        conn.send((top1(model, test, torch.device("cpu"))[0], seconds, steps, peak, result.plan.to_dict()["trainable_share"]))
+        conn.send((top1(model, test, torch.device("cpu"))[0], seconds, cpu, steps, peak, result.plan.to_dict()["trainable_share"]))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(exc)
     finally:
@@ -146,8 +152,8 @@ def step_bytes(model, scope, share: float, x: torch.Tensor) -> dict:
 def report(rows: list[dict], variants: list[str], steps: dict[str, dict]) -> str:
     full = {r["subset"]: r for r in rows if r["variant"] == "full"}
     lines = [
-        "| scope | trainable params | top-1 | Δ vs full (mean / worst) | retraining peak MiB | × less | s per step | × faster |"
-        " s per retraining | saved for backward MiB | grads + momentum MiB |",
+        "| scope | trainable params | top-1 | Δ vs full (mean / worst) | retraining peak MiB | × less | CPU s per step | × faster |"
+        " CPU s per retraining | saved for backward MiB | grads + momentum MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
@@ -157,25 +163,54 @@ def report(rows: list[dict], variants: list[str], steps: dict[str, dict]) -> str
         n = len(mine)
         acc = sum(float(r["accuracy"]) for r in mine) / n
         peak = sum(float(r["peak_mb"]) for r in mine) / n
-        per_step = sum(float(r["seconds"]) / float(r["steps"]) for r in mine) / n
+        per_step = sum(float(r["cpu_seconds"]) / float(r["steps"]) for r in mine) / n
         paired = [r for r in mine if r["subset"] in full]
         delta = [float(r["accuracy"]) - float(full[r["subset"]]["accuracy"]) for r in paired]
         full_peak = sum(float(full[r["subset"]]["peak_mb"]) for r in paired) / max(1, len(paired))
-        full_step = sum(float(full[r["subset"]]["seconds"]) / float(full[r["subset"]]["steps"]) for r in paired) / max(1, len(paired))
+        full_step = sum(float(full[r["subset"]]["cpu_seconds"]) / float(full[r["subset"]]["steps"]) for r in paired) / max(1, len(paired))
         s = steps.get(v, {})
         lines.append(
             f"| {v} | {100 * float(mine[0]['trainable_share']):.0f} % | {100 * acc:.1f} | "
             + (f"{100 * sum(delta) / len(delta):+.1f} / {100 * min(delta):+.1f}" if delta else "–")
             + f" | {peak:.0f} | {full_peak / peak:.1f} | {per_step:.3f} | {full_step / per_step:.1f} | "
-            + f"{sum(float(r['seconds']) for r in mine) / n:.0f} | "
+            + f"{sum(float(r['cpu_seconds']) for r in mine) / n:.0f} | "
             + f"{s.get('saved_mb', float('nan')):.1f} | {s.get('grad_state_mb', float('nan')):.1f} |"
         )
     return "\n".join(lines) + f"\n\n{len(full)} subsets; Δ and the ratios are paired with full retraining on the same subset.\n"
 
 
+def memory_only(args) -> str:
+    """Memory and time of --steps training steps per scope on random images: no data set, no accuracy."""
+    torch.manual_seed(args.seed)
+    net = build_model(args.network, 10)
+    criterion = get_criterion("l1")
+    pruned = prune_to_level(net, criterion.score(net, None), PruneSpec(args.level), args.image_size, criterion.prefer_norm_layers).model
+    n = args.batch_size * args.steps
+    data = ImageSet(torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8),
+                    torch.randint(0, 10, (n,)), [str(i) for i in range(n)])
+    x = next(iter(batches(data, args.batch_size, CIFAR_MEAN, CIFAR_STD)))[0]
+    lines = [f"{args.network} at {args.image_size} px, level {args.level} ({count_params(pruned)} parameters), batch {args.batch_size}",
+             "", "| scope | trainable params | peak MiB | × less | CPU s per step | × faster | saved for backward MiB | grads + momentum MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    reference = None
+    for label, scope, share in args.variants:
+        config = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=0.0, augment=False,
+                             scope=scope, last_share=share)
+        _, _, cpu, steps, peak, trained = retrain_measured(copy.deepcopy(pruned), None, data, None, data.subset(range(2)), config)
+        b = step_bytes(pruned, scope, share, x)
+        reference = reference or (peak, cpu / steps)
+        lines.append(f"| {label} | {100 * trained:.0f} % | {peak:.0f} | {reference[0] / peak:.1f} | {cpu / steps:.2f} | "
+                     f"{reference[1] / (cpu / steps):.1f} | {b['saved_mb']:.1f} | {b['grad_state_mb']:.1f} |")
+        log(lines[-1])
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.memory_only:
+        print(memory_only(args))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cpu = torch.device("cpu")
@@ -208,13 +243,13 @@ def main(argv=None) -> int:
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=0.0,
                     augment=False, scope=scope, last_share=share,
                 )
-                acc, seconds, n_steps, peak, share_trained = retrain_measured(copy.deepcopy(pruned), base, fit, val, test, config)
-                row = dict(variant=label, subset=name, subset_size=len(classes), accuracy=f"{acc:.6f}", seconds=f"{seconds:.2f}",
+                acc, seconds, cpu, n_steps, peak, share_trained = retrain_measured(copy.deepcopy(pruned), base, fit, val, test, config)
+                row = dict(variant=label, subset=name, subset_size=len(classes), accuracy=f"{acc:.6f}", seconds=f"{seconds:.2f}", cpu_seconds=f"{cpu:.2f}",
                            steps=n_steps, peak_mb=f"{peak:.1f}", trainable_share=f"{share_trained:.4f}")
                 writer.writerow(row)
                 fh.flush()
                 done[(label, name)] = row
-                log(f"{name} {label}: top-1 {acc:.4f}, {seconds:.1f}s for {n_steps} steps, peak +{peak:.0f} MiB")
+                log(f"{name} {label}: top-1 {acc:.4f}, {seconds:.1f}s ({cpu:.1f}s CPU) for {n_steps} steps, peak +{peak:.0f} MiB")
     text = report(list(done.values()), [v for v, _, _ in args.variants], steps)
     (out / "results.md").write_text(text)
     print(text)
