@@ -89,10 +89,12 @@ def plan_scope(model: nn.Module, scope: RetrainScope | str, last_share: float) -
         stages, first = _last_stage_modules(model, last_share)
     classifier = classifier_module(model) if scope is RetrainScope.BIAS else None
     trainable, frozen, count, total = [], [], 0, 0
+    seen: set[int] = set()  # a parameter shared by two modules is planned once, under its first name
     for module_name, module in model.named_modules():
         for attr, param in module._parameters.items():
-            if param is None:
+            if param is None or id(param) in seen:
                 continue
+            seen.add(id(param))
             name = f"{module_name}.{attr}" if module_name else attr
             total += param.numel()
             if scope is RetrainScope.FULL:

@@ -189,3 +189,14 @@ def test_a_cycle_records_its_scope(digits, tmp_path):
     assert result.card.lineage.retrain_scope == "last"
     save_model(result.model, result.card, tmp_path / "m")
     assert read_card(tmp_path / "m").lineage.retrain_scope == "last"
+
+
+def test_a_shared_parameter_is_planned_once():
+    net = OutOfOrder()
+    net.extra = nn.Linear(8, 4)
+    net.extra.weight = net.head.weight  # tied: one parameter, two owners
+    plan = plan_scope(net, "bias", 0.25)
+    names = plan.trainable + plan.frozen
+    assert "extra.weight" not in names and names.count("head.weight") == 1  # decided under its first owner
+    assert plan.params == sum(p.numel() for p in net.parameters())
+    Frozen(net, plan).release()
