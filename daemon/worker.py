@@ -18,6 +18,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from prune_core.options import RetrainScope
+
 from .acceptance import Acceptance, decide
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
 
@@ -69,6 +71,7 @@ class CycleJob:
     min_label_evidence: int = 200
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
+    retrain_scope: RetrainScope = RetrainScope.FULL
 
 
 def _die_with_parent() -> None:
@@ -158,7 +161,10 @@ def run_worker(job: CycleJob, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed),
+            tolerance=job.tolerance, train=TrainConfig(
+                epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
+                scope=job.retrain_scope,
+            ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
         result = run_cycle(

@@ -11,10 +11,12 @@ by `min_steps`, most of their time. The measurements behind this rule are in ben
 A `should_continue` callback is called after every batch: returning False stops cleanly (best
 weights so far restored); blocking in it pauses.
 `on_step` is told after every optimizer step what share of the run is done (a channel fade uses it).
+
+`TrainConfig.scope` says which parameters train (prune_core.scope): all of them, or the last stages
+and/or the cheap ones, with no graph kept for a frozen front.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
+from .options import RetrainScope, parse_scope
+from .scope import Frozen, ScopePlan, plan_scope
 
 
 @dataclass
@@ -45,6 +49,8 @@ class TrainConfig:
     augment: bool = True
     flip: bool = True  # horizontal flips (off for digits and text)
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
+    scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
+    last_share: float = 0.25  # share of the weight layers, at the end, that the last-stages scopes train
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -53,6 +59,9 @@ class TrainConfig:
             raise ValueError("distill_weight must be in [0, 1] and temperature > 0")
         if not 0.0 <= self.cooldown <= 1.0:
             raise ValueError("cooldown must be in [0, 1]")
+        self.scope = parse_scope(self.scope)
+        if not 0.0 < self.last_share <= 1.0:
+            raise ValueError("last_share must be in (0, 1]")
 
 
 @dataclass
@@ -81,6 +90,7 @@ class TrainResult:
     stopped: bool = False  # the callback asked to stop
     early_stop_epoch: int | None = None  # the epoch after which early stopping fired (the cool-down follows)
     seconds: float = 0.0
+    plan: ScopePlan | None = None  # which parameters trained
 
 
 def distillation_loss(
@@ -136,6 +146,13 @@ def _cool(optimizer: torch.optim.Optimizer, cooling: tuple[int, int, float], ste
         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - began) / length)))
 
 
+def _changing_state(model: nn.Module, trainable: set[str]) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: the trainable parameters and every buffer (batch-norm
+    statistics move in frozen layers too); a partial scope does not pay for a copy of the frozen rest."""
+    params = {name for name, _ in model.named_parameters()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k not in params}
+
+
 def train(
     model: nn.Module,
     train_set: ImageSet,
@@ -159,7 +176,9 @@ def train(
         return result
     if teacher is not None:
         teacher.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    result.plan = plan_scope(model, config.scope, config.last_share)
+    trainable = set(result.plan.trainable)
+    params = [p for name, p in model.named_parameters() if name in trainable]
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
     optimizer = torch.optim.SGD(
@@ -175,17 +194,19 @@ def train(
     steps = 0
     # The held-out split judges only if it can: labelled samples, or a teacher to agree with.
     judged = val_set is not None and len(val_set) > 0 and (val_set.labelled > 0 or teacher is not None)
-    val_batches = (lambda: batches(val_set, 256, mean, std, device=device)) if judged else None
+    # at the training batch size: a larger held-out batch would set the run's peak memory (partial scopes)
+    val_batches = (lambda: batches(val_set, config.batch_size, mean, std, device=device)) if judged else None
     teacher_logits = None  # the teacher is fixed: its held-out answers are computed once, where they count
     if judged and teacher is not None and (config.distill_weight > 0 or val_set.labelled < len(val_set)):
         with torch.no_grad():
             teacher_logits = [teacher(x) for x, _ in val_batches()]
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _changing_state(model, trainable)
     best, lowest_loss = _held_out(model, teacher_logits, val_batches, config) if judged else (float("-inf"), float("inf"))
     result.best_score, since_best = best, 0
     bar = tqdm(total=epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
     cooling: tuple[int, int, float] | None = None  # (step it began at, its length in steps, lr then) once early stopping fired
     last_epoch, epoch = epochs, 0
+    frozen = Frozen(model, result.plan)  # released in the `finally` below
     try:
         while epoch < last_epoch:
             epoch += 1
@@ -234,7 +255,7 @@ def train(
             lowest_loss = min(lowest_loss, val_loss)
             if not judged or score >= best:
                 best = score
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _changing_state(model, trainable)
                 result.best_epoch, result.best_score = epoch, score
             if result.stopped:
                 break
@@ -250,8 +271,9 @@ def train(
                     bar.total = steps + tail * per_epoch
                     bar.refresh()
     finally:
+        frozen.release()
         bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)  # what it lacks, the frozen parameters, did not change
     model.eval()
     result.seconds = time.monotonic() - started
     return result
