@@ -58,7 +58,7 @@ from prune_core.jsonsafe import finite
 from prune_core.label_shift import PriorTracker, correct, total_variation
 from prune_core.measure import count_params
 from prune_core.options import parse_level
-from prune_core.teacher import FlipAveraged, corrected_teacher
+from prune_core.teacher import corrected_teacher
 
 sys.path.insert(0, str(REPO))
 from daemon.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
@@ -83,8 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-rates", default="0,0.1", help="shares of the stream that carry labels")
     p.add_argument("--levels", default="0.8", help="comma-separated cycle levels: fractions, or auto (the daemon's default)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the fully labelled ceiling")
-    p.add_argument("--teacher-flip", action="store_true", help="distil from the teacher's flip-averaged logits (CycleConfig.teacher_flip)")
-    p.add_argument("--min-steps", type=int, default=None, help="cycle_min_steps instead of the daemon's default (an ablation)")
     p.add_argument("--kd-temperature", type=float, default=None,
                    help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
@@ -104,17 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, min_steps: int | None = None,
-                 teacher_flip: bool = False) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
-    if min_steps is not None:
-        cfg = replace(cfg, min_steps=min_steps)
     return CycleConfig(
         level=level, criterion=s.cycle_criterion, allocation=s.cycle_allocation, finetune_before=s.cycle_finetune_before,
-        tolerance=s.cycle_tolerance, train=cfg, teacher_flip=teacher_flip,
+        tolerance=s.cycle_tolerance, train=cfg,
     )
 
 
@@ -191,17 +186,16 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
-    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature, args.min_steps, args.teacher_flip))
+    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
-    teacher_flip_top1 = acc(argmax_of(FlipAveraged(teacher.model), sub.score, card), sub.y)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
             "evidence", "agreement_with_before", "criterion_used", "train_samples", "held_out_samples")
     return {
         "rate": rate, "level": level, "labelled_train": train_set.labelled, "labelled_held": held_set.labelled,
-        "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "teacher_flip_top1": teacher_flip_top1, "accepted": accepted, "reason": reason,
+        "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "accepted": accepted, "reason": reason,
         "daemon_top1": cycle_top1 if accepted else sub.top1["prior"],
         "summary": {k: result.summary[k] for k in keep},
         "probes": [{k: p.get(k) for k in ("level", "achieved_level", "accuracy", "params", "feasible", "seconds")} for p in result.summary["probes"]],
@@ -259,8 +253,6 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         for rate in args.label_rates:
             for level in args.levels:
                 kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
-                kd += "" if args.min_steps is None else f"_s{args.min_steps}"
-                kd += "_flip" if args.teacher_flip else ""
                 path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")

@@ -25,7 +25,6 @@ from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, TrainResult, train
 from .scope import plan_scope
-from .teacher import FlipAveraged
 from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
 
 
@@ -49,7 +48,6 @@ class CycleConfig:
     protect_stem: bool = True
     protect_classifier: bool = True
     calibration_batches: int = 32  # batches the data-aware criteria see
-    teacher_flip: bool = False  # distil from, and judge agreement with, the teacher's flip-averaged logits
     train: TrainConfig = field(default_factory=TrainConfig)  # retraining (n_r = train.epochs)
 
 
@@ -100,21 +98,19 @@ def run_cycle(
     # evaluated at the training batch size, so judging never needs more memory than retraining
     held = lambda: batches(held_set, config.train.batch_size, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
-    teach = FlipAveraged if config.teacher_flip else (lambda m: m)  # what a student is distilled from and judged by
-    judge = teach(base)
     acc_before = evaluate(base, held())
     evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT
 
     def score(candidate: nn.Module) -> float:
         """What the level search and the choice between criteria judge by: held-out top-1 where
         the split has labels, else agreement with `model` (the teacher) on it."""
-        return evaluate(candidate, held()).top1 if evidence is Evidence.LABELS else agreement(candidate, judge, held())
+        return evaluate(candidate, held()).top1 if evidence is Evidence.LABELS else agreement(candidate, base, held())
 
     reference = base
     if config.finetune_before > 0:
         reference = copy.deepcopy(base)
         ft = adaptation(config.train, config.finetune_before)
-        train(reference, train_set, held_set, mean, std, ft, teacher=judge, should_continue=guard, progress=progress)
+        train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
 
     allocations = parse_allocations(config.allocation)
     rankings = []
@@ -148,12 +144,12 @@ def run_cycle(
             fade = ChannelFade(fading, removed_channels(reference, outcome.history, card.input_size))
             # no held-out selection here: an earlier epoch is a half-faded network, not a better one
             fade_cfg = replace(config.train, epochs=config.fade_epochs)
-            train(fading, train_set, None, mean, std, fade_cfg, teacher=teach(reference), should_continue=guard, progress=progress, on_step=fade.schedule)
+            train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule)
             fade.apply(0.0)
             pruned = replay(fading, outcome.history, card.input_size)
         retrained = TrainResult()
         if not state["stopped"]:
-            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=teach(reference), should_continue=guard, progress=progress)
+            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
         probe = Probe(
             level, outcome.achieved_level, score(pruned), outcome.params_after, count_macs(pruned, card.input_size),
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
@@ -168,7 +164,7 @@ def run_cycle(
         if config.finetune_before == 0:  # the ceiling: the unpruned model fine-tuned with the same budget
             ceiling_model = copy.deepcopy(base)
             ft = adaptation(config.train, config.train.epochs)
-            train(ceiling_model, train_set, held_set, mean, std, ft, teacher=judge, should_continue=guard, progress=progress)
+            train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
         ceiling = score(ceiling_model)
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes, level, kept = found.probes, found.level, found.best_probe
@@ -203,8 +199,7 @@ def run_cycle(
         "top1_after": acc_after.top1,
         "top1_ceiling": ceiling,  # on the evidence below: top-1, or agreement with the teacher
         "evidence": evidence.value,
-        "agreement_with_before": agreement(pruned, judge, held()),
-        "teacher_flip": config.teacher_flip,
+        "agreement_with_before": agreement(pruned, base, held()),
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),
         "held_out_labelled": held_set.labelled,

@@ -56,18 +56,6 @@ def fold_logit_transform(model: nn.Module, scale: float, offset: torch.Tensor, i
     return folded
 
 
-class FlipAveraged(nn.Module):
-    """A teacher's logits averaged over the image and its mirror image: better targets for a
-    student (test-time augmentation), which is itself served on single views."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x) + self.model(x.flip(3))) / 2
-
-
 @dataclass
 class Teacher:
     """The model a cycle starts from and distils, the card its student will carry, and how it was made."""

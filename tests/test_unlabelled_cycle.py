@@ -148,26 +148,3 @@ def test_calibrate_command_writes_temperature_prior_and_confusion(tmp_path, mnis
     assert out["temperature"] == card.temperature > 0
     assert sum(map(sum, card.confusion)) == out["samples"] and card.prior() == pytest.approx(list(out["class_prior"].values()))
     assert run(["calibrate", str(tmp_path / "nope"), "--data", str(mnist_folder)]) == 2
-
-
-def test_flip_averaged_teacher_is_mirror_invariant_and_the_cycle_distils_from_it(unlabelled_digits, monkeypatch):
-    import prune_core.cycle as cycle
-    from prune_core.teacher import FlipAveraged
-
-    torch.manual_seed(0)
-    model = build_model("cifar_small", 10).eval()
-    teacher = FlipAveraged(model).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(teacher(x), teacher(x.flip(3)), atol=1e-5)
-        assert not torch.allclose(teacher(x), model(x), atol=1e-5)
-    seen = []
-    real_train = cycle.train
-    monkeypatch.setattr(cycle, "train", lambda *a, teacher=None, **k: seen.append(teacher) or real_train(*a, teacher=teacher, **k))
-    card = ModelCard("cifar_small", 10, [str(i) for i in range(10)], 32, mean=MEAN, std=STD)
-    train = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=1, flip=False)
-    for flip in (False, True):
-        seen.clear()
-        result = run_cycle(model, card, *unlabelled_digits, CycleConfig(level=0.5, criterion="l1", train=train, calibration_batches=2, teacher_flip=flip))
-        assert seen and all(isinstance(t, FlipAveraged) == flip for t in seen)
-        assert result.summary["teacher_flip"] is flip
