@@ -35,10 +35,12 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
     assert body["buffered"] and body["model_version"] == "v0001" and body["sample_id"] == 1
     assert len(body["top"]) == 5 and body["top"][0].keys() == {"class", "index", "score"}
     assert body["top"][0]["score"] >= body["top"][1]["score"]
+    assert body["buffer"] == "stored"  # labelled: committed before the answer
     r = c.post("/infer", files={"file": ("x.png", png(2), "image/png")})
-    assert r.status_code == 200 and r.json()["buffered"]
-    again = c.post("/infer", content=png(1), headers={"content-type": "image/png"}).json()
-    assert again["sample_id"] == 1 and again["buffered"] is False
+    assert r.status_code == 200 and r.json()["buffer"] == "queued" and r.json()["sample_id"] is None
+    assert r.json()["buffered"] is False  # queued behind the answer, not yet committed
+    again = c.post("/infer", content=png(1), headers={"content-type": "image/png"}, params={"durable": "true"}).json()
+    assert again["sample_id"] == 1 and again["buffered"] is False and again["buffer"] == "duplicate"
     for content, ctype, status, words in [(b"", "image/png", 400, "empty"), (b"junk", "image/jpeg", 400, "cannot decode"),
                                           (b"{}", "application/json", 415, "send an image"),
                                           (b"x" * (11 * 2**20), "image/png", 413, "max_upload_bytes")]:
@@ -46,6 +48,7 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
         assert r.status_code == status and words in r.json()["detail"], (ctype, r.text)
     r = c.post("/infer", content=png(3), params={"label": "cat"}, headers={"content-type": "image/png"})
     assert r.status_code == 422 and "unknown label 'cat'" in r.json()["detail"]
+    inproc.settle()
     assert c.get("/status").json()["buffer"]["samples"] == 2
     metrics = c.get("/metrics").text
     assert 'edgetune_samples_ingested_total{source="infer"} 2.0' in metrics
@@ -54,7 +57,7 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
 
 def test_labels(inproc):
     c = inproc.client
-    sid = c.post("/infer", content=png(5), headers={"content-type": "image/png"}).json()["sample_id"]
+    sid = c.post("/infer", content=png(5), headers={"content-type": "image/png"}, params={"durable": "true"}).json()["sample_id"]
     r = c.post(f"/samples/{sid}/label", json={"label": "4"})
     assert r.status_code == 200 and r.json() == {"sample_id": sid, "label": "4"}
     assert c.get("/status").json()["buffer"]["per_class"] == {"4": 1}
