@@ -145,7 +145,7 @@ class SampleBuffer:
             self._db = _connect(self.path)
             migrate(self._db)
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[NewSample, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[NewSample, Future, bool] | None] = queue.Queue()  # (sample, future, offered)
         self._writer: threading.Thread | None = None
         self.background_limit = background_limit
         self._background = 0  # offered samples not yet committed (or failed)
@@ -160,7 +160,7 @@ class SampleBuffer:
     def submit(self, sample: NewSample) -> Future:
         """Queue a sample for the next group commit; the future resolves to a `Stored`."""
         future: Future = Future()
-        self._queue.put((sample, future))
+        self._queue.put((sample, future, False))
         return future
 
     def offer(self, sample: NewSample) -> Future | None:
@@ -175,13 +175,8 @@ class SampleBuffer:
                 return None
             self._background += 1
         future: Future = Future()
-        future.add_done_callback(self._committed)
-        self._queue.put((sample, future))
+        self._queue.put((sample, future, True))
         return future
-
-    def _committed(self, _: Future) -> None:
-        with self._background_lock:
-            self._background -= 1
 
     @property
     def queued(self) -> int:
@@ -212,13 +207,22 @@ class SampleBuffer:
                     break
                 batch.append(item)
             try:
-                stored = self.add_many([s for s, _ in batch])
+                stored = self.add_many([s for s, _, _ in batch])
             except Exception as exc:  # never let the writer thread die
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     fut.set_exception(exc)
+                self._settled(batch)
                 continue
-            for (_, fut), result in zip(batch, stored):
+            for (_, fut, _), result in zip(batch, stored):
                 fut.set_result(result)
+            self._settled(batch)
+
+    def _settled(self, batch: list[tuple[NewSample, Future, bool]]) -> None:
+        """Offered samples leave the count once resolved (after their futures' callbacks ran)."""
+        offered = sum(o for _, _, o in batch)
+        if offered:
+            with self._background_lock:
+                self._background -= offered
 
     def add_many(self, samples: list[NewSample]) -> list[Stored]:
         """Insert in one transaction (duplicates by content are not stored twice), then evict."""

@@ -171,3 +171,39 @@ def test_status_and_metrics(inproc):
     assert re.search(r'^edgetune_model_info\{arch="cifar_small",version="v0001"\} 1\.0$', text, re.M)
     assert re.search(r"^edgetune_temperature_max_celsius 45\.0$", text, re.M)
     assert all(line.startswith(("#", "edgetune_")) for line in text.splitlines() if line)
+
+
+def test_a_full_sample_queue_drops_samples_never_requests(make_inproc):
+    d = make_inproc(sample_queue_size=3)
+    c = d.client
+    with d.rt.buffer._lock:  # the writer is stuck in a commit (a slow disk): nothing leaves the queue
+        bodies = [c.post("/infer", content=png(k), headers={"content-type": "image/png"}) for k in range(8)]
+        assert [r.status_code for r in bodies] == [200] * 8
+        assert [r.json()["buffer"] for r in bodies] == ["queued"] * 3 + ["dropped"] * 5
+        assert all(r.json()["top"] and r.json()["sample_id"] is None and not r.json()["buffered"] for r in bodies)
+    d.settle()  # the disk caught up: the queued ones are committed, the dropped ones were never kept
+    assert c.get("/status").json()["buffer"]["samples"] == 3
+    metrics = c.get("/metrics").text
+    assert 'edgetune_samples_dropped_total{reason="queue_full"} 5.0' in metrics
+    assert 'edgetune_samples_ingested_total{source="infer"} 3.0' in metrics
+    r = c.post("/infer", content=png(100), headers={"content-type": "image/png"})
+    assert r.json()["buffer"] == "queued"  # room again
+
+
+def test_a_failed_background_commit_counts_the_sample_as_dropped(make_inproc):
+    from daemon.buffer import BufferFull
+
+    d = make_inproc()
+    real = d.rt.buffer.add_many
+
+    def full(samples):
+        raise BufferFull("sample buffer full: no space left in the state directory (simulated)")
+
+    d.rt.buffer.add_many = full  # the disk refuses the group commit
+    r = d.client.post("/infer", content=png(1), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["buffer"] == "queued"
+    d.settle()
+    r = d.client.post("/infer", content=png(2), headers={"content-type": "image/png"}, params={"label": "4"})
+    assert r.status_code == 200 and r.json()["buffer"] == "failed" and "no space left" in r.json()["buffer_error"]
+    d.rt.buffer.add_many = real
+    assert 'edgetune_samples_dropped_total{reason="storage_error"} 1.0' in d.client.get("/metrics").text
