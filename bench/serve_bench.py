@@ -508,21 +508,22 @@ def reported_backend(status: dict) -> str:
 
 
 @contextmanager
-def daemon(state_dir: Path, backend: str, log: Path) -> Iterator[tuple[str, subprocess.Popen, float]]:
-    """`edgetune serve` on `state_dir` with `serving_backend = backend` in its config.toml; yields
-    (url, process, seconds from process start to /readyz 200)."""
+def daemon(state_dir: Path, backend: str, log: Path, code: str | None = None) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """`edgetune serve` on `state_dir` with `serving_backend = backend` in its config.toml (from the
+    checkout `code` when given); yields (url, process, seconds from process start to /readyz 200)."""
     telemetry = state_dir.parent / "telemetry.json"
     telemetry.write_text(json.dumps({"temperature_c": 45}))
     config = {"telemetry": "simulated", "simulated_telemetry": str(telemetry), "auto_cycles": False, "generalist_fallback": False}
-    if serving_backend_supported():
+    if serving_backend_supported() and not (code and backend == "torch"):  # an older checkout may not know the setting
         config["serving_backend"] = backend
     (state_dir / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = shutil.which("edgetune", path=os.path.dirname(sys.executable))
     started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())} if code else None
     proc = subprocess.Popen([exe, "serve", "--state-dir", str(state_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
     try:
         with httpx.Client(base_url=url, timeout=5) as client:
             while True:
@@ -547,7 +548,7 @@ def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dic
     clients, then the swaps under load. Each wall-time target has a CPU-time twin (the daemon's
     CPU per request against the in-process CPU costs), which other load on the machine does not move."""
     floor_ms, floor_cpu = floor
-    with daemon(state_dir, backend, state_dir.parent / f"serve-{backend}.log") as (url, proc, startup):
+    with daemon(state_dir, backend, state_dir.parent / f"serve-{backend}.log", args.daemon_code) as (url, proc, startup):
         client = httpx.Client(base_url=url, timeout=60)
         time.sleep(1.0)
         rss = psutil.Process(proc.pid).memory_info().rss / 2**20
@@ -584,7 +585,7 @@ def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dic
                 target, met = "", None
                 if clients == 16:
                     target, met = f">= 70% of batch-16 {f.batch16_per_s:.0f}/s = {0.7 * f.batch16_per_s:.0f}", rate >= 0.7 * f.batch16_per_s
-                note = f"mean batch {images / max(passes, 1):.1f}" + (f", {failed} failed" if failed else "")
+                note = (f"mean batch {images / passes:.1f}" if passes else "") + (f", {failed} failed" if failed else "")
                 run.rows.append(Row(backend, name, f"throughput, {clients} clients (requests/s)", rate, target, met, note))
                 if clients == 16:
                     cpu_bound = f.batch16_cpu_ms_per_image / 0.7
@@ -683,6 +684,8 @@ def main() -> None:
     ap.add_argument("--sustain", type=float, default=0.0, help="cycle: seconds of the sustained load test (0: skip)")
     ap.add_argument("--clients", type=int, default=4, help="cycle: client threads in the sustained load test")
     ap.add_argument("--only-sustain", action="store_true", help="cycle: skip the other measurements")
+    ap.add_argument("--daemon-code", default=None,
+                    help="speed: run the daemon from this checkout (PYTHONPATH), e.g. an older one for a before/after comparison")
     ap.add_argument("--out", default="bench/out/serve_bench")
     args = ap.parse_args()
     if args.mode == "cycle":
