@@ -305,6 +305,7 @@ class SampleBuffer:
         return {
             "samples": rows, "labelled": labelled, "bytes": size, "held_out": held, "last_id": last,
             "per_class": per_class, "max_rows": self.max_rows, "max_bytes": self.max_bytes, "evicted": self.evicted,
+            "queued": self.queued,
         }
 
     def get(self, sample_id: int) -> dict | None:

@@ -181,8 +181,10 @@ def test_a_full_sample_queue_drops_samples_never_requests(make_inproc):
         assert [r.status_code for r in bodies] == [200] * 8
         assert [r.json()["buffer"] for r in bodies] == ["queued"] * 3 + ["dropped"] * 5
         assert all(r.json()["top"] and r.json()["sample_id"] is None and not r.json()["buffered"] for r in bodies)
+        assert d.rt.buffer.queued == 3  # (/status would wait for the stuck writer's lock)
     d.settle()  # the disk caught up: the queued ones are committed, the dropped ones were never kept
-    assert c.get("/status").json()["buffer"]["samples"] == 3
+    buffer = c.get("/status").json()["buffer"]
+    assert buffer["samples"] == 3 and buffer["queued"] == 0
     metrics = c.get("/metrics").text
     assert 'edgetune_samples_dropped_total{reason="queue_full"} 5.0' in metrics
     assert 'edgetune_samples_ingested_total{source="infer"} 3.0' in metrics
