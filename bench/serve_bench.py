@@ -1,17 +1,31 @@
-"""Benchmark a real `edgetune serve`: ingest rate, /infer latency idle vs during a cycle, failed
-requests across repeated hot-swaps, swap latency, cycle time and peak RSS; and a sustained load
-test (--sustain S): several clients hold /infer for S seconds while cycles and swaps keep
-happening, reporting requests/s, p50/p99 and failed requests.
+"""Benchmark a real `edgetune serve`.
 
-    python bench/serve_bench.py [--swaps 20] [--out bench/out/serve_bench]
-    python bench/serve_bench.py --only-sustain --sustain 240 --clients 4
+--mode speed (default; issue 21's benchmark): per serving backend (`--backends torch,onnxruntime`,
+given to the daemon as its `serving_backend` setting) and for an unpruned and a pruned resnet18 at
+32 px, in one run: the forward pass in process at batch 1 and its batch-16 throughput (the
+backend's own engine, daemon.engines), decoding one request's image, a bare FastAPI route's round
+trip on the same machine (the HTTP floor), `/infer` p50/p99 for one sequential client, throughput
+with 1, 4 and 16 concurrent clients, failed requests across 20 swaps under load, the daemon's idle
+RSS and its start-up time (process start to /readyz 200); a table puts the issue's targets beside
+the numbers.
 
-Prints a table and writes serve_bench.csv. Everything runs on loopback against a temporary
-state directory; the model is the demo's small CNN trained for one epoch on MNIST-5k.
+    python bench/serve_bench.py [--backends torch,onnxruntime] [--requests 300] [--seconds 5]
+
+--mode cycle: ingest rate, /infer latency idle vs during a cycle, failed requests across repeated
+hot-swaps, swap latency, cycle time and peak RSS; and a sustained load test (--sustain S): several
+clients hold /infer for S seconds while cycles and swaps keep happening.
+
+    python bench/serve_bench.py --mode cycle [--swaps 20]
+    python bench/serve_bench.py --mode cycle --only-sustain --sustain 240 --clients 4
+
+Prints a table and writes serve_bench.csv (cycle) or serve_speed.csv (speed) to --out.
+Everything runs on loopback against temporary state directories; cycle mode's model is the demo's
+small CNN trained for one epoch on MNIST-5k.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import csv
 import io
@@ -23,11 +37,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
+import numpy as np
 import psutil
 import torch
 from PIL import Image
@@ -125,16 +144,8 @@ def sustained(url: str, client: httpx.Client, probe: list[bytes], seconds: float
     ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--swaps", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=600)
-    ap.add_argument("--seconds", type=float, default=8.0, help="length of each latency window")
-    ap.add_argument("--sustain", type=float, default=0.0, help="seconds of the sustained load test (0: skip)")
-    ap.add_argument("--clients", type=int, default=4, help="client threads in the sustained load test")
-    ap.add_argument("--only-sustain", action="store_true", help="skip the other measurements")
-    ap.add_argument("--out", default="bench/out/serve_bench")
-    args = ap.parse_args()
+def cycle_main(args) -> None:
+    """--mode cycle: ingest, latency idle and during a cycle, swaps, the sustained load test."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -257,6 +268,432 @@ def measure(args, url: str, client: httpx.Client, images: list[tuple[bytes, str]
     if args.sustain > 0:
         rows += sustained(url, client, probe, args.sustain, args.clients)
     return rows
+
+
+# ---- --mode speed: issue 21's benchmark --------------------------------------------------------------
+CLIENTS = (1, 4, 16)
+SWAP_CLIENTS = 4
+HTTP_FLOOR_APP = textwrap.dedent("""
+    import sys
+    import uvicorn
+    from fastapi import FastAPI, Request
+    app = FastAPI()
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+""")
+
+
+@dataclass
+class Row:
+    backend: str
+    model: str
+    measure: str
+    value: float
+    target: str = ""
+    met: bool | None = None  # None: no target here
+    note: str = ""
+
+
+@dataclass
+class Forward:
+    """A backend's engine in process, for one model: wall time, and the calling thread's CPU time
+    (one intra-op thread, so CPU time is what the call costs whatever else the machine runs)."""
+
+    batch1_ms: float
+    batch16_per_s: float
+    decode_ms: float
+    batch1_cpu_ms: float
+    batch16_cpu_ms_per_image: float
+    decode_cpu_ms: float
+
+
+@dataclass
+class DaemonRun:
+    """What one daemon run measured for one backend."""
+
+    reported: str  # the backend the daemon says it serves (/status)
+    startup_s: float
+    idle_rss_mib: float
+    rows: list[Row] = field(default_factory=list)
+
+
+def jpeg(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median_ms(fn, runs: int, warm: int = 3) -> tuple[float, float]:
+    """Median wall and thread-CPU milliseconds of `fn()`."""
+    for _ in range(warm):
+        fn()
+    wall, cpu = [], []
+    for _ in range(runs):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return statistics.median(wall) * 1000, statistics.median(cpu) * 1000
+
+
+def prepare_models(work: Path, level: float) -> dict[str, Path]:
+    """resnet18 at 32 px with its initial weights, and a copy pruned by L1 at `level` (speed does
+    not need training), as model directories."""
+    import copy
+
+    from prune_core import PruneSpec, get_criterion, prune_to_level
+
+    torch.manual_seed(0)
+    base = build_model("resnet18", 10).eval()
+    pruned = prune_to_level(copy.deepcopy(base), get_criterion("l1").score(base), PruneSpec(level), 32).model.eval()
+    card = ModelCard("resnet18", 10, MNIST_CLASSES, 32)
+    dirs = {}
+    for name, model in (("unpruned", base), (f"pruned {level:g}", pruned)):
+        save_model(model, card, work / name.replace(" ", "-"))
+        dirs[name] = work / name.replace(" ", "-")
+    return dirs
+
+
+def prepare_state(state_dir: Path, dirs: dict[str, Path]) -> dict[str, str]:
+    """A state directory holding both models as versions (the unpruned one active): model name -> version."""
+    from daemon.model_store import ModelStore
+
+    store = ModelStore(state_dir / "models")
+    versions = {name: store.import_model(d) for name, d in dirs.items()}
+    store.set_active(versions[next(iter(dirs))])
+    return versions
+
+
+def forward(backend: str, version_dir: Path, payloads: list[bytes], verify: np.ndarray) -> Forward:
+    """The backend's own engine (daemon.engines; onnxruntime's is built and verified into the version
+    directory first, where the daemon will find it): batch-1 latency, batch-16 throughput, and the
+    time to decode one request's image."""
+    from daemon.engines import Backend, InputSpec, load_engine
+    from daemon.engines.build import build_engine
+    from daemon.engines.eager import TorchEngine
+    from prune_core.data import decode_image
+    from prune_core.model_format import load_model
+
+    model, card = load_model(version_dir)
+    if backend == "torch":
+        engine = TorchEngine(model, InputSpec.of(card), torch.device("cpu"))
+    else:
+        build_engine(model, card, version_dir, Backend(backend), verify, threads=1)
+        engine = load_engine(version_dir, Backend(backend), threads=1)
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 256, (1, 3, card.input_size, card.input_size), dtype=np.uint8)
+    sixteen = rng.integers(0, 256, (16, 3, card.input_size, card.input_size), dtype=np.uint8)
+    batch1 = median_ms(lambda: engine.logits(one), 200)
+    batch16 = median_ms(lambda: engine.logits(sixteen), 30)
+    cycle = iter(payloads * 10)
+    decode = median_ms(lambda: decode_image(next(cycle), card.preprocess), 200)
+    return Forward(batch1[0], 16 / (batch16[0] / 1000), decode[0], batch1[1], batch16[1] / 16, decode[1])
+
+
+def http_floor(payload: bytes, requests: int) -> tuple[float, float]:
+    """p50 round trip (ms) of a bare FastAPI route under uvicorn that reads the body, the floor
+    under any /infer, and its server's CPU milliseconds per request."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", HTTP_FLOOR_APP, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(300):
+                try:
+                    client.post("/echo", content=payload, headers={"content-type": "image/jpeg"}).raise_for_status()
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            cpu0 = cpu_seconds(proc)
+            p50 = percentile(sequential(client, "/echo", [payload], requests), 0.5)
+            return p50, (cpu_seconds(proc) - cpu0) / (requests + 20) * 1000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def sequential(client: httpx.Client, path: str, payloads: list[bytes], requests: int, warm: int = 20) -> list[float]:
+    """Round trips (ms) of one client sending one request after the other."""
+    out = []
+    for i in range(warm + requests):
+        start = time.perf_counter()
+        client.post(path, content=payloads[i % len(payloads)], headers={"content-type": "image/jpeg"}).raise_for_status()
+        if i >= warm:
+            out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+async def _closed_loop(url: str, payloads: list[bytes], clients: int, stop) -> tuple[int, int, float]:
+    """`clients` connections each sending /infer back to back until stop(): (answered, failed, seconds)."""
+    done = [0, 0]
+
+    async def one(k: int, client: httpx.AsyncClient) -> None:
+        i = k
+        while not stop():
+            try:
+                r = await client.post("/infer", content=payloads[i % len(payloads)], headers={"content-type": "image/jpeg"})
+                done[r.status_code != 200] += 1
+            except httpx.HTTPError:
+                done[1] += 1
+            i += clients
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(k, client) for k in range(clients)))
+        return done[0], done[1], time.perf_counter() - start
+
+
+def throughput(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple[float, int]:
+    """Answered requests per second with `clients` concurrent clients, and the failed ones."""
+    end = time.perf_counter() + seconds
+    ok, failed, elapsed = asyncio.run(_closed_loop(url, payloads, clients, lambda: time.perf_counter() > end))
+    return ok / elapsed, failed
+
+
+def swaps_under_load(url: str, client: httpx.Client, payloads: list[bytes], versions: list[str], swaps: int) -> tuple[int, int]:
+    """(failed, answered) /infer requests of SWAP_CLIENTS clients while `swaps` activations alternate
+    between two versions."""
+    stop = threading.Event()
+    result: list[tuple[int, int, float]] = []
+    load = threading.Thread(target=lambda: result.append(asyncio.run(_closed_loop(url, payloads, SWAP_CLIENTS, stop.is_set))))
+    load.start()
+    try:
+        time.sleep(0.5)
+        for k in range(swaps):
+            client.post(f"/models/{versions[(k + 1) % 2]}/activate").raise_for_status()
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        load.join()
+    ok, failed, _ = result[0]
+    return failed, ok
+
+
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """User + system CPU time of the daemon process, all its threads (load from other processes
+    does not inflate it, unlike wall time)."""
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def batch_sizes(client: httpx.Client) -> tuple[float, float]:
+    """(forward passes, images) so far, from edgetune_inference_batch_size in /metrics."""
+    count = total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("edgetune_inference_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("edgetune_inference_batch_size_sum"):
+            total = float(line.split()[-1])
+    return count, total
+
+
+def serving_backend_supported() -> bool:
+    from daemon.config import Settings
+
+    return "serving_backend" in Settings.model_fields
+
+
+def reported_backend(status: dict) -> str:
+    """The backend the daemon says it serves; a daemon that does not say serves torch."""
+    model = status.get("model") or {}
+    return (model.get("serving") or {}).get("backend", "torch")
+
+
+@contextmanager
+def daemon(state_dir: Path, backend: str, log: Path, code: str | None = None) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """`edgetune serve` on `state_dir` with `serving_backend = backend` in its config.toml (from the
+    checkout `code` when given); yields (url, process, seconds from process start to /readyz 200)."""
+    telemetry = state_dir.parent / "telemetry.json"
+    telemetry.write_text(json.dumps({"temperature_c": 45}))
+    config = {"telemetry": "simulated", "simulated_telemetry": str(telemetry), "auto_cycles": False, "generalist_fallback": False}
+    if serving_backend_supported() and not (code and backend == "torch"):  # an older checkout may not know the setting
+        config["serving_backend"] = backend
+    (state_dir / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = shutil.which("edgetune", path=os.path.dirname(sys.executable))
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())} if code else None
+    proc = subprocess.Popen([exe, "serve", "--state-dir", str(state_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
+    try:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"edgetune serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.02)
+        startup = time.perf_counter() - started
+        yield url, proc, startup
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dict[str, Forward], floor: tuple[float, float],
+               payloads: list[bytes], args) -> DaemonRun:
+    """One daemon run for `backend`: start-up, idle RSS, per model the sequential and concurrent
+    clients, then the swaps under load. Each wall-time target has a CPU-time twin (the daemon's
+    CPU per request against the in-process CPU costs), which other load on the machine does not move."""
+    floor_ms, floor_cpu = floor
+    with daemon(state_dir, backend, state_dir.parent / f"serve-{backend}.log", args.daemon_code) as (url, proc, startup):
+        client = httpx.Client(base_url=url, timeout=60)
+        time.sleep(1.0)
+        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        reported = reported_backend(client.get("/status").json())
+        run = DaemonRun(reported, startup, rss)
+        if reported != backend:
+            return run
+        for name, version in versions.items():
+            client.post(f"/models/{version}/activate").raise_for_status()
+            if reported_backend(client.get("/status").json()) != backend:
+                run.rows.append(Row(backend, name, "served by", float("nan"), note=f"{version} not served by {backend}"))
+                continue
+            f = fwd[name]
+            cpu0 = cpu_seconds(proc)
+            seq = sequential(client, "/infer", payloads, args.requests)
+            seq_cpu = (cpu_seconds(proc) - cpu0) / (args.requests + 20) * 1000
+            bound = 1.5 * (floor_ms + f.batch1_ms + f.decode_ms)
+            bound_cpu = 1.5 * (floor_cpu + f.batch1_cpu_ms + f.decode_cpu_ms)
+            p50 = percentile(seq, 0.5)
+            run.rows += [
+                Row(backend, name, "/infer p50, 1 sequential client (ms)", p50,
+                    f"<= 1.5 x (floor {floor_ms:.2f} + forward {f.batch1_ms:.2f} + decode {f.decode_ms:.2f}) = {bound:.2f}", p50 <= bound),
+                Row(backend, name, "/infer p99, 1 sequential client (ms)", percentile(seq, 0.99)),
+                Row(backend, name, "daemon CPU per request, 1 sequential client (ms)", seq_cpu,
+                    f"<= 1.5 x CPU (floor {floor_cpu:.2f} + forward {f.batch1_cpu_ms:.2f} + decode {f.decode_cpu_ms:.2f}) = {bound_cpu:.2f}",
+                    seq_cpu <= bound_cpu),
+            ]
+            for clients in CLIENTS:
+                cpu0, batches0 = cpu_seconds(proc), batch_sizes(client)
+                rate, failed = throughput(url, payloads, clients, args.seconds)
+                cpu1, batches1 = cpu_seconds(proc), batch_sizes(client)
+                passes, images = batches1[0] - batches0[0], batches1[1] - batches0[1]
+                per_request_cpu = (cpu1 - cpu0) / max(rate * args.seconds, 1) * 1000
+                target, met = "", None
+                if clients == 16:
+                    target, met = f">= 70% of batch-16 {f.batch16_per_s:.0f}/s = {0.7 * f.batch16_per_s:.0f}", rate >= 0.7 * f.batch16_per_s
+                note = (f"mean batch {images / passes:.1f}" if passes else "") + (f", {failed} failed" if failed else "")
+                run.rows.append(Row(backend, name, f"throughput, {clients} clients (requests/s)", rate, target, met, note))
+                if clients == 16:
+                    cpu_bound = f.batch16_cpu_ms_per_image / 0.7
+                    run.rows.append(Row(backend, name, "daemon CPU per request, 16 clients (ms)", per_request_cpu,
+                                        f"<= batch-16 CPU per image {f.batch16_cpu_ms_per_image:.2f} / 0.7 = {cpu_bound:.2f}",
+                                        per_request_cpu <= cpu_bound))
+        ordered = list(versions.values())
+        failed, answered = swaps_under_load(url, client, payloads, ordered, args.swaps)
+        run.rows.append(Row(backend, "both", f"failed requests across {args.swaps} swaps under load", failed, "0", failed == 0,
+                            f"of {failed + answered}, {SWAP_CLIENTS} clients"))
+        client.close()
+    return run
+
+
+def speed_main(args) -> None:
+    """--mode speed: the table of issue 21's benchmark."""
+    from prune_core.datasets import mnist5k as digits
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="serve-speed-"))
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    rows: list[Row] = []
+    try:
+        data = digits(32)
+        payloads = [jpeg(data.images[i]) for i in range(100)]
+        verify = data.images[100:164].numpy()
+        dirs = prepare_models(work / "models", args.level)
+        template = work / "template" / "state"
+        versions = prepare_state(template, dirs)
+        floor = http_floor(payloads[0], args.requests)
+        rows += [Row("-", "-", "HTTP floor: bare FastAPI route p50 (ms)", floor[0]),
+                 Row("-", "-", "HTTP floor: its server's CPU per request (ms)", floor[1])]
+        forwards: dict[str, dict[str, Forward]] = {}
+        runs: dict[str, DaemonRun] = {}
+        for backend in backends:
+            state = work / backend / "state"
+            shutil.copytree(template, state)
+            try:
+                forwards[backend] = {name: forward(backend, state / "models" / v, payloads, verify) for name, v in versions.items()}
+            except Exception as exc:  # e.g. the backend is not installed: say so in the table
+                rows.append(Row(backend, "-", "not run", float("nan"), note=f"{type(exc).__name__}: {exc}"[:160]))
+                continue
+            for name, f in forwards[backend].items():
+                target, met = "", None
+                if backend != "torch" and "torch" in forwards:
+                    ratio = forwards["torch"][name].batch1_cpu_ms / f.batch1_cpu_ms  # CPU time: other load does not move it
+                    wall = forwards["torch"][name].batch1_ms / f.batch1_ms
+                    target, met = f">= 2x torch (CPU {ratio:.1f}x, wall {wall:.1f}x)", ratio >= 2
+                rows += [Row(backend, name, "forward batch 1, in process (ms)", f.batch1_ms, target, met, f"CPU {f.batch1_cpu_ms:.2f} ms"),
+                         Row(backend, name, "forward batch 16, in process (images/s)", f.batch16_per_s,
+                             note=f"CPU {f.batch16_cpu_ms_per_image:.2f} ms/image"),
+                         Row(backend, name, "decode one request's image (ms)", f.decode_ms, note=f"CPU {f.decode_cpu_ms:.2f} ms")]
+            if backend != "torch" and not serving_backend_supported():
+                rows.append(Row(backend, "-", "daemon", float("nan"), note="not run: this daemon has no serving_backend setting"))
+                continue
+            run = runs[backend] = serve_rows(backend, state, versions, forwards[backend], floor, payloads, args)
+            if run.reported != backend:
+                rows.append(Row(backend, "-", "daemon", float("nan"), note=f"asked for {backend}, /status says {run.reported}: not measured"))
+                continue
+            base = runs.get("torch") if backend != "torch" else None
+            rss_target, rss_met = ("<= 300 MiB", run.idle_rss_mib <= 300) if backend != "torch" else ("", None)
+            start_target, start_met = ("", None)
+            if base is not None:
+                start_target, start_met = f">= 3x faster than torch ({base.startup_s / run.startup_s:.1f}x)", base.startup_s >= 3 * run.startup_s
+            rows += [Row(backend, "unpruned", "daemon idle RSS (MiB)", run.idle_rss_mib, rss_target, rss_met, "the daemon process, after /readyz"),
+                     Row(backend, "unpruned", "daemon start-up to /readyz 200 (s)", run.startup_s, start_target, start_met)]
+            rows += run.rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_speed(rows)
+    with open(out / "serve_speed.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("backend", "model", "measure", "value", "target", "met", "note"),
+                                  *[(r.backend, r.model, r.measure, r.value, r.target, "" if r.met is None else r.met, r.note) for r in rows]])
+    print(f"\nwritten {out / 'serve_speed.csv'}")
+
+
+def print_speed(rows: list[Row]) -> None:
+    head = ("backend", "model", "measure", "value", "target", "met", "note")
+    cells = [(r.backend, r.model, r.measure, f"{r.value:.2f}", r.target, {None: "", True: "yes", False: "NO"}[r.met], r.note) for r in rows]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for c in cells:
+        print("| " + " | ".join(c) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("speed", "cycle"), default="speed")
+    ap.add_argument("--backends", default="torch,onnxruntime", help="speed: serving backends, comma-separated")
+    ap.add_argument("--requests", type=int, default=300, help="speed: requests of the sequential client and the HTTP floor")
+    ap.add_argument("--level", type=float, default=0.5, help="speed: the pruned model's level (L1, no retraining: speed only)")
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=600, help="cycle: images sent")
+    ap.add_argument("--seconds", type=float, default=None, help="length of each latency / throughput window (speed 5, cycle 8)")
+    ap.add_argument("--sustain", type=float, default=0.0, help="cycle: seconds of the sustained load test (0: skip)")
+    ap.add_argument("--clients", type=int, default=4, help="cycle: client threads in the sustained load test")
+    ap.add_argument("--only-sustain", action="store_true", help="cycle: skip the other measurements")
+    ap.add_argument("--daemon-code", default=None,
+                    help="speed: run the daemon from this checkout (PYTHONPATH), e.g. an older one for a before/after comparison")
+    ap.add_argument("--out", default="bench/out/serve_bench")
+    args = ap.parse_args()
+    if args.mode == "cycle":
+        args.seconds = args.seconds or 8.0
+        cycle_main(args)
+    else:
+        args.seconds = args.seconds or 5.0
+        speed_main(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The sample buffer: images as received, in SQLite (WAL, synchronous=FULL), bounded and class-balanced.
 
-Ingest is a group commit: request handlers hand samples to one writer thread and await a future;
-the writer commits whatever has queued up in one transaction, so inference never waits on disk
-behind other requests, and a 2xx answer means the row is committed (it survives kill -9).
+Ingest is a group commit: request handlers hand samples to one writer thread, which commits
+whatever has queued up in one transaction. A handler that must not answer before the row is
+committed (bulk ingest, labelled samples) awaits its future (`submit`), so its 2xx survives
+kill -9. Unlabelled /infer samples are handed over without waiting (`offer`): at most
+`background_limit` of them wait for a commit at a time, beyond that `offer` refuses and the
+caller drops the sample, so a slow disk never holds up inference nor grows memory without bound.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,6 +43,13 @@ class NewSample:
 class Stored:
     id: int
     duplicate: bool  # the same image was already buffered; no new row
+
+
+class DropReason(str, Enum):
+    """Why an offered sample was not buffered (the label of edgetune_samples_dropped_total)."""
+
+    QUEUE_FULL = "queue_full"  # background_limit samples were already waiting
+    STORAGE_ERROR = "storage_error"  # its group commit failed (disk full, read-only)
 
 
 class StorageError(RuntimeError):
@@ -118,7 +129,7 @@ def is_holdout(sha256: str, fraction: float) -> bool:
 
 
 class SampleBuffer:
-    def __init__(self, path: Path, max_rows: int, max_bytes: int, holdout_fraction: float):
+    def __init__(self, path: Path, max_rows: int, max_bytes: int, holdout_fraction: float, background_limit: int = 1024):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
@@ -134,8 +145,11 @@ class SampleBuffer:
             self._db = _connect(self.path)
             migrate(self._db)
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[NewSample, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[NewSample, Future, bool] | None] = queue.Queue()  # (sample, future, offered)
         self._writer: threading.Thread | None = None
+        self.background_limit = background_limit
+        self._background = 0  # offered samples not yet committed (or failed)
+        self._background_lock = threading.Lock()
         self.evicted = 0
 
     # ---- writing -------------------------------------------------------------------------
@@ -146,10 +160,31 @@ class SampleBuffer:
     def submit(self, sample: NewSample) -> Future:
         """Queue a sample for the next group commit; the future resolves to a `Stored`."""
         future: Future = Future()
-        self._queue.put((sample, future))
+        self._queue.put((sample, future, False))
         return future
 
+    def offer(self, sample: NewSample) -> Future | None:
+        """Queue a sample for the next group commit without waiting for it: None (nothing queued)
+        when `background_limit` offered samples are still waiting. BufferReadOnly at once when the
+        state directory is read-only. The future resolves to a `Stored`, or to the StorageError
+        that lost the sample."""
+        if self.read_only:
+            raise BufferReadOnly(f"state directory {self.path.parent} is read-only, sample not stored")
+        with self._background_lock:
+            if self._background >= self.background_limit:
+                return None
+            self._background += 1
+        future: Future = Future()
+        self._queue.put((sample, future, True))
+        return future
+
+    @property
+    def queued(self) -> int:
+        """Offered samples waiting for a commit."""
+        return self._background
+
     def close(self) -> None:
+        """Commits everything queued (offered samples included), then stops the writer."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=30)
@@ -172,13 +207,22 @@ class SampleBuffer:
                     break
                 batch.append(item)
             try:
-                stored = self.add_many([s for s, _ in batch])
+                stored = self.add_many([s for s, _, _ in batch])
             except Exception as exc:  # never let the writer thread die
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     fut.set_exception(exc)
+                self._settled(batch)
                 continue
-            for (_, fut), result in zip(batch, stored):
+            for (_, fut, _), result in zip(batch, stored):
                 fut.set_result(result)
+            self._settled(batch)
+
+    def _settled(self, batch: list[tuple[NewSample, Future, bool]]) -> None:
+        """Offered samples leave the count once resolved (after their futures' callbacks ran)."""
+        offered = sum(o for _, _, o in batch)
+        if offered:
+            with self._background_lock:
+                self._background -= offered
 
     def add_many(self, samples: list[NewSample]) -> list[Stored]:
         """Insert in one transaction (duplicates by content are not stored twice), then evict."""
@@ -261,6 +305,7 @@ class SampleBuffer:
         return {
             "samples": rows, "labelled": labelled, "bytes": size, "held_out": held, "last_id": last,
             "per_class": per_class, "max_rows": self.max_rows, "max_bytes": self.max_bytes, "evicted": self.evicted,
+            "queued": self.queued,
         }
 
     def get(self, sample_id: int) -> dict | None:

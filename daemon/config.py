@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     auto_cycles: bool = Field(True, description="start cycles on its own when the gate opens")
     new_samples_per_cycle: int = Field(500, ge=1, description="new samples since the last cycle before a periodic one")
 
+    # The request path: dynamic batching and the queue of samples behind the answers
+    max_batch: int = Field(
+        16, ge=1, le=1024, description="concurrent /infer requests run through the model together, at most this many per forward pass; 1: no batching")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a request may wait for others to join its batch; 0: only those already waiting join (a lone request never waits)")
+    sample_queue_size: int = Field(
+        1024, ge=1, description="unlabelled /infer samples waiting for the buffer's group commit; beyond it a sample is dropped"
+        " (counted in edgetune_samples_dropped_total), never the request")
+
     # Sample buffer
     buffer_max_rows: int = Field(20_000, ge=10, description="samples kept; the most represented class is evicted first")
     buffer_max_bytes: int = Field(512 * 2**20, ge=2**16, description="bytes of image data kept")

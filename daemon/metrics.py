@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 disable_created_metrics()  # the *_created series only add noise to dashboards
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CYCLE_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
@@ -27,7 +28,13 @@ class Metrics:
         self.inference_latency = Histogram(
             "edgetune_inference_latency_seconds", "Model forward time per image", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.inference_batch = Histogram(
+            "edgetune_inference_batch_size", "Images per forward pass (dynamic batching)", buckets=BATCH_BUCKETS, registry=r
+        )
         self.samples_ingested = Counter("edgetune_samples_ingested", "Samples written to the buffer", ["source"], registry=r)
+        self.samples_dropped = Counter(
+            "edgetune_samples_dropped", "Unlabelled /infer samples not buffered although their request was answered:"
+            " queue_full (sample_queue_size reached) or storage_error (the group commit failed)", ["reason"], registry=r)
         self.buffer_samples = Gauge("edgetune_buffer_samples", "Samples in the buffer", registry=r)
         self.buffer_labelled = Gauge("edgetune_buffer_labelled_samples", "Labelled samples in the buffer", registry=r)
         self.buffer_bytes = Gauge("edgetune_buffer_bytes", "Image bytes in the buffer", registry=r)

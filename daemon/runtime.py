@@ -9,11 +9,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prune_core.card import ModelFormatError
 from prune_core.device import device_name
 from prune_core.options import check_cycle_options
 
-from .buffer import NewSample, SampleBuffer, Stored
+from .batcher import Batcher, BatchSettings
+from .buffer import DropReason, NewSample, SampleBuffer, Stored
 from .config import Settings
 from .cycle_records import CycleStore
 from .gate import Gate
@@ -63,7 +66,9 @@ class Runtime:
         self.holder = ModelHolder()
         self.installer = Installer(self.store, self.holder, self.metrics, self.device, PriorSettings.from_settings(settings))
         self._load_first_model()
-        self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction)
+        self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction,
+                                   background_limit=settings.sample_queue_size)
+        self.batcher = Batcher(BatchSettings.from_settings(settings), on_batch=self.metrics.inference_batch.observe)
         self.provider = make_provider(settings.telemetry, settings.simulated_telemetry)
         self.gate = Gate(settings)
         self.cycles = CycleStore(settings.cycles_dir)
@@ -94,8 +99,13 @@ class Runtime:
             return
         raise StartupError(f"no loadable model version in {self.store.dir}")
 
-    def start(self) -> None:
+    def start_request_path(self) -> None:
+        """The threads /infer needs: the buffer's writer and the batcher."""
         self.buffer.start()
+        self.batcher.start()
+
+    def start(self) -> None:
+        self.start_request_path()
         self.scheduler.start()
         if self.generalist is not None:
             self.generalist.start()
@@ -104,6 +114,7 @@ class Runtime:
         if self.generalist is not None:
             self.generalist.stop()
         self.scheduler.stop()
+        self.batcher.stop()
         self.buffer.close()
         self.provider.close()
 
@@ -127,16 +138,38 @@ class Runtime:
         if self.generalist is not None:
             self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)")
 
+    async def answer(self, model: Served, image: np.ndarray) -> Answer:
+        """The model's answer for one uint8 image 3×S×S, batched with concurrent requests
+        (batcher.InferenceError when the forward pass fails)."""
+        return await self.batcher.answer(model, image)
+
+    def _count_ingested(self, done: Future) -> None:
+        if done.exception() is None and not done.result().duplicate:
+            self.metrics.samples_ingested.labels(source="infer").inc()
+
     def submit_sample(self, sample: NewSample) -> Future:
-        """Buffer a sample seen by /infer (group-committed by the buffer's writer thread)."""
+        """Buffer a sample seen by /infer durably: the future resolves once it is committed."""
         future = self.buffer.submit(sample)
+        future.add_done_callback(self._count_ingested)
+        return future
+
+    def queue_sample(self, sample: NewSample) -> bool:
+        """Hand a sample seen by /infer to the group commit behind the answer; False when the
+        queue is full and the sample is dropped (counted). StorageError at once only when the state
+        directory is read-only; a commit that fails later counts the sample as dropped."""
+        future = self.buffer.offer(sample)
+        if future is None:
+            self.metrics.samples_dropped.labels(reason=DropReason.QUEUE_FULL.value).inc()
+            return False
 
         def count(done: Future) -> None:
-            if done.exception() is None and not done.result().duplicate:
-                self.metrics.samples_ingested.labels(source="infer").inc()
+            if done.exception() is not None:
+                self.metrics.samples_dropped.labels(reason=DropReason.STORAGE_ERROR.value).inc()
+            else:
+                self._count_ingested(done)
 
         future.add_done_callback(count)
-        return future
+        return True
 
     def add_samples(self, samples: list[NewSample]) -> list[Stored]:
         """Bulk ingest, all or nothing (StorageError when the disk refuses)."""

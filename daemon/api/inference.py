@@ -1,4 +1,7 @@
-"""POST /infer: classify an image (raw body or multipart) and buffer it."""
+"""POST /infer: classify an image (raw body or multipart) and buffer it.
+
+The answer does not wait for the disk unless it must: an unlabelled image is queued for the
+buffer's group commit behind the answer; a labelled one (or `?durable=true`) is committed first."""
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from prune_core.data import DataError, decode_image
 
+from ..batcher import InferenceError
 from ..buffer import NewSample, StorageError
 from ..runtime import Runtime
 from ..serving import Served
-from .schemas import ERROR_RESPONSES, INFER_BODY, InferResponse, error
+from .schemas import ERROR_RESPONSES, INFER_BODY, BufferOutcome, InferResponse, error
 
 
 def served_model(rt: Runtime) -> Served:
@@ -63,12 +67,28 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
     return data, ctype
 
 
+async def buffer_sample(rt: Runtime, sample: NewSample, durable: bool) -> dict:
+    """Buffer an answered request's image: committed before the answer when `durable`, else
+    queued behind it. Returns the response's sample_id, buffered, buffer (and buffer_error)."""
+    try:
+        if durable:
+            stored = await asyncio.wrap_future(rt.submit_sample(sample))
+            outcome = BufferOutcome.DUPLICATE if stored.duplicate else BufferOutcome.STORED
+            return {"sample_id": stored.id, "buffered": outcome is BufferOutcome.STORED, "buffer": outcome}
+        outcome = BufferOutcome.QUEUED if rt.queue_sample(sample) else BufferOutcome.DROPPED
+        return {"sample_id": None, "buffered": False, "buffer": outcome}
+    except StorageError as exc:  # inference keeps working when the disk is full or read-only
+        return {"sample_id": None, "buffered": False, "buffer": BufferOutcome.FAILED, "buffer_error": str(exc)}
+
+
 def router(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
     @r.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it",
             openapi_extra={"requestBody": INFER_BODY}, responses=ERROR_RESPONSES)
-    async def infer(request: Request, label: str | None = Query(None, description="the true class, when known")) -> Any:
+    async def infer(request: Request, label: str | None = Query(None, description="the true class, when known"),
+                    durable: bool = Query(False, description="answer only once the image is committed to the buffer, with its"
+                                          " sample_id (implied by label); otherwise it is queued behind the answer")) -> Any:
         model = served_model(rt)
         index = label_index(model, label)
         data, ctype = await read_image(request, rt.settings.max_upload_bytes)
@@ -77,20 +97,19 @@ def router(rt: Runtime) -> APIRouter:
             tensor = await run_in_threadpool(decode_image, data, model.card.preprocess)
         except DataError as exc:
             raise error(400, str(exc)) from None
-        answer = (await run_in_threadpool(model.predict, tensor.unsqueeze(0)))[0]
+        try:
+            answer = await rt.answer(model, tensor.numpy())  # SEAM (issue 21): decode_array gives the numpy image itself
+        except InferenceError as exc:
+            raise error(500, str(exc)) from None
         latency = time.perf_counter() - started
         rt.note_inference(latency, model, tensor, answer, index)
         best = answer.top[0]
         result = {
             "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in answer.top],
-            "model_version": model.version, "latency_ms": latency * 1000, "sample_id": None, "buffered": False,
+            "model_version": model.version, "latency_ms": latency * 1000,
         }
         sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version)
-        try:
-            stored = await asyncio.wrap_future(rt.submit_sample(sample))
-            result.update(sample_id=stored.id, buffered=not stored.duplicate)
-        except StorageError as exc:  # inference keeps working when the disk is full or read-only
-            result["buffer_error"] = str(exc)
+        result.update(await buffer_sample(rt, sample, durable=durable or index is not None))
         return result
 
     return r

@@ -1,6 +1,7 @@
 """Request and response bodies, and the OpenAPI pieces declared by hand."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, Literal, Union
 
 from fastapi import HTTPException
@@ -15,9 +16,20 @@ class TopClass(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class BufferOutcome(str, Enum):
+    """What became of an /infer request's image by the time it was answered."""
+
+    STORED = "stored"  # committed as a new row before the answer: survives kill -9; sample_id is its row
+    DUPLICATE = "duplicate"  # the same image was already buffered: sample_id is that row (a label updates it)
+    QUEUED = "queued"  # handed to the group commit behind the answer: no sample_id yet; lost if the daemon is killed first
+    DROPPED = "dropped"  # the queue of samples waiting for a commit was full: not buffered (counted), the answer stands
+    FAILED = "failed"  # the buffer refused the write (disk full, read-only): see buffer_error
+
+
 class InferResponse(BaseModel):
-    sample_id: int | None
-    buffered: bool
+    sample_id: int | None = Field(description="the buffer row, when known at answer time (stored or duplicate), else null")
+    buffered: bool = Field(description="true only when the image was committed as a new row before the answer (buffer: stored)")
+    buffer: BufferOutcome = Field(description="stored, duplicate, queued, dropped or failed (docs/api.md)")
     top: list[TopClass]
     model_version: str
     latency_ms: float
@@ -67,6 +79,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorMessage, "description": "empty, truncated or undecodable image"},
     413: {"model": ErrorMessage, "description": "larger than max_upload_bytes"},
     415: {"model": ErrorMessage, "description": "not an image or multipart upload"},
+    500: {"model": ErrorMessage, "description": "the forward pass failed"},
     503: {"model": ErrorMessage, "description": "no model loaded"},
 }
 

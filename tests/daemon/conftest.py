@@ -221,11 +221,18 @@ class InProcess:
                         cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05)
         self.clock = FakeClock()
         self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=fake_worker, clock=self.clock)
-        self.rt.buffer.start()
+        self.rt.start_request_path()  # the buffer's writer and the batcher
         self.client = TestClient(create_app(self.rt))  # no `with`: the lifespan (scheduler thread) does not run
 
     def set_telemetry(self, **values) -> None:
         self.telemetry_file.write_text(json.dumps(values))
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until the samples /infer queued behind its answers are committed."""
+        deadline = time.monotonic() + timeout
+        while self.rt.buffer.queued:
+            assert time.monotonic() < deadline, f"{self.rt.buffer.queued} samples still queued"
+            time.sleep(0.01)
 
     def tick(self, n: int = 1) -> None:
         for _ in range(n):

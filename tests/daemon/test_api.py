@@ -36,13 +36,15 @@ def test_infer_raw_and_multipart(api, device_images):
     r = api.infer(data, label)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) >= {"sample_id", "top", "model_version", "latency_ms", "buffered"}
+    assert set(body) >= {"sample_id", "top", "model_version", "latency_ms", "buffered", "buffer"}
+    assert body["buffered"] and body["buffer"] == "stored"  # labelled: committed before the answer
     assert body["top"][0].keys() == {"class", "index", "score"}
     assert len(body["top"]) == 5 and body["top"][0]["score"] >= body["top"][1]["score"]
     r = api.client.post("/infer", files={"file": ("x.png", device_images[1][0], "image/png")})
-    assert r.status_code == 200 and r.json()["buffered"]
-    again = api.infer(data)  # the same image is not stored twice
-    assert again.json()["sample_id"] == body["sample_id"] and again.json()["buffered"] is False
+    assert r.status_code == 200 and r.json()["buffer"] == "queued" and r.json()["sample_id"] is None
+    again = api.client.post("/infer", content=data, params={"durable": "true"}, headers={"content-type": "image/png"})
+    assert again.json()["sample_id"] == body["sample_id"] and again.json()["buffered"] is False  # not stored twice
+    assert again.json()["buffer"] == "duplicate"
 
 
 @pytest.mark.parametrize(
@@ -71,7 +73,8 @@ def test_infer_odd_modes(api, mode):
 
 
 def test_labels(api, device_images):
-    sid = api.infer(device_images[5][0]).json()["sample_id"]
+    r = api.client.post("/infer", content=device_images[5][0], params={"durable": "true"}, headers={"content-type": "image/png"})
+    sid = r.json()["sample_id"]
     r = api.client.post(f"/samples/{sid}/label", json={"label": "4"})
     assert r.status_code == 200 and r.json() == {"sample_id": sid, "label": "4"}
     assert api.client.post(f"/samples/{sid}/label", json={"label": "cat"}).status_code == 422

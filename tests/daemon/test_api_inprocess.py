@@ -35,10 +35,12 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
     assert body["buffered"] and body["model_version"] == "v0001" and body["sample_id"] == 1
     assert len(body["top"]) == 5 and body["top"][0].keys() == {"class", "index", "score"}
     assert body["top"][0]["score"] >= body["top"][1]["score"]
+    assert body["buffer"] == "stored"  # labelled: committed before the answer
     r = c.post("/infer", files={"file": ("x.png", png(2), "image/png")})
-    assert r.status_code == 200 and r.json()["buffered"]
-    again = c.post("/infer", content=png(1), headers={"content-type": "image/png"}).json()
-    assert again["sample_id"] == 1 and again["buffered"] is False
+    assert r.status_code == 200 and r.json()["buffer"] == "queued" and r.json()["sample_id"] is None
+    assert r.json()["buffered"] is False  # queued behind the answer, not yet committed
+    again = c.post("/infer", content=png(1), headers={"content-type": "image/png"}, params={"durable": "true"}).json()
+    assert again["sample_id"] == 1 and again["buffered"] is False and again["buffer"] == "duplicate"
     for content, ctype, status, words in [(b"", "image/png", 400, "empty"), (b"junk", "image/jpeg", 400, "cannot decode"),
                                           (b"{}", "application/json", 415, "send an image"),
                                           (b"x" * (11 * 2**20), "image/png", 413, "max_upload_bytes")]:
@@ -46,6 +48,7 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
         assert r.status_code == status and words in r.json()["detail"], (ctype, r.text)
     r = c.post("/infer", content=png(3), params={"label": "cat"}, headers={"content-type": "image/png"})
     assert r.status_code == 422 and "unknown label 'cat'" in r.json()["detail"]
+    inproc.settle()
     assert c.get("/status").json()["buffer"]["samples"] == 2
     metrics = c.get("/metrics").text
     assert 'edgetune_samples_ingested_total{source="infer"} 2.0' in metrics
@@ -54,7 +57,7 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
 
 def test_labels(inproc):
     c = inproc.client
-    sid = c.post("/infer", content=png(5), headers={"content-type": "image/png"}).json()["sample_id"]
+    sid = c.post("/infer", content=png(5), headers={"content-type": "image/png"}, params={"durable": "true"}).json()["sample_id"]
     r = c.post(f"/samples/{sid}/label", json={"label": "4"})
     assert r.status_code == 200 and r.json() == {"sample_id": sid, "label": "4"}
     assert c.get("/status").json()["buffer"]["per_class"] == {"4": 1}
@@ -168,3 +171,41 @@ def test_status_and_metrics(inproc):
     assert re.search(r'^edgetune_model_info\{arch="cifar_small",version="v0001"\} 1\.0$', text, re.M)
     assert re.search(r"^edgetune_temperature_max_celsius 45\.0$", text, re.M)
     assert all(line.startswith(("#", "edgetune_")) for line in text.splitlines() if line)
+
+
+def test_a_full_sample_queue_drops_samples_never_requests(make_inproc):
+    d = make_inproc(sample_queue_size=3)
+    c = d.client
+    with d.rt.buffer._lock:  # the writer is stuck in a commit (a slow disk): nothing leaves the queue
+        bodies = [c.post("/infer", content=png(k), headers={"content-type": "image/png"}) for k in range(8)]
+        assert [r.status_code for r in bodies] == [200] * 8
+        assert [r.json()["buffer"] for r in bodies] == ["queued"] * 3 + ["dropped"] * 5
+        assert all(r.json()["top"] and r.json()["sample_id"] is None and not r.json()["buffered"] for r in bodies)
+        assert d.rt.buffer.queued == 3  # (/status would wait for the stuck writer's lock)
+    d.settle()  # the disk caught up: the queued ones are committed, the dropped ones were never kept
+    buffer = c.get("/status").json()["buffer"]
+    assert buffer["samples"] == 3 and buffer["queued"] == 0
+    metrics = c.get("/metrics").text
+    assert 'edgetune_samples_dropped_total{reason="queue_full"} 5.0' in metrics
+    assert 'edgetune_samples_ingested_total{source="infer"} 3.0' in metrics
+    r = c.post("/infer", content=png(100), headers={"content-type": "image/png"})
+    assert r.json()["buffer"] == "queued"  # room again
+
+
+def test_a_failed_background_commit_counts_the_sample_as_dropped(make_inproc):
+    from daemon.buffer import BufferFull
+
+    d = make_inproc()
+    real = d.rt.buffer.add_many
+
+    def full(samples):
+        raise BufferFull("sample buffer full: no space left in the state directory (simulated)")
+
+    d.rt.buffer.add_many = full  # the disk refuses the group commit
+    r = d.client.post("/infer", content=png(1), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["buffer"] == "queued"
+    d.settle()
+    r = d.client.post("/infer", content=png(2), headers={"content-type": "image/png"}, params={"label": "4"})
+    assert r.status_code == 200 and r.json()["buffer"] == "failed" and "no space left" in r.json()["buffer_error"]
+    d.rt.buffer.add_many = real
+    assert 'edgetune_samples_dropped_total{reason="storage_error"} 1.0' in d.client.get("/metrics").text

@@ -2,7 +2,9 @@
 moments (during ingest, during a cycle's ranking, training, model writing and install, and during
 activations) and restarted on the same state dir. After every restart:
 
-- every sample whose POST got a 2xx is in the buffer (by content hash), and nothing else is;
+- every sample whose POST got a 2xx with the sample stored (bulk ingest, and /infer with a label)
+  is in the buffer (by content hash), and nothing else is; an unlabelled /infer sample is queued
+  behind its answer (`"buffer": "queued"`) and may be lost by a kill, never invented;
 - the served model answers /infer, and the active version is one that was accepted;
 - no version directory exists that was not accepted; no cycle is left unfinished, and an
   interrupted one is failed with a reason (or completed, when it died mid-install);
@@ -58,8 +60,9 @@ def sha(data: bytes) -> str:
 
 
 class Ingest:
-    """Client threads posting unique images (/infer and bulk /samples) until stopped; `acked`
-    holds the hashes of images whose POST was answered 2xx with the sample stored."""
+    """Client threads posting unique images until stopped: bulk /samples, unlabelled /infer
+    (queued behind the answer) and labelled /infer (committed before it); `acked` holds the
+    hashes of images whose POST was answered 2xx with the sample stored."""
 
     def __init__(self, url: str, rng: random.Random, threads: int = 3):
         self.url = url
@@ -81,10 +84,11 @@ class Ingest:
                         r = client.post("/samples", json={"samples": [{"image": base64.b64encode(b).decode()} for b in batch]})
                         if r.status_code == 201:
                             self.acked.update(sha(b) for b in batch)
-                    else:
+                    else:  # thread 1 unlabelled (queued: never acked), the others labelled (durable)
                         data = images[i]
                         i += 1
-                        r = client.post("/infer", content=data, headers={"content-type": "image/png"})
+                        params = {} if k == 1 else {"label": str(i % 10)}
+                        r = client.post("/infer", content=data, params=params, headers={"content-type": "image/png"})
                         if r.status_code == 200 and r.json()["buffered"]:
                             self.acked.add(sha(data))
                 except httpx.HTTPError:
@@ -152,17 +156,43 @@ def check_restart(d, sent: set[str], acked: set[str], children: list[psutil.Proc
 def test_sigkill_during_ingest(make_daemon, half):
     rng = random.Random(SEED + 10 + half)
     d = make_daemon({"EDGETUNE_BUFFER_MAX_ROWS": "100000"}).start()
+    # three writers: bulk, unlabelled /infer (queued) and labelled /infer (durable)
     probe = noise_png(rng)
     sent, acked = {sha(probe)}, set()
     kills = INGEST_KILLS // 2 + (INGEST_KILLS % 2 if half else 0)
     for _ in range(kills):
-        with Ingest(d.url, rng) as load:
+        with Ingest(d.url, rng, threads=3) as load:
             time.sleep(rng.uniform(0.15, 1.2))
             children = kill(d)
         sent |= load.sent
         acked |= load.acked
         check_restart(d, sent, acked, children, probe)
     assert len(acked) > 5 * kills  # the kills really landed in the middle of ingest
+
+
+def test_labelled_infer_survives_a_kill_and_a_clean_stop_commits_the_queue(make_daemon):
+    """The /infer contract: a labelled sample is committed before its answer, so a kill -9 right
+    after cannot lose it; an unlabelled one is only queued (a kill may lose it, nothing invents
+    it), and a clean stop commits every queued sample."""
+    rng = random.Random(SEED + 3)
+    d = make_daemon({"EDGETUNE_BUFFER_MAX_ROWS": "100000"}).start()
+    labelled = [noise_png(rng) for _ in range(20)]
+    unlabelled = [noise_png(rng) for _ in range(60)]
+    for k, data in enumerate(labelled):
+        body = d.infer(data, label=str(k % 10)).json()
+        assert body["buffer"] == "stored" and body["buffered"] and body["sample_id"], body
+    for data in unlabelled[:30]:
+        body = d.infer(data).json()
+        assert body["buffer"] == "queued" and body["sample_id"] is None and not body["buffered"], body
+    d.stop(signal.SIGKILL)
+    stored = buffer_hashes(d.state_dir)
+    assert {sha(b) for b in labelled} <= stored
+    assert stored <= {sha(b) for b in labelled + unlabelled[:30]}
+    d.start()
+    for data in unlabelled[30:]:
+        assert d.infer(data).json()["buffer"] == "queued"
+    d.stop()  # SIGTERM: the queue is committed on the way out
+    assert {sha(b) for b in unlabelled[30:]} <= buffer_hashes(d.state_dir)
 
 
 def _wait_for_phase(d, cycle_id: str, target: str, rng: random.Random, timeout: float = 120) -> str:

@@ -82,9 +82,15 @@ def test_disk_full(make_daemon, tmp_path, device_images):
     assert r.status_code == 507, (statuses, r.text)
     assert "no space left" in r.json()["detail"]
 
-    r = d.infer(fresh[-1])  # inference keeps working, and says its sample was not buffered
+    r = d.infer(fresh[-1], label="4")  # inference keeps working, and a labelled sample says it was not buffered
     assert r.status_code == 200, r.text
-    assert r.json()["buffered"] is False and "no space left" in r.json()["buffer_error"]
+    assert r.json()["buffered"] is False and r.json()["buffer"] == "failed" and "no space left" in r.json()["buffer_error"]
+    r = d.infer(fresh[-3])  # an unlabelled one is queued behind its answer; its failed commit is counted
+    assert r.status_code == 200 and r.json()["buffer"] == "queued", r.text
+    deadline = time.monotonic() + 30
+    while 'edgetune_samples_dropped_total{reason="storage_error"} 1.0' not in d.client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the failed background commit was never counted"
+        time.sleep(0.1)
     sid = d.client.get("/status").json()["buffer"]["last_id"]
     assert d.client.post(f"/samples/{sid}/label", json={"label": "4"}).status_code in (200, 507)
 
@@ -121,6 +127,7 @@ def test_read_only_state_dir(make_daemon, device_images):
     assert d.client.get("/status").json()["buffer"]["samples"] == 40  # still readable
     r = d.infer(device_images[50][0])
     assert r.status_code == 200 and r.json()["buffered"] is False and "read-only" in r.json()["buffer_error"], r.text
+    assert r.json()["buffer"] == "failed"  # known at once: nothing is queued to a read-only buffer
     r = d.client.post("/samples", json={"samples": [{"image": b64(device_images[51][0])}]})
     assert r.status_code == 503 and "read-only" in r.json()["detail"], r.text
     assert d.client.post("/samples/1/label", json={"label": "1"}).status_code == 503

@@ -1,0 +1,179 @@
+"""Dynamic batching: real models through daemon.batcher, and through /infer in process. Batches
+are made deterministic by holding the first forward pass until the rest have queued; nothing here
+asserts a duration."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import noise_png as png
+from torch import nn
+
+from daemon.batcher import Batcher, BatchSettings, InferenceError, predict
+from daemon.serving import load_served
+from prune_core import ModelCard, build_model, save_model
+from prune_core.datasets import MNIST_CLASSES
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def two_models(untrained_model_dir, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other") / "model"
+    torch.manual_seed(1)
+    save_model(build_model("cifar_small", 10), ModelCard("cifar_small", 10, MNIST_CLASSES, 32), other)
+    cpu = torch.device("cpu")
+    return load_served("v0001", untrained_model_dir, cpu), load_served("v0002", other, cpu)
+
+
+class Held:
+    """A forward pass that records each batch, and holds the first one until released, so every
+    request sent meanwhile is already queued when the batcher next looks."""
+
+    def __init__(self, run=predict):
+        self.run = run
+        self.batches: list[tuple[str, int]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, served, batch: np.ndarray):
+        self.batches.append((served.version, len(batch)))
+        self.entered.set()
+        self.release.wait(30)
+        return self.run(served, batch)
+
+
+def same(a, b) -> None:
+    """Two answers to one image: the same classes, scores equal up to float rounding."""
+    assert [i for i, _ in a.top] == [i for i, _ in b.top] and a.raw_pred == b.raw_pred
+    np.testing.assert_allclose([p for _, p in a.top], [p for _, p in b.top], rtol=1e-4, atol=1e-6)
+
+
+def test_batches_are_bounded_one_model_each_and_answer_like_single_passes(two_models):
+    m1, m2 = two_models
+    held = Held()
+    b = Batcher(BatchSettings(max_batch=4, max_queue_delay_s=0.0), run=held)
+    b.start()
+    try:
+        pics = images(19)
+        owners = [m1 if k % 3 else m2 for k in range(19)]  # mixed traffic, as during a hot-swap
+        first = b.submit(owners[0], pics[0])
+        assert held.entered.wait(30)
+        futures = [first] + [b.submit(m, x) for m, x in zip(owners[1:], pics[1:])]
+        held.release.set()
+        answers = [f.result(30) for f in futures]
+    finally:
+        b.stop()
+    assert sum(n for _, n in held.batches) == 19
+    assert max(n for _, n in held.batches) <= 4
+    assert any(n > 1 for _, n in held.batches)  # 18 requests were queued: they ran together
+    for answer, m, x in zip(answers, owners, pics):
+        same(answer, m.predict(torch.from_numpy(x[None]), track=False)[0])
+
+
+def test_predict_errors_reach_every_waiting_request_and_the_thread_lives_on(two_models):
+    good, _ = two_models
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("out of memory (simulated by the model)")
+
+    bad = dataclasses.replace(good, version="v0009", model=Broken())
+    held = Held()
+    b = Batcher(BatchSettings(max_batch=8), run=held)
+    b.start()
+    try:
+        first = b.submit(bad, images(1)[0])
+        assert held.entered.wait(30)
+        failing = [first] + [b.submit(bad, x) for x in images(5, seed=1)]
+        fine = b.submit(good, images(1, seed=2)[0])
+        held.release.set()
+        for f in failing:
+            with pytest.raises(InferenceError, match="out of memory"):
+                f.result(30)
+        assert fine.result(30).top  # the other model's request in the same gathering still answered
+        assert b.submit(good, images(1, seed=3)[0]).result(30).top  # and the thread still serves
+    finally:
+        b.stop()
+
+
+def test_max_batch_1_is_one_forward_pass_per_request_without_a_thread(two_models):
+    import asyncio
+
+    m1, _ = two_models
+    sizes: list[int] = []
+    b = Batcher(BatchSettings(max_batch=1), on_batch=sizes.append)
+    b.start()
+    x = images(1)[0]
+    answer = asyncio.run(b.answer(m1, x))
+    same(answer, m1.predict(torch.from_numpy(x[None]), track=False)[0])
+    assert sizes == [1] and not b.batching
+    b.stop()
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    done = threading.Event()
+    for _ in range(int(timeout * 100)):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition never met")
+
+
+# ---- through /infer, in process ---------------------------------------------------------------------
+def post(c, k: int, **params):
+    return c.post("/infer", content=png(k), headers={"content-type": "image/png"}, params=params)
+
+
+def test_concurrent_requests_answer_as_sequential_ones(make_inproc):
+    seq = make_inproc(max_batch=1)
+    conc = make_inproc(max_batch=8, max_queue_delay_ms=20)
+    expected = [post(seq.client, k).json() for k in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda k: post(conc.client, k).json(), range(24)))
+    for e, g in zip(expected, got):
+        assert [t["class"] for t in g["top"]] == [t["class"] for t in e["top"]]
+        np.testing.assert_allclose([t["score"] for t in g["top"]], [t["score"] for t in e["top"]], rtol=1e-4, atol=1e-6)
+    metrics = conc.client.get("/metrics").text
+    assert "edgetune_inference_batch_size_count" in metrics and "edgetune_inference_latency_seconds_count 24.0" in metrics
+
+
+def test_requests_keep_answering_across_swaps_and_a_broken_model_is_a_500(make_inproc, two_models):
+    d = make_inproc(max_batch=8)
+    _, other = two_models
+    v1 = d.rt.served()
+    stop = threading.Event()
+    statuses: list[tuple[int, str]] = []
+
+    def client(k: int) -> None:
+        while not stop.is_set():
+            r = post(d.client, k)
+            statuses.append((r.status_code, r.json().get("model_version", "")))
+
+    with ThreadPoolExecutor(4) as pool:
+        for k in range(4):
+            pool.submit(client, k)
+        for i in range(20):  # each swap lands while requests are in flight: wait for answers between them
+            d.rt.holder.swap(other if i % 2 == 0 else v1)
+            wait_for(lambda n=len(statuses): len(statuses) >= n + 3)
+        stop.set()
+    assert {s for s, _ in statuses} == {200}, statuses
+    assert {v for _, v in statuses} <= {"v0001", "v0002"}
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("device lost (simulated by the model)")
+
+    d.rt.holder.swap(dataclasses.replace(v1, version="v0009", model=Broken()))
+    with ThreadPoolExecutor(4) as pool:
+        failed = list(pool.map(lambda k: post(d.client, k), range(8)))
+    assert all(r.status_code == 500 and "device lost" in r.json()["detail"] for r in failed), [r.text for r in failed]
+    d.rt.holder.swap(v1)
+    assert post(d.client, 1).status_code == 200  # the batching thread survived
