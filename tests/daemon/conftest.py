@@ -218,7 +218,8 @@ class InProcess:
         self.set_telemetry(temperature_c=45.0, power_w=5.0, gpu_load=0.0, cpu_load=10.0)
         defaults = dict(state_dir=state_dir, telemetry="simulated", simulated_telemetry=self.telemetry_file, device="cpu",
                         idle_seconds=0, min_samples=3, auto_cycles=False, cycle_level=0.5, cycle_epochs=20,
-                        cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05)
+                        cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05,
+                        serving_backend="torch")  # engines cost a build per daemon: their tests ask for them
         self.clock = FakeClock()
         self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=fake_worker, clock=self.clock)
         self.rt.buffer.start()
