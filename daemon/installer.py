@@ -68,7 +68,8 @@ class Installer:
             self.metrics.swaps.inc()
         self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
         self.metrics.set_backend(served.backend.value, served.engine.name, served.latency_ms)
-        log.info("serving %s through %s (%.3g ms at batch 1)", version, served.engine.name, served.latency_ms)
+        log.info("serving %s through %s (%.3g ms at batch 1); %s", version, served.engine.name, served.latency_ms,
+                 "; ".join(f"{b.value}: {why}" for b, why in served.selection.skipped.items()))
         if served.selection.rebuild and self.rebuilder is not None:
             self.rebuilder.request(version, served.selection.rebuild)
         return served

@@ -207,7 +207,7 @@ class InProcess:
     """The daemon's Runtime and API in this process, with the fake worker and a FakeClock. The
     scheduler does not poll by itself: a test calls `tick()` (one poll) or `run_until()`."""
 
-    def __init__(self, state_dir: Path, model_dir: Path, **settings):
+    def __init__(self, state_dir: Path, model_dir: Path, worker_target=fake_worker, **settings):
         from fastapi.testclient import TestClient
 
         from daemon.api import create_app
@@ -221,7 +221,7 @@ class InProcess:
                         cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05,
                         serving_backend="torch")  # engines cost a build per daemon: their tests ask for them
         self.clock = FakeClock()
-        self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=fake_worker, clock=self.clock)
+        self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=worker_target, clock=self.clock)
         self.rt.buffer.start()
         self.client = TestClient(create_app(self.rt))  # no `with`: the lifespan (scheduler thread) does not run
 
