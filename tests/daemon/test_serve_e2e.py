@@ -18,7 +18,7 @@ def _feed(daemon, images, n=None) -> list[int]:
 
 
 def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
-    d = make_daemon({"EDGETUNE_CYCLE_ALLOCATION": "global"}).start()
+    d = make_daemon({"EDGETUNE_CYCLE_ALLOCATION": "global", "EDGETUNE_SERVING_BACKEND": "auto"}).start()
     before = d.client.get("/status").json()
     assert before["model"]["version"] == "v0001"
 
