@@ -46,21 +46,11 @@ class _Request:
     future: Future
 
 
-def predict(served: Served, images: np.ndarray) -> list[Answer]:
-    """One forward pass over a uint8 batch N×3×S×S.
-
-    SEAM (issue 21): `Served.predict` takes a torch tensor until the engines change makes it take
-    the numpy batch itself; then this becomes `served.predict(images)`."""
-    import torch
-
-    return served.predict(torch.from_numpy(images))
-
-
 class Batcher:
     """`answer(served, image)` for one image; batches concurrent callers when max_batch > 1."""
 
     def __init__(self, settings: BatchSettings, on_batch: Callable[[int], None] = lambda n: None,
-                 run: Callable[[Served, np.ndarray], list[Answer]] = predict):
+                 run: Callable[[Served, np.ndarray], list[Answer]] = lambda served, images: served.predict(images)):
         self.s = settings
         self._on_batch = on_batch  # metrics: the size of each forward pass
         self._run = run

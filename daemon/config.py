@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         None, description="when set, every POST (and GET /prune) must send it as a bearer token (Authorization header); binding a non-loopback host requires it")
     device: str | None = Field(None, description="cpu or cuda; default: cuda when available")
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="largest accepted image upload (413 above)")
+    serving_backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="what runs the model: auto (the fastest installed engine verified against torch), torch,"
+        " onnxruntime or tensorrt; engines are built before a swap, and torch serves while one is missing or stale")
+    serving_threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads per served engine; unset = one per physical core")
 
     # Telemetry and the gate
     telemetry: Literal["auto", "jtop", "sysfs", "simulated"] = Field(

@@ -35,6 +35,7 @@ class CycleRecord:
     version_before: str | None = None
     version_after: str | None = None
     paused_seconds: float = 0.0
+    engines: list = field(default_factory=list)  # BuildOutcome.to_dict() per backend built for the candidate before its swap
 
     def __post_init__(self) -> None:
         self.state = CycleState(self.state)  # records on disk carry the plain value

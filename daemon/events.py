@@ -44,6 +44,7 @@ class ResultEvent:
     seconds: float
     curve: list = field(default_factory=list)
     channels: list = field(default_factory=list)
+    engines: list = field(default_factory=list)  # daemon.engines.BuildOutcome per backend built for an accepted candidate
 
 
 @dataclass(frozen=True)

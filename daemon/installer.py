@@ -1,27 +1,38 @@
-"""The one way a model version becomes the served one: load it, warm it up, swap it in, move the
-active pointer, update the metrics. Used by an accepted cycle, `/models/{v}/activate`, the
-start-up fallback and crash recovery."""
+"""The one way a model version becomes the served one: load it under the serving backend and warm
+it up, swap it in, move the active pointer, update the metrics. Used by an accepted cycle,
+`/models/{v}/activate`, the start-up fallback, crash recovery and an engine rebuilt in the
+background (`upgrade`). A version whose engine is missing or stale is served by torch and its
+engine handed to the rebuilder (never built here: the swap would wait for it)."""
 from __future__ import annotations
 
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
 
+from .engines import Backend, ServingBackend
 from .metrics import Metrics
 from .model_store import ModelStore
 from .prior_adapter import PriorSettings
 from .serving import ModelHolder, Served, load_served
 
+if TYPE_CHECKING:
+    from .engine_rebuild import EngineRebuilder
+
 log = logging.getLogger("edgetune.installer")
 
 
 class Installer:
-    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device, prior: PriorSettings = PriorSettings()):
+    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device: Any, prior: PriorSettings = PriorSettings(),
+                 backend: ServingBackend | str = ServingBackend.AUTO, threads: int | None = None):
         self.prior = prior
         self.store = store
         self.holder = holder
         self.metrics = metrics
         self.device = device
+        self.backend = ServingBackend(backend)
+        self.threads = threads
+        self.rebuilder: EngineRebuilder | None = None  # set by the runtime; without one, nothing is rebuilt
         self._lock = threading.Lock()  # one install at a time
 
     def install(self, version: str, *, pointer_optional: bool = False) -> Served:
@@ -29,26 +40,48 @@ class Installer:
         not load, or when the pointer cannot be moved unless `pointer_optional` (start-up on a
         read-only state dir: serve it anyway and log)."""
         with self._lock:
-            served = load_served(version, self.store.path(version), self.device, self.prior)  # loads and warms up
-            previous = self.holder.swap(served)
-            if self.store.active() != version:
-                try:
-                    self.store.set_active(version)
-                except OSError as exc:
-                    if not pointer_optional:
-                        if previous is not None:
-                            self.holder.swap(previous)
-                        raise
-                    log.warning("could not move the active pointer to %s: %s", version, exc)
-            if previous is not None:  # the first model loaded is not a swap
-                self.metrics.swaps.inc()
-            self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
-            return served
+            return self._install(version, pointer_optional, count_swap=True)
 
-    def install_candidate(self, staging: Path, version: str) -> Served:
+    def upgrade(self, version: str) -> Served | None:
+        """Load `version` again, through the same swap, if it is still the one served: its engines
+        were rebuilt in the background. Not counted as a model swap. None when another version is
+        served by now."""
+        with self._lock:
+            current = self.holder.current
+            if current is None or current.version != version:
+                return None
+            return self._install(version, pointer_optional=True, count_swap=False)
+
+    def _install(self, version: str, pointer_optional: bool, count_swap: bool) -> Served:
+        served = load_served(version, self.store.path(version), self.device, self.prior, self.backend, self.threads)
+        previous = self.holder.swap(served)
+        if self.store.active() != version:
+            try:
+                self.store.set_active(version)
+            except OSError as exc:
+                if not pointer_optional:
+                    if previous is not None:
+                        self.holder.swap(previous)
+                    raise
+                log.warning("could not move the active pointer to %s: %s", version, exc)
+        if previous is not None and count_swap:  # the first model loaded is not a swap
+            self.metrics.swaps.inc()
+        self.metrics.set_model(served.version, served.card.arch, served.params, served.macs)
+        self.metrics.set_backend(served.backend.value, served.engine.name, served.latency_ms)
+        log.info("serving %s through %s (%.3g ms at batch 1); %s", version, served.engine.name, served.latency_ms,
+                 "; ".join(f"{b.value}: {why}" for b, why in served.selection.skipped.items()))
+        if served.selection.rebuild and self.rebuilder is not None:
+            self.rebuilder.request(version, served.selection.rebuild)
+        return served
+
+    def install_candidate(self, staging: Path, version: str, engines_tried: Iterable[Backend] = ()) -> Served:
         """Give an accepted candidate its version name and install it; a candidate that does not
-        install is removed again. Older versions beyond `keep_versions` are then deleted."""
+        install is removed again. Older versions beyond `keep_versions` are then deleted.
+        `engines_tried`: the backends the cycle worker already tried to build (not retried in the
+        background when they failed)."""
         previous = self.holder.current
+        if self.rebuilder is not None:
+            self.rebuilder.mark_tried(version, engines_tried)
         self.store.commit(staging, version)
         try:
             served = self.install(version)

@@ -47,6 +47,9 @@ class Metrics:
         self.model_info = Gauge("edgetune_model_info", "Active model (value 1)", ["version", "arch"], registry=r)
         self.model_params = Gauge("edgetune_model_params", "Parameters of the active model", registry=r)
         self.model_macs = Gauge("edgetune_model_macs", "MACs per image of the active model", registry=r)
+        self.serving_backend = Gauge("edgetune_serving_backend_info", "Backend serving the active model (value 1)", ["backend", "engine"], registry=r)
+        self.serving_latency = Gauge("edgetune_serving_latency_seconds", "Median batch-1 forward of the serving engine, measured when it was loaded", registry=r)
+        self.engine_builds = Counter("edgetune_engine_builds", "Engines built in the background by backend and outcome (built, failed)", ["backend", "outcome"], registry=r)
         self.temperature = Gauge("edgetune_temperature_celsius", "Temperature by zone", ["zone"], registry=r)
         self.temperature_max = Gauge("edgetune_temperature_max_celsius", "Hottest zone", registry=r)
         self.thermal_limit = Gauge("edgetune_thermal_limit_celsius", "Configured thermal limit", registry=r)
@@ -65,6 +68,11 @@ class Metrics:
         self.model_info.labels(version=version, arch=arch).set(1)
         self.model_params.set(params)
         self.model_macs.set(macs)
+
+    def set_backend(self, backend: str, engine: str, latency_ms: float) -> None:
+        self.serving_backend.clear()
+        self.serving_backend.labels(backend=backend, engine=engine).set(1)
+        self.serving_latency.set(latency_ms / 1e3)
 
     def observe_poll(self, reading: Reading, gate: GateState, buffer: dict, thermal_limit_c: float,
                      power_budget_w: float | None, cycle_state: CycleState | None) -> None:

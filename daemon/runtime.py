@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .model_store import ModelStore, UnknownVersion
 from .prior_adapter import PriorSettings
 from .drift import Appeared, DriftSettings
+from .engine_rebuild import EngineRebuilder
 from .generalist import GeneralistWatch, load_logits
 from .recovery import recover_interrupted
 from .scheduler import Clock, Conflict, Scheduler
@@ -64,7 +65,10 @@ class Runtime:
                 raise StartupError(f"cannot import --model {import_model}: {exc}") from None
             self.store.set_active(version)
         self.holder = ModelHolder()
-        self.installer = Installer(self.store, self.holder, self.metrics, self.device, PriorSettings.from_settings(settings))
+        self.installer = Installer(self.store, self.holder, self.metrics, self.device, PriorSettings.from_settings(settings),
+                                   settings.serving_backend, settings.serving_threads)
+        self.rebuilder = self.installer.rebuilder = EngineRebuilder(
+            self.installer, self.metrics, settings.buffer_path, settings.worker_nice, settings.serving_threads)
         self._load_first_model()
         self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction,
                                    background_limit=settings.sample_queue_size)
@@ -81,8 +85,7 @@ class Runtime:
                 settings.generalist_fallback, settings.drift_sample_every, appear_share=settings.drift_appear_share,
                 trained_share=settings.drift_trained_share),
             on_appeared=self._fall_back, logits=partial(
-                load_logits, self.store.path(generalist),  # serving_backend: issue 21, torch until that setting exists
-                getattr(settings, "serving_backend", "torch"), self.device))
+                load_logits, self.store.path(generalist), settings.serving_backend, self.device))
 
     def _load_first_model(self) -> None:
         """The active version, or, if it will not load, the newest version that does."""
@@ -114,6 +117,7 @@ class Runtime:
         if self.generalist is not None:
             self.generalist.stop()
         self.scheduler.stop()
+        self.rebuilder.stop()
         self.batcher.stop()
         self.buffer.close()
         self.provider.close()
@@ -243,7 +247,7 @@ class Runtime:
         """The /status document (reads the buffer's stats: call it off the event loop)."""
         return status_document(model=self.holder.current, buffer_stats=self.buffer.stats(), view=self.scheduler.view(),
                                settings=self.settings, gate=self.gate, provider_name=self.provider.name,
-                               now=self.scheduler.clock(), generalist=self.generalist)
+                               now=self.scheduler.clock(), generalist=self.generalist, rebuild=self.rebuilder.view())
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()

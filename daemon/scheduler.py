@@ -20,6 +20,7 @@ from .buffer import SampleBuffer
 from .config import Settings
 from .cycle_records import CycleRecord, CycleStore
 from .cycle_state import CycleState
+from .engines import backends_to_build
 from .events import FINAL_EVENTS, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
 from .gate import Gate, GateState
 from .installer import Installer
@@ -214,6 +215,7 @@ class Scheduler:
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
             min_agreement=s.min_agreement, min_label_evidence=s.min_label_evidence, target_prior=served.prior.target(), prior_floor=s.prior_floor,
             retrain_scope=s.cycle_retrain_scope,
+            engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()
@@ -290,10 +292,11 @@ class Scheduler:
         # rename happened (complete the install) or not (the staging dir is discarded).
         version = self.installer.store.next_version()
         record.step, record.reason, record.version_after = "install", event.reason, version
+        record.engines = [outcome.to_dict() for outcome in event.engines]
         self.cycles.save(record)
         staging, self._staging = self._staging, None
         try:
-            self.installer.install_candidate(staging, version)
+            self.installer.install_candidate(staging, version, [outcome.backend for outcome in event.engines])
         except Exception as exc:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)

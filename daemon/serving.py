@@ -1,22 +1,27 @@
 """The served model and its hot-swap.
 
 A `Served` bundle is immutable; the holder's reference to it is replaced in one assignment after
-the new model is loaded and warmed up, so a request keeps the bundle it started with and no
-request waits for loading.
+the new model's engine is loaded and warmed up, so a request keeps the bundle it started with and
+no request waits for loading. The engine is the one `serving_backend` selects (daemon/engines):
+a verified onnxruntime or TensorRT engine built for the version, else the torch model itself.
+Engines are never built here: a missing one is reported in `Served.selection.rebuild`.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+import numpy as np
 
-from prune_core.measure import count_macs, count_params
-from prune_core.model_format import ModelCard, load_model
-
+from .engines import Backend, Engine, InputSpec, Selection, ServingBackend, select_engine
+from .engines.base import top_classes
+from .engines.select import median_latency_ms
 from .prior_adapter import PriorAdapter, PriorSettings
+
+if TYPE_CHECKING:
+    from prune_core.card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -31,46 +36,93 @@ class Answer:
 @dataclass(frozen=True)
 class Served:
     version: str
-    model: nn.Module
+    engine: Engine  # uint8 images in, float32 logits out
     card: ModelCard
     params: int
     macs: int
-    device: torch.device
-
-    scale: tuple[torch.Tensor, torch.Tensor]  # mean and std ×255, on the device: built once, not per request
     prior: PriorAdapter  # calibration and the traffic's class prior, per served model
+    selection: Selection  # how the engine was chosen: the other backends' reasons, engines to rebuild
+    latency_ms: float  # the engine's median batch-1 forward, measured when it was loaded
 
-    @torch.inference_mode()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's raw logits for a uint8 batch N×3×S×S (on the CPU)."""
-        mean, std = self.scale
-        x = (images.to(self.device).float() - mean) / std
-        return self.model(x).float().cpu()
+    @property
+    def backend(self) -> Backend:
+        return self.engine.backend
 
-    def predict(self, images: torch.Tensor, top_k: int = 5, track: bool = True) -> list[Answer]:
-        """Answers for a uint8 batch N×3×S×S. With `track` the answers are traffic: they feed the
-        class-prior estimate (warm-up passes do not)."""
-        logits = self.logits(images).numpy()  # the prior adapter is numpy (no torch when serving)
-        if track:
-            probs, raw = self.prior.answer(logits)
-        else:
-            probs = raw = self.prior.calibration.apply(logits)
-        probs, raw = torch.from_numpy(probs), torch.from_numpy(raw)
-        scores, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        raw_pred = raw.argmax(1).tolist()
-        return [Answer(list(zip(i.tolist(), p.tolist())), r) for i, p, r in zip(idx, scores, raw_pred)]
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's raw float32 logits (N×K) for a uint8 batch N×3×S×S."""
+        return self.engine.logits(np.asarray(images))
+
+    def predict(self, images: np.ndarray, top_k: int = 5, track: bool = True) -> list[Answer]:
+        """Answers for a uint8 batch N×3×S×S (numpy). With `track` the answers are traffic: they
+        feed the class-prior estimate (warm-up passes do not)."""
+        probs, raw = calibrated(self.prior, self.logits(images), track)
+        return [Answer(top, int(r)) for top, r in zip(top_classes(probs, top_k), raw.argmax(1))]
 
 
-def load_served(version: str, directory: Path, device: torch.device, prior: PriorSettings = PriorSettings()) -> Served:
-    """Load a model directory and warm it up (first forward passes allocate and tune kernels)."""
-    model, card = load_model(directory, device)
-    scale = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (card.mean, card.std))
-    served = Served(version, model, card, count_params(model), count_macs(model, card.input_size), device, scale,
-                    PriorAdapter(card, prior))
-    warm = torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8)
-    for _ in range(2):
-        served.predict(warm, track=False)
-    return served
+def calibrated(prior: PriorAdapter, logits: np.ndarray, track: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(served probabilities, uncorrected calibrated probabilities) for N×K logits, by the prior
+    adapter (calibration and prior correction, the same for every backend)."""
+    if track:
+        return prior.answer(logits)
+    raw = prior.calibration.apply(logits)
+    return raw, raw
+
+
+def torch_engine(directory: Path, device: Any, spec: InputSpec) -> Engine:
+    """The version's torch model as an engine (imports torch: only when torch serves or is timed)."""
+    import torch
+
+    from prune_core.model_format import load_model
+
+    from .engines.eager import TorchEngine
+
+    device = torch.device(device)
+    model, _ = load_model(directory, device)
+    return TorchEngine(model, spec, device)
+
+
+def check_weights(directory: Path, card: ModelCard) -> None:
+    """Raise ModelFormatError when the version's weights are not the ones its card names. An
+    engine serves from its own verified file, but the weights are what the next cycle prunes: a
+    version whose weights are damaged must not be served (start-up falls back to another)."""
+    from prune_core.hashing import file_sha256
+    from prune_core.card import WEIGHTS, ModelFormatError
+
+    weights = Path(directory) / WEIGHTS
+    if not weights.is_file():
+        raise ModelFormatError(f"{weights}: not found")
+    if card.weights_sha256 and file_sha256(weights) != card.weights_sha256:
+        raise ModelFormatError(f"{weights}: checksum does not match model.json (file corrupted or replaced)")
+
+
+def load_served(version: str, directory: Path, device: Any = "cpu", prior: PriorSettings = PriorSettings(),
+                backend: ServingBackend | str = ServingBackend.AUTO, threads: int | None = None) -> Served:
+    """Load a version directory under `backend` (the serving_backend setting) and warm it up.
+
+    A built engine is loaded only if it still fits this machine (else torch serves and the reason
+    is in the selection). `auto` times torch against the engines only when `device` is not the CPU
+    (on the CPU a verified engine is the faster, and torch is then not even imported)."""
+    from prune_core.card import read_card
+
+    card = read_card(directory)
+    spec = InputSpec.of(card)
+    setting = ServingBackend(backend)
+    timed_torch = None
+    if setting is ServingBackend.TORCH or (setting is ServingBackend.AUTO and str(device) != "cpu"):
+        timed_torch = torch_engine(directory, device, spec)
+    selection = select_engine(setting, directory, timed_torch, threads)
+    engine = selection.engine or torch_engine(directory, device, spec)  # torch checks the weights as it loads them
+    if engine.backend is not Backend.TORCH:
+        check_weights(directory, card)
+    engine.warm_up()  # first forward passes allocate and tune kernels (loaded engines are warm already)
+    latency = selection.latency_ms.get(engine.backend)
+    if latency is None:
+        latency = median_latency_ms(engine)
+    return Served(version, engine, card, card.params, card.macs, PriorAdapter(card, prior), selection, latency)
 
 
 class ModelHolder:

@@ -14,11 +14,22 @@ from .serving import Served
 IDLE = "idle"
 
 
-def model_section(model: Served | None) -> dict | None:
+def backend_section(model: Served, rebuild: dict | None) -> dict:
+    """Which backend serves, how fast (median batch-1 forward, measured at load), why each other
+    backend does not, and the background engine rebuild."""
+    selection = model.selection
+    return {"backend": model.backend.value, "engine": model.engine.name, "latency_ms": model.latency_ms,
+            "measured_ms": {b.value: ms for b, ms in selection.latency_ms.items()},
+            "skipped": {b.value: why for b, why in selection.skipped.items()},
+            "rebuild": rebuild}
+
+
+def model_section(model: Served | None, rebuild: dict | None = None) -> dict | None:
     if model is None:
         return None
     return {"version": model.version, "arch": model.card.arch, "params": model.params, "macs": model.macs,
-            "input_size": model.card.input_size, "num_classes": model.card.num_classes, "device": str(model.device)}
+            "input_size": model.card.input_size, "num_classes": model.card.num_classes, "device": model.device,
+            "serving": backend_section(model, rebuild)}
 
 
 def buffer_section(stats: dict, class_names: list[str]) -> dict:
@@ -77,10 +88,11 @@ def label_shift_section(model: Served | None, generalist: GeneralistWatch | None
 
 
 def status_document(*, model: Served | None, buffer_stats: dict, view: SchedulerView, settings: Settings,
-                    gate: Gate, provider_name: str, now: float, generalist: GeneralistWatch | None = None) -> dict:
+                    gate: Gate, provider_name: str, now: float, generalist: GeneralistWatch | None = None,
+                    rebuild: dict | None = None) -> dict:
     return {
         "label_shift": label_shift_section(model, generalist),
-        "model": model_section(model),
+        "model": model_section(model, rebuild),
         "buffer": buffer_section(buffer_stats, model.card.class_names if model else []),
         "scheduler": scheduler_section(view, settings, gate, now),
         "telemetry": telemetry_section(view, settings, gate, provider_name),

@@ -72,6 +72,19 @@ class CycleJob:
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
     retrain_scope: RetrainScope = RetrainScope.FULL
+    engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
+    serving_threads: int | None = None
+
+
+def build_candidate_engines(model, card, staging_dir: str, held_out_images, job: CycleJob) -> list:
+    """Build and verify (against torch, on the held-out samples) the engines of an accepted
+    candidate in its staging directory, so the swap only has to load them. Never raises: each
+    backend's outcome (engine or reason) goes into the cycle record."""
+    from .engines import Backend
+    from .engines.build import build_engines
+
+    return build_engines(model, card, staging_dir, held_out_images, backends=[Backend(b) for b in job.engine_backends],
+                         threads=job.serving_threads)
 
 
 def _die_with_parent() -> None:
@@ -176,12 +189,16 @@ def run_worker(job: CycleJob, control, events) -> None:
         check()
         post(StepEvent("validate"))
         accepted, reason = decide(result.summary, Acceptance.of(job))
+        engines = []
         if accepted:
             post(StepEvent("write"))
             check()
             save_model(result.model, result.card, job.staging_dir)
+            if job.engine_backends:
+                post(StepEvent("engines", {"backends": list(job.engine_backends)}))
+                engines = build_candidate_engines(result.model, result.card, job.staging_dir, held_set.images, job)
         post(ResultEvent(accepted, reason, result.summary, time.monotonic() - started, curve.points,
-                         channels_kept(card.channel_plan, channel_plan(result.model))))
+                         channels_kept(card.channel_plan, channel_plan(result.model)), engines))
     except Aborted:
         post(AbortedEvent("aborted while running", curve.points))
     except Exception as exc:  # reported, never raised: the server records the failure

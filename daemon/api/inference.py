@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from prune_core.data import DataError, decode_image
+from prune_core.imagedecode import DataError, decode_array
 
 from ..batcher import InferenceError
 from ..buffer import NewSample, StorageError
@@ -94,15 +94,15 @@ def router(rt: Runtime) -> APIRouter:
         data, ctype = await read_image(request, rt.settings.max_upload_bytes)
         started = time.perf_counter()
         try:
-            tensor = await run_in_threadpool(decode_image, data, model.card.preprocess)
+            image = await run_in_threadpool(decode_array, data, model.card.preprocess)
         except DataError as exc:
             raise error(400, str(exc)) from None
         try:
-            answer = await rt.answer(model, tensor.numpy())  # SEAM (issue 21): decode_array gives the numpy image itself
+            answer = await rt.answer(model, image)
         except InferenceError as exc:
             raise error(500, str(exc)) from None
         latency = time.perf_counter() - started
-        rt.note_inference(latency, model, tensor, answer, index)
+        rt.note_inference(latency, model, image, answer, index)
         best = answer.top[0]
         result = {
             "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in answer.top],

@@ -99,12 +99,25 @@ def _cycle_rows(c: dict) -> list[tuple[str, Any]]:
     return rows
 
 
+def _serving_rows(serving: dict | None) -> list:
+    """The backend serving the model, its batch-1 forward time and why each other backend is not serving."""
+    if not serving:
+        return []
+    rows = [("backend", f"{serving['engine']}, {serving['latency_ms']:.3g} ms at batch 1")]
+    building = (serving.get("rebuild") or {}).get("building")
+    if building:
+        rows.append(("building", f"{', '.join(building['backends'])} engine for {building['version']} (torch serves meanwhile)"))
+    rows += [(f"not {backend}", why) for backend, why in serving["skipped"].items()]
+    return rows
+
+
 def print_status(status: dict, console: Console) -> None:
     model = status.get("model")
     if model:
         console.print(_table("Model", [
             ("version", f"[bold]{model['version']}[/]"), ("arch", model["arch"]), ("params", _si(model["params"])),
             ("MACs", _si(model["macs"])), ("input", f"{model['input_size']}px, {model['num_classes']} classes"), ("device", model["device"]),
+            *_serving_rows(model.get("serving")),
         ]))
     else:
         console.print("[red]no model loaded[/]")

@@ -9,11 +9,11 @@ torchvision, so a process serving through onnxruntime or TensorRT stays light.
 """
 from __future__ import annotations
 
-from .base import Backend, Engine, EngineBuildError, EngineInfo, EngineUnavailable, InputSpec, Precision, Unavailable
+from .base import Backend, BuildOutcome, Engine, EngineBuildError, EngineInfo, EngineUnavailable, InputSpec, Precision, Unavailable
 from .load import available, check_engine, load_engine
-from .select import Selection, ServingBackend, select_engine
+from .select import Selection, ServingBackend, backends_to_build, select_engine
 
 __all__ = [
-    "Backend", "Engine", "EngineBuildError", "EngineInfo", "EngineUnavailable", "InputSpec", "Precision", "Unavailable",
-    "available", "check_engine", "load_engine", "Selection", "ServingBackend", "select_engine",
+    "Backend", "BuildOutcome", "Engine", "EngineBuildError", "EngineInfo", "EngineUnavailable", "InputSpec", "Precision", "Unavailable",
+    "available", "check_engine", "load_engine", "Selection", "ServingBackend", "backends_to_build", "select_engine",
 ]

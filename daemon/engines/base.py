@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -129,6 +129,31 @@ class EngineInfo:
         )
 
 
+@dataclass(frozen=True)
+class BuildOutcome:
+    """One backend's build result for a version: its engine, or why there is none (served by torch).
+    What the cycle record and /status show of an engine build."""
+
+    backend: Backend
+    info: Optional[EngineInfo] = None
+    reason: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        info = self.info
+        return {"backend": self.backend.value, "built": info is not None, "reason": self.reason,
+                "verification": None if info is None else asdict(info.verification),
+                "precision": None if info is None else info.precision.value,
+                "build_seconds": None if info is None else info.build_seconds}
+
+
+def top_classes(probs: np.ndarray, k: int) -> List[List[Tuple[int, float]]]:
+    """The `k` most probable (class index, probability) per row of N×K `probs`, highest first
+    (ties in class order): how every serving path turns probabilities into an answer."""
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(int(i), float(row[i])) for i in idx] for idx, row in zip(order, probs)]
+
+
 def engines_document(infos: Dict[Backend, EngineInfo]) -> Dict[str, Any]:
     """The content of engine.json for `infos`."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -171,6 +196,11 @@ class Engine(ABC):
     def name(self) -> str:
         """Backend and where it runs, for logs and /status (e.g. 'onnxruntime CPUExecutionProvider')."""
 
+    @property
+    def device(self) -> str:
+        """Where it computes, for /status: "cpu", "cuda", …"""
+        return "cpu"
+
     @abstractmethod
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """Logits for a normalised float32 batch."""
@@ -195,9 +225,7 @@ class Engine(ABC):
         logits = self.logits(batch_uint8).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        k = min(top_k, probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[(int(i), float(row[i])) for i in idx] for idx, row in zip(order, probs)]
+        return top_classes(probs, top_k)
 
     def warm_up(self, runs: int = 2) -> None:
         """First runs allocate memory and pick kernels (TensorRT: load or build the engine)."""

@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -23,7 +22,7 @@ from prune_core.onnx_export import export_onnx
 
 from . import ort, trt
 from .base import (
-    ENGINE_JSON, Backend, Engine, EngineBuildError, EngineInfo, EngineUnavailable, InputSpec, Precision,
+    ENGINE_JSON, Backend, BuildOutcome, Engine, EngineBuildError, EngineInfo, EngineUnavailable, InputSpec, Precision,
     engines_document, file_sha256, read_engines,
 )
 from .eager import TorchEngine
@@ -32,15 +31,7 @@ from .verify import TOLERANCES, Tolerance, compare, failure
 
 MAX_BATCH = 16  # the largest batch an engine is built (TensorRT profile) and verified for
 BUILT_BACKENDS = (Backend.ONNXRUNTIME, Backend.TENSORRT)
-
-
-@dataclass(frozen=True)
-class BuildOutcome:
-    """One backend's result for a version: its engine, or why there is none (served by torch)."""
-
-    backend: Backend
-    info: Optional[EngineInfo] = None
-    reason: Optional[str] = None
+VERIFY_IMAGES = 256  # build_engines verifies on at most this many images (the first ones given)
 
 
 def _write_engines(version_dir: Path, update: Callable[[Dict[Backend, EngineInfo]], Any]) -> None:
@@ -157,8 +148,11 @@ def build_engine(
 
 def build_engines(model: nn.Module, card: Any, version_dir: Union[str, Path], verify_images: Union[np.ndarray, torch.Tensor],
                   backends: Iterable[Backend] = BUILT_BACKENDS, **options: Any) -> List[BuildOutcome]:
-    """Build every backend in `backends` that is installed here, one after the other; a missing
-    runtime or a failed build becomes an outcome with its reason (for the cycle record)."""
+    """Build every backend in `backends` that is installed here, one after the other, verified on
+    the first VERIFY_IMAGES of `verify_images`. Never raises: an engine is optional (torch serves
+    without one), so a missing runtime, a failed build or any other error becomes an outcome with
+    its reason (for the cycle record)."""
+    verify_images = verify_images[:VERIFY_IMAGES]
     outcomes = []
     for backend in backends:
         backend = Backend(backend)
@@ -170,4 +164,6 @@ def build_engines(model: nn.Module, card: Any, version_dir: Union[str, Path], ve
             outcomes.append(BuildOutcome(backend, info=build_engine(model, card, version_dir, backend, verify_images, **options)))
         except EngineBuildError as exc:
             outcomes.append(BuildOutcome(backend, reason=str(exc)))
+        except Exception as exc:  # e.g. engine.json not writable: still only "serve torch"
+            outcomes.append(BuildOutcome(backend, reason=f"{backend.value}: {type(exc).__name__}: {str(exc).strip()[:300]}"))
     return outcomes

@@ -16,13 +16,18 @@ class TorchEngine(Engine):
 
     def __init__(self, model: nn.Module, spec: InputSpec, device: Optional[torch.device] = None):
         super().__init__(spec)
-        self.device = device or next(model.parameters()).device
-        self.model = model.to(self.device).eval()
-        self._scale = tuple(torch.from_numpy(v).to(self.device) for v in (self._mean, self._std))
+        self.torch_device = device or next(model.parameters()).device
+        self.model = model.to(self.torch_device).eval()
+        self._scale = tuple(torch.from_numpy(v).to(self.torch_device) for v in (self._mean, self._std))
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
 
     @property
     def name(self) -> str:
-        return f"torch ({self.device.type}, {torch.get_num_threads()} threads)" if self.device.type == "cpu" else f"torch ({self.device})"
+        d = self.torch_device
+        return f"torch ({d.type}, {torch.get_num_threads()} threads)" if d.type == "cpu" else f"torch ({d})"
 
     @torch.inference_mode()
     def logits(self, batch_uint8: np.ndarray) -> np.ndarray:
@@ -30,9 +35,9 @@ class TorchEngine(Engine):
         float32 arithmetic as the numpy path."""
         self.check(batch_uint8)
         mean, std = self._scale
-        x = (torch.from_numpy(batch_uint8).to(self.device).float() - mean) / std
+        x = (torch.from_numpy(batch_uint8).to(self.torch_device).float() - mean) / std
         return self.model(x).float().cpu().numpy()
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+            return self.model(torch.from_numpy(x).to(self.torch_device)).float().cpu().numpy()

@@ -92,6 +92,10 @@ class OrtEngine(Engine):
         return list(self.session.get_providers())
 
     @property
+    def device(self) -> str:
+        return "cpu" if self.providers[0] == CPU else "cuda"
+
+    @property
     def name(self) -> str:
         threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
         return f"{self.backend.value} ({self.providers[0]}{threads})"

@@ -38,6 +38,14 @@ class Selection:
     rebuild: Tuple[Backend, ...] = ()  # backends whose engine is missing or stale: build them in the background
 
 
+def backends_to_build(setting: ServingBackend) -> Tuple[Backend, ...]:
+    """The engines worth building for a version under `setting` (none for torch)."""
+    setting = ServingBackend(setting)
+    if setting is ServingBackend.TORCH:
+        return ()
+    return AUTO_ORDER if setting is ServingBackend.AUTO else (Backend(setting.value),)
+
+
 def median_latency_ms(engine: Engine, runs: int = MEASURE_RUNS) -> float:
     """Median wall time of `runs` batch-1 `logits` calls (the engine is already warm)."""
     batch = engine.spec.zeros(1)
@@ -62,9 +70,9 @@ def select_engine(
     it loaded; `auto` then times it too (e.g. torch on a GPU against onnxruntime on the CPU).
     Without it, torch is only the fallback (Selection.engine None)."""
     setting = ServingBackend(setting)
-    if setting is ServingBackend.TORCH:
-        return Selection(Backend.TORCH, torch_engine)
-    wanted = AUTO_ORDER if setting is ServingBackend.AUTO else (Backend(setting.value),)
+    wanted = backends_to_build(setting)
+    if not wanted:
+        return Selection(Backend.TORCH, torch_engine, {}, _not_tried(setting, Backend.TORCH, {}))
     loaded: List[Engine] = []
     skipped: Dict[Backend, str] = {}
     rebuild: List[Backend] = []
@@ -78,7 +86,7 @@ def select_engine(
     if torch_engine is not None and setting is ServingBackend.AUTO:
         loaded.append(torch_engine)
     if not loaded:
-        return Selection(Backend.TORCH, torch_engine, {}, skipped, tuple(rebuild))
+        return Selection(Backend.TORCH, torch_engine, {}, _not_tried(setting, Backend.TORCH, skipped), tuple(rebuild))
     if len(loaded) == 1:
         chosen, latency = loaded[0], {}
     else:
@@ -87,4 +95,18 @@ def select_engine(
     for engine in loaded:
         if engine is not chosen:
             skipped[engine.backend] = f"slower: {latency[engine.backend]:.3g} ms against {latency[chosen.backend]:.3g} ms for {chosen.name}"
-    return Selection(chosen.backend, chosen, latency, skipped, tuple(rebuild))
+    return Selection(chosen.backend, chosen, latency, _not_tried(setting, chosen.backend, skipped), tuple(rebuild))
+
+
+def _not_tried(setting: ServingBackend, chosen: Backend, skipped: Dict[Backend, str]) -> Dict[Backend, str]:
+    """`skipped`, completed with a reason for every other backend that was not even tried."""
+    out = dict(skipped)
+    for backend in Backend:
+        if backend is chosen or backend in out:
+            continue
+        if backend is Backend.TORCH:
+            out[backend] = "not timed: a verified engine serves, torch is the fallback" if setting is ServingBackend.AUTO \
+                else f"serving_backend = {setting.value} (torch is the fallback)"
+        else:
+            out[backend] = f"serving_backend = {setting.value}"
+    return out

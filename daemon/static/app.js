@@ -162,7 +162,16 @@ function bar(label, value, max, text, limit = true) {
 function renderModel(model) {
   $("served-version").textContent = model ? model.version : "no model";
   $("served-detail").textContent = model
-    ? model.arch + " · " + si(model.params) + " params · " + si(model.macs) + " MACs · " + model.device : "";
+    ? model.arch + " · " + si(model.params) + " params · " + si(model.macs) + " MACs · " + model.device + servingText(model.serving) : "";
+}
+
+// the backend serving the model and its batch-1 forward time; why the others do not serve is in the tooltip
+function servingText(serving) {
+  if (!serving) return "";
+  const why = Object.entries(serving.skipped || {}).map(([b, reason]) => b + ": " + reason).join("\n");
+  $("served-detail").title = why;
+  const building = serving.rebuild && serving.rebuild.building ? " (building " + serving.rebuild.building.backends.join(", ") + ")" : "";
+  return " · " + serving.backend + " " + serving.latency_ms.toFixed(2) + " ms" + building;
 }
 
 function renderGate(sched) {

@@ -101,6 +101,8 @@ class Daemon:
             "EDGETUNE_CYCLE_CRITERION": "l1",
             "EDGETUNE_MAX_CPU_LOAD": "100",
             "EDGETUNE_MAX_ACCURACY_DROP": "0.05",
+            # torch: no engine build per daemon and cycle (suite time); tests of engines ask for auto
+            "EDGETUNE_SERVING_BACKEND": "torch",
             **env,
         }
         self.proc: subprocess.Popen | None = None
@@ -207,7 +209,7 @@ class InProcess:
     """The daemon's Runtime and API in this process, with the fake worker and a FakeClock. The
     scheduler does not poll by itself: a test calls `tick()` (one poll) or `run_until()`."""
 
-    def __init__(self, state_dir: Path, model_dir: Path, **settings):
+    def __init__(self, state_dir: Path, model_dir: Path, worker_target=fake_worker, **settings):
         from fastapi.testclient import TestClient
 
         from daemon.api import create_app
@@ -218,9 +220,10 @@ class InProcess:
         self.set_telemetry(temperature_c=45.0, power_w=5.0, gpu_load=0.0, cpu_load=10.0)
         defaults = dict(state_dir=state_dir, telemetry="simulated", simulated_telemetry=self.telemetry_file, device="cpu",
                         idle_seconds=0, min_samples=3, auto_cycles=False, cycle_level=0.5, cycle_epochs=20,
-                        cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05)
+                        cycle_criterion="l1", max_cpu_load=100, max_accuracy_drop=0.05,
+                        serving_backend="torch")  # engines cost a build per daemon: their tests ask for them
         self.clock = FakeClock()
-        self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=fake_worker, clock=self.clock)
+        self.rt = Runtime(Settings(**{**defaults, **settings}), model_dir, worker_target=worker_target, clock=self.clock)
         self.rt.start_request_path()  # the buffer's writer and the batcher
         self.client = TestClient(create_app(self.rt))  # no `with`: the lifespan (scheduler thread) does not run
 

@@ -20,7 +20,7 @@ PARAMS = 100_000
 FOREVER = 1000
 
 
-def fake_worker(job: CycleJob, control, events) -> None:
+def fake_worker(job: CycleJob, control, events, engines=None) -> None:
     events.put(StepEvent("start"))
     if job.max_sample_id == 0:
         events.put(FailedEvent("ValueError: snapshot has 0 training and 0 held-out samples; need both"))
@@ -49,4 +49,38 @@ def fake_worker(job: CycleJob, control, events) -> None:
         events.put(StepEvent("write"))
         for name in ("model.json", "weights.safetensors"):
             shutil.copyfile(Path(job.model_dir) / name, Path(job.staging_dir) / name)
-    events.put(ResultEvent(accepted, reason, summary, 0.0, curve, []))
+    built = engines(job) if accepted and engines is not None else []
+    events.put(ResultEvent(accepted, reason, summary, 0.0, curve, [], built))
+
+
+def _build_engines(job: CycleJob) -> list:
+    """What the real worker does after writing an accepted candidate: build its engines in the
+    staging directory (daemon.worker.build_candidate_engines), verified on the held-out samples of
+    the snapshot. Imports torch: only the workers below use it."""
+    import numpy as np
+
+    from daemon.buffer import read_snapshot
+    from daemon.worker import build_candidate_engines
+    from prune_core import decode_image, load_model
+
+    model, card = load_model(job.staging_dir)
+    held = [decode_image(image, card.preprocess).numpy()
+            for _id, image, _label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id) if holdout]
+    images = np.stack(held) if held else np.zeros((0, 3, card.input_size, card.input_size), np.uint8)
+    return build_candidate_engines(model, card, job.staging_dir, images, job)
+
+
+def fake_worker_building_engines(job: CycleJob, control, events) -> None:
+    """The fake worker, but an accepted candidate gets its engines built as by the real worker."""
+    fake_worker(job, control, events, engines=_build_engines)
+
+
+def fake_worker_engine_build_fails(job: CycleJob, control, events) -> None:
+    """As fake_worker_building_engines, with every engine build forced to fail (EngineBuildError)."""
+    from daemon.engines import EngineBuildError, build
+
+    def refuse(*args, **kwargs):
+        raise EngineBuildError("forced by the test: the builder refuses")
+
+    build.build_engine = refuse
+    fake_worker(job, control, events, engines=_build_engines)

@@ -13,7 +13,7 @@ import torch
 from conftest import noise_png as png
 from torch import nn
 
-from daemon.batcher import Batcher, BatchSettings, InferenceError, predict
+from daemon.batcher import Batcher, BatchSettings, InferenceError
 from daemon.serving import load_served
 from prune_core import ModelCard, build_model, save_model
 from prune_core.datasets import MNIST_CLASSES
@@ -37,7 +37,7 @@ class Held:
     """A forward pass that records each batch, and holds the first one until released, so every
     request sent meanwhile is already queued when the batcher next looks."""
 
-    def __init__(self, run=predict):
+    def __init__(self, run=lambda served, images: served.predict(images)):
         self.run = run
         self.batches: list[tuple[str, int]] = []
         self.entered = threading.Event()
@@ -75,7 +75,7 @@ def test_batches_are_bounded_one_model_each_and_answer_like_single_passes(two_mo
     assert max(n for _, n in held.batches) <= 4
     assert any(n > 1 for _, n in held.batches)  # 18 requests were queued: they ran together
     for answer, m, x in zip(answers, owners, pics):
-        same(answer, m.predict(torch.from_numpy(x[None]), track=False)[0])
+        same(answer, m.predict(x[None], track=False)[0])
 
 
 def test_predict_errors_reach_every_waiting_request_and_the_thread_lives_on(two_models):
@@ -113,7 +113,7 @@ def test_max_batch_1_is_one_forward_pass_per_request_without_a_thread(two_models
     b.start()
     x = images(1)[0]
     answer = asyncio.run(b.answer(m1, x))
-    same(answer, m1.predict(torch.from_numpy(x[None]), track=False)[0])
+    same(answer, m1.predict(x[None], track=False)[0])
     assert sizes == [1] and not b.batching
     b.stop()
 

@@ -87,7 +87,7 @@ def test_predict_answers_as_the_torch_serving_path(tmp_path, base_model_dir, ima
     model, card = load_model(base_model_dir)
     build_engine(model, card, tmp_path, ORT, images)
     engine = load_engine(tmp_path, ORT, threads=1)
-    answers = load_served("v0001", base_model_dir, torch.device("cpu")).predict(torch.from_numpy(images), top_k=3, track=False)
+    answers = load_served("v0001", base_model_dir, "cpu", backend="torch").predict(images, top_k=3, track=False)
     want = [a.top for a in answers]  # served without the prior correction: the model's own answers
     got = engine.predict(images, top_k=3)
     assert len(got) == len(want) == len(images) and all(len(g) == 3 for g in got)

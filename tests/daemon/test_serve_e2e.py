@@ -18,7 +18,7 @@ def _feed(daemon, images, n=None) -> list[int]:
 
 
 def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
-    d = make_daemon({"EDGETUNE_CYCLE_ALLOCATION": "global"}).start()
+    d = make_daemon({"EDGETUNE_CYCLE_ALLOCATION": "global", "EDGETUNE_SERVING_BACKEND": "auto"}).start()
     before = d.client.get("/status").json()
     assert before["model"]["version"] == "v0001"
 
@@ -37,9 +37,12 @@ def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
     assert record["state"] == "accepted", record
     assert record["metrics"]["params_after"] < record["metrics"]["params_before"]
     assert record["version_before"] == "v0001" and record["version_after"] == "v0002"
+    # the worker built and verified the candidate's onnxruntime engine; the swap loaded it
+    engines = {e["backend"]: e for e in record["engines"]}
+    assert engines["onnxruntime"]["built"] and engines["onnxruntime"]["verification"]["top1_mismatches"] == 0, record["engines"]
 
     after = d.client.get("/status").json()
-    assert after["model"]["version"] == "v0002"
+    assert after["model"]["version"] == "v0002" and after["model"]["serving"]["backend"] == "onnxruntime"
     assert after["model"]["params"] < before["model"]["params"]
     assert after["model"]["macs"] < before["model"]["macs"]
 
@@ -67,6 +70,7 @@ def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
     d.stop()
     d.start()
     assert d.client.get("/status").json()["model"]["version"] == "v0002"
+    assert d.client.get("/status").json()["model"]["serving"]["backend"] == "onnxruntime"  # the cached engine, reused
 
     # roll back
     r = d.client.post("/models/v0001/activate")

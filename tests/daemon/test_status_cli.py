@@ -24,7 +24,7 @@ def test_status_prints_the_tables(shared_daemon, device_images):
     out = _run("status", "--url", shared_daemon.url)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for expected in ("Model", "v0001", "cifar_small", "Buffer", "Gate", "Telemetry (simulated)", "Cycle"):
+    for expected in ("Model", "v0001", "cifar_small", "backend", "Buffer", "Gate", "Telemetry (simulated)", "Cycle"):
         assert expected in text, text
     assert "45.0°C  (limit 75°C)" in text  # the simulated temperature against the thermal limit
     assert "6 / 20000" in text

@@ -23,14 +23,10 @@ TORCH_FREE = [
     "prune_core.arch_names", "daemon.prior_adapter", "daemon.drift", "daemon.generalist", "daemon.metrics",
     "daemon.model_store", "daemon.cycle_records", "daemon.buffer", "daemon.gate", "daemon.config", "daemon.telemetry",
     "prune_core.options",
-    "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines",
+    "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines", "daemon.serving", "daemon.batcher",
+    "daemon.installer", "daemon.recovery", "daemon.scheduler", "daemon.status_view", "daemon.runtime",
+    "daemon.api.app", "daemon.service",
 ]
-# Still pulling torch in through daemon/serving.py (Served holds a torch model) and daemon/api/inference.py
-# (decodes with prune_core.data.decode_image): both become torch-free with the engines of issue 21. Strict:
-# once they are, this fails and they move to TORCH_FREE.
-PENDING = ["daemon.installer", "daemon.recovery", "daemon.scheduler", "daemon.status_view", "daemon.runtime",
-           "daemon.api.app", "daemon.service"]
-
 # Records which import first pulled torch or torchvision in, then lets it load.
 PROBE = """
 import sys, traceback
@@ -57,11 +53,6 @@ def run_without_torch(code: str) -> None:
 
 def test_the_serving_modules_import_without_torch():
     run_without_torch("".join(f"import {m}\n" for m in TORCH_FREE))
-
-
-@pytest.mark.xfail(strict=True, reason="imports torch through daemon/serving.py and daemon/api/inference.py until issue 21's engines land")
-def test_the_rest_of_the_serving_process_imports_without_torch():
-    run_without_torch("".join(f"import {m}\n" for m in PENDING))
 
 
 def test_a_request_is_decoded_calibrated_and_corrected_without_torch(tmp_path, untrained_model_dir):
