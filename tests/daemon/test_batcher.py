@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import noise_png as png
-from torch import nn
 
 from daemon.batcher import Batcher, BatchSettings, InferenceError
 from daemon.serving import load_served
@@ -31,6 +30,15 @@ def two_models(untrained_model_dir, tmp_path_factory):
     save_model(build_model("cifar_small", 10), ModelCard("cifar_small", 10, MNIST_CLASSES, 32), other)
     cpu = torch.device("cpu")
     return load_served("v0001", untrained_model_dir, cpu), load_served("v0002", other, cpu)
+
+
+class Broken:
+    """An engine whose forward pass fails."""
+
+    device = "cpu"
+
+    def logits(self, images):
+        raise RuntimeError("out of memory (simulated by the model)")
 
 
 class Held:
@@ -81,11 +89,7 @@ def test_batches_are_bounded_one_model_each_and_answer_like_single_passes(two_mo
 def test_predict_errors_reach_every_waiting_request_and_the_thread_lives_on(two_models):
     good, _ = two_models
 
-    class Broken(nn.Module):
-        def forward(self, x):
-            raise RuntimeError("out of memory (simulated by the model)")
-
-    bad = dataclasses.replace(good, version="v0009", model=Broken())
+    bad = dataclasses.replace(good, version="v0009", engine=Broken())
     held = Held()
     b = Batcher(BatchSettings(max_batch=8), run=held)
     b.start()
@@ -167,13 +171,9 @@ def test_requests_keep_answering_across_swaps_and_a_broken_model_is_a_500(make_i
     assert {s for s, _ in statuses} == {200}, statuses
     assert {v for _, v in statuses} <= {"v0001", "v0002"}
 
-    class Broken(nn.Module):
-        def forward(self, x):
-            raise RuntimeError("device lost (simulated by the model)")
-
-    d.rt.holder.swap(dataclasses.replace(v1, version="v0009", model=Broken()))
+    d.rt.holder.swap(dataclasses.replace(v1, version="v0009", engine=Broken()))
     with ThreadPoolExecutor(4) as pool:
         failed = list(pool.map(lambda k: post(d.client, k), range(8)))
-    assert all(r.status_code == 500 and "device lost" in r.json()["detail"] for r in failed), [r.text for r in failed]
+    assert all(r.status_code == 500 and "out of memory" in r.json()["detail"] for r in failed), [r.text for r in failed]
     d.rt.holder.swap(v1)
     assert post(d.client, 1).status_code == 200  # the batching thread survived
