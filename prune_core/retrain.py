@@ -83,6 +83,12 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def schedule(samples: int, config: TrainConfig) -> tuple[int, int]:
+    """(epochs, batches per epoch) of a run on `samples` samples: `min_steps` stretches small sets."""
+    per_epoch = math.ceil(samples / config.batch_size)
+    return max(config.epochs, math.ceil(config.min_steps / per_epoch)), per_epoch
+
+
 def distillation_loss(
     logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig
 ) -> torch.Tensor:
@@ -166,8 +172,7 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum, nesterov=True,
     )
-    per_epoch = math.ceil(len(train_set) / config.batch_size)
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))  # small device buffers need more passes
+    epochs, per_epoch = schedule(len(train_set), config)  # small device buffers need more passes
     total_steps = max(1, epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"
