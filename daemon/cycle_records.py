@@ -35,6 +35,7 @@ class CycleRecord:
     version_before: str | None = None
     version_after: str | None = None
     paused_seconds: float = 0.0
+    cost: dict = field(default_factory=dict)  # predicted (and budget, note) before the heavy work; actual after it
 
     def __post_init__(self) -> None:
         self.state = CycleState(self.state)  # records on disk carry the plain value

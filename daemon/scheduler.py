@@ -20,7 +20,7 @@ from .buffer import SampleBuffer
 from .config import Settings
 from .cycle_records import CycleRecord, CycleStore
 from .cycle_state import CycleState
-from .events import FINAL_EVENTS, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
+from .events import FINAL_EVENTS, CostMeasuredEvent, CostPredictedEvent, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
 from .gate import Gate, GateState
 from .installer import Installer
 from .metrics import Metrics
@@ -212,6 +212,7 @@ class Scheduler:
             finetune_before=s.cycle_finetune_before, tolerance=s.cycle_tolerance, batch_size=s.cycle_batch_size,
             min_steps=s.cycle_min_steps, hflip=s.cycle_hflip, max_accuracy_drop=s.max_accuracy_drop,
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
+            memory_budget_mb=s.cycle_memory_budget_mb,
             min_agreement=s.min_agreement, target_prior=served.prior.target(), prior_floor=s.prior_floor,
         )
         self.worker.start(job)
@@ -232,6 +233,10 @@ class Scheduler:
                 record.progress = event.to_dict()
             elif isinstance(event, ProbeEvent):
                 record.probes.append(event.probe)
+            elif isinstance(event, CostPredictedEvent):
+                record.cost = event.to_dict()
+            elif isinstance(event, CostMeasuredEvent):
+                record.cost = {**record.cost, "actual": event.actual.to_dict()}
             elif isinstance(event, FINAL_EVENTS):
                 final = event
         return final

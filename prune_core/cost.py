@@ -33,6 +33,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .schedule import schedule
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -219,20 +221,18 @@ class MeasuredCost:
 
     peak_mb: float
     duration_s: float
-    source: MemorySource
+    source: MemorySource | None  # None: the peak could not be measured here
 
     def to_dict(self) -> dict:
-        return {"peak_mb": self.peak_mb, "duration_s": self.duration_s, "source": self.source.value}
+        return {"peak_mb": self.peak_mb, "duration_s": self.duration_s, "source": self.source.value if self.source else None}
 
 
 def _train_run_s(plan: CyclePlan, epochs: int, batch: int, step_s: float, overhead_s: float, eval_pass_s: float, judged: bool) -> float:
     """One `train()`: its steps, and where judged its held-out passes (before, after each epoch, and
     the teacher's answers once)."""
-    from .retrain import TrainConfig, schedule
-
     if epochs == 0 or plan.train_samples == 0:
         return 0.0
-    run_epochs, per_epoch = schedule(plan.train_samples, TrainConfig(epochs=epochs, batch_size=batch, min_steps=plan.min_steps))
+    run_epochs, per_epoch = schedule(plan.train_samples, batch, epochs, plan.min_steps)
     trained = per_epoch - (1 if plan.train_samples % batch == 1 else 0)  # a last batch of one is skipped
     return overhead_s + run_epochs * trained * step_s + ((run_epochs + 2) * eval_pass_s if judged else 0.0)
 

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
+from .schedule import schedule
 
 
 @dataclass
@@ -81,12 +82,6 @@ class TrainResult:
     stopped: bool = False  # the callback asked to stop
     early_stop_epoch: int | None = None  # the epoch after which early stopping fired (the cool-down follows)
     seconds: float = 0.0
-
-
-def schedule(samples: int, config: TrainConfig) -> tuple[int, int]:
-    """(epochs, batches per epoch) of a run on `samples` samples: `min_steps` stretches small sets."""
-    per_epoch = math.ceil(samples / config.batch_size)
-    return max(config.epochs, math.ceil(config.min_steps / per_epoch)), per_epoch
 
 
 def distillation_loss(
@@ -172,7 +167,7 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum, nesterov=True,
     )
-    epochs, per_epoch = schedule(len(train_set), config)  # small device buffers need more passes
+    epochs, per_epoch = schedule(len(train_set), config.batch_size, config.epochs, config.min_steps)  # small device buffers need more passes
     total_steps = max(1, epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"

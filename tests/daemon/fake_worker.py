@@ -3,7 +3,8 @@ training. It sends the events the real worker sends, obeys pause and abort after
 decides with the real acceptance rule on a made-up summary (params shrink by the requested level),
 and writes an accepted candidate by copying the served model. `job.epochs` is its number of
 batches; FOREVER (the API's largest value) runs until aborted, so a test never races the end of a
-cycle. An empty snapshot fails as the real worker does."""
+cycle. An empty snapshot fails as the real worker does. Its cost prediction goes through the real
+budget rule (daemon/cycle_cost.choose) on a made-up profile: 500 MiB + 2 MiB per sample, 10 MiB a model."""
 from __future__ import annotations
 
 import itertools
@@ -11,12 +12,16 @@ import shutil
 import time
 from pathlib import Path
 
+from daemon.cycle_cost import CostWatch, CycleRefused, choose
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
 from daemon.worker import Aborted, CycleJob, decide, obey
+from prune_core.cost import CyclePlan, MemorySource, Profile, ProfileSample
 
 BATCH_S = 0.002
 PARAMS = 100_000
 FOREVER = 1000
+PROFILE = Profile(tuple(ProfileSample(b, 507 + 2 * b, 0.1 + 0.01 * b, 2 * b, 1.0) for b in (8, 16)), 256, 400.0, 0.001, 10.0,
+                  MemorySource.RSS, "cpu", 0.5)
 
 
 def fake_worker(job: CycleJob, control, events) -> None:
@@ -25,6 +30,12 @@ def fake_worker(job: CycleJob, control, events) -> None:
         events.put(FailedEvent("ValueError: snapshot has 0 training and 0 held-out samples; need both"))
         return
     events.put(StepEvent("rank", {"train_samples": job.max_sample_id}))
+    try:
+        choose(PROFILE, CyclePlan(job.max_sample_id, 4, job.epochs, extra_models=0), job, events.put)
+    except CycleRefused as exc:
+        events.put(FailedEvent(f"CycleRefused: {exc}"))
+        return
+    watch = CostWatch(None, time.monotonic())
     curve = []
     try:
         batches = itertools.count(1) if job.epochs >= FOREVER else range(1, job.epochs + 1)
@@ -43,6 +54,7 @@ def fake_worker(job: CycleJob, control, events) -> None:
                "macs_after": int(10 * PARAMS * (1 - level)), "top1_before": 0.9, "top1_after": 0.9,
                "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level}
     accepted, reason = decide(summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
+    events.put(watch.measured())
     if accepted:
         events.put(StepEvent("write"))
         for name in ("model.json", "weights.safetensors"):
