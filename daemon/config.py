@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     cycle_finetune_before: int = Field(1, ge=0, description="epochs of fine-tuning on the device's data before ranking (ADaPT)")
     cycle_tolerance: float = Field(0.02, ge=0, le=1, description="accuracy the automatic level search may give up")
     cycle_batch_size: int = Field(64, ge=2, description="training batch size")
+    cycle_retrain_scope: options.RetrainScope = Field(
+        options.RetrainScope.FULL, description="which parameters retraining updates: full (all), last (the last stages;"
+        " no graph kept for the frozen front), last_bn (the last stages and every normalisation layer), bias (biases,"
+        " normalisation layers and the classifier, as TinyTL); the cheaper scopes save memory and time (docs/architecture.md)")
     cycle_hflip: bool = Field(True, description="horizontal-flip augmentation while retraining; off for digits, text, anything a mirror changes")
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")

@@ -69,6 +69,7 @@ class CycleJob:
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
     memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
+    retrain_scope: str = "full"  # prune_core.options.RetrainScope's value
 
 
 def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float) -> tuple[bool, str]:
@@ -180,7 +181,10 @@ def run_worker(job: CycleJob, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed),
+            tolerance=job.tolerance, train=TrainConfig(
+                epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
+                scope=job.retrain_scope,
+            ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
         config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, 1 + teacher.corrected, post)

@@ -9,6 +9,7 @@ width, without colour.
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import json
 import os
@@ -32,6 +33,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(names)
     if origin is typing.Literal:
         return " / ".join(json.dumps(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " / ".join(json.dumps(m.value) for m in annotation)
     if origin is dict:
         return f"table of {_type_name(args[1])}s"
     simple = {Path: "path", str: "string", int: "integer", float: "number", bool: "boolean", SecretStr: "string (secret)"}
@@ -63,6 +66,8 @@ def _toml(value: Any) -> str:
     """A default as it is written in config.toml."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return _toml(value.value)
     if isinstance(value, (str, Path)):
         return json.dumps(str(value))
     if isinstance(value, dict):

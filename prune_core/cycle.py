@@ -4,7 +4,8 @@ This is the unit both the CLI (`edgetune prune`) and the daemon run. With `finet
 it is the seed paper's ADaPT recipe (adapt the unpruned model to the local data, then rank and
 prune it); with `fade_epochs` the channels chosen for removal are faded out while the whole
 network trains before they are removed (`fade`); with `level="auto"` the level is chosen by
-`search_level`.
+`search_level`. Which parameters every training run of the cycle updates is `train.scope`
+(prune_core.scope: all, or the last stages and/or the cheap ones).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .level_search import Probe, search_level
 from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, TrainResult, train
+from .scope import plan_scope
 from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
 
 
@@ -182,6 +184,8 @@ def run_cycle(
         "allocation": config.allocation,
         "allocation_used": allocation_used,  # uniform falls back to global where it cannot reach the level
         "finetune_before": config.finetune_before,
+        "retrain_scope": config.train.scope.value,
+        "retrain_plan": plan_scope(pruned, config.train.scope, config.train.last_share).to_dict(),
         "fade_epochs": config.fade_epochs,
         "level_requested": config.level,
         "level": level,
@@ -210,6 +214,7 @@ def run_cycle(
         level=level,
         allocation=allocation_used or config.allocation,
         finetune_before=config.finetune_before,
+        retrain_scope=config.train.scope.value,
         metrics={k: summary[k] for k in ("top1_before", "top1_after", "params_before", "params_after", "macs_before", "macs_after")},
     )
     return CycleResult(pruned.eval(), new_card, summary)

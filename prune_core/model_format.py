@@ -59,6 +59,7 @@ class Lineage:
     level: float | None = None
     allocation: str | None = None
     finetune_before: int | None = None
+    retrain_scope: str | None = None  # which parameters retraining updated (prune_core.options.RetrainScope)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     metrics: dict[str, Any] = field(default_factory=dict)
 

@@ -2,10 +2,40 @@
 API and the demo all call these, so a level or criterion list is valid everywhere or nowhere."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Union
 
 AUTO = "auto"
 Level = Union[float, str]  # a fraction of parameters to remove, or "auto" (the level search)
+
+
+class RetrainScope(str, Enum):
+    """Which parameters a (re)training run updates; the rest are frozen (prune_core.scope says how).
+
+    full: every parameter (the most accurate, the most memory and time).
+    last: only the last stages (a share of the weight layers at the end, `TrainConfig.last_share`);
+        the frozen front runs without a graph, so its activations are never kept for backward.
+    last_bn: the last stages and every normalisation layer's affine parameters (LoCO-PDA-style):
+        cheap parameters that re-centre the pruned front's features, but the front needs a graph again.
+    bias: every bias, every normalisation layer's affine parameters and the classifier (TinyTL's
+        bias-only update): no weight gradients to compute or store, but a graph through the whole network.
+    """
+
+    FULL = "full"
+    LAST = "last"
+    LAST_BN = "last_bn"
+    BIAS = "bias"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_scope(value: object) -> RetrainScope:
+    """A RetrainScope from itself or its name; ValueError naming the choices otherwise."""
+    try:
+        return RetrainScope(value)
+    except ValueError:
+        raise ValueError(f"retrain scope must be one of {', '.join(s.value for s in RetrainScope)}, got {value!r}") from None
 
 
 def parse_level(value: object) -> Level:

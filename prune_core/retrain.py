@@ -11,6 +11,9 @@ by `min_steps`, most of their time. The measurements behind this rule are in ben
 A `should_continue` callback is called after every batch: returning False stops cleanly (best
 weights so far restored); blocking in it pauses.
 `on_step` is told after every optimizer step what share of the run is done (a channel fade uses it).
+
+`TrainConfig.scope` says which parameters train (prune_core.scope): all of them, or the last stages
+and/or the cheap ones, with no graph kept for a frozen front.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
+from .options import RetrainScope, parse_scope
 from .schedule import schedule
+from .scope import Frozen, ScopePlan, plan_scope
 
 
 @dataclass
@@ -46,6 +51,8 @@ class TrainConfig:
     augment: bool = True
     flip: bool = True  # horizontal flips (off for digits and text)
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
+    scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
+    last_share: float = 0.25  # share of the weight layers, at the end, that the last-stages scopes train
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -54,6 +61,9 @@ class TrainConfig:
             raise ValueError("distill_weight must be in [0, 1] and temperature > 0")
         if not 0.0 <= self.cooldown <= 1.0:
             raise ValueError("cooldown must be in [0, 1]")
+        self.scope = parse_scope(self.scope)
+        if not 0.0 < self.last_share <= 1.0:
+            raise ValueError("last_share must be in (0, 1]")
 
 
 @dataclass
@@ -82,6 +92,7 @@ class TrainResult:
     stopped: bool = False  # the callback asked to stop
     early_stop_epoch: int | None = None  # the epoch after which early stopping fired (the cool-down follows)
     seconds: float = 0.0
+    plan: ScopePlan | None = None  # which parameters trained
 
 
 def distillation_loss(
@@ -160,7 +171,9 @@ def train(
         return result
     if teacher is not None:
         teacher.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    result.plan = plan_scope(model, config.scope, config.last_share)
+    trainable = set(result.plan.trainable)
+    params = [p for name, p in model.named_parameters() if name in trainable]
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
     optimizer = torch.optim.SGD(
@@ -186,6 +199,7 @@ def train(
     bar = tqdm(total=epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
     cooling: tuple[int, int, float] | None = None  # (step it began at, its length in steps, lr then) once early stopping fired
     last_epoch, epoch = epochs, 0
+    frozen = Frozen(model, result.plan)
     try:
         while epoch < last_epoch:
             epoch += 1
@@ -203,7 +217,7 @@ def train(
                 ask = teacher is not None and (config.distill_weight > 0 or bool((y < 0).any()))
                 with torch.no_grad():
                     t_logits = teacher(x) if ask else None
-                loss = distillation_loss(model(x), y, t_logits, config)
+                loss = distillation_loss(frozen.forward(x), y, t_logits, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -250,6 +264,7 @@ def train(
                     bar.total = steps + tail * per_epoch
                     bar.refresh()
     finally:
+        frozen.release()
         bar.close()
     model.load_state_dict(best_state)
     model.eval()
