@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
 
@@ -20,19 +20,37 @@ class CycleRefused(Exception):
     """No batch size fits the memory budget, or the budget cannot be checked on this device."""
 
 
-def choose(profile: "Profile", plan: "CyclePlan", job: "CycleJob", post: Callable) -> "CostEstimate":
-    """The estimate at the batch size the cycle will use, posted; CycleRefused when nothing fits."""
+def fallback_scopes(configured: str) -> list[str]:
+    """The retraining scopes a budget may use: the configured one, then those that train fewer
+    parameters (full → last_bn → last → bias): the most trained that fits is chosen."""
+    from prune_core.options import RetrainScope
+
+    order = [RetrainScope.FULL, RetrainScope.LAST_BN, RetrainScope.LAST, RetrainScope.BIAS]
+    return [s.value for s in order[order.index(RetrainScope(configured)):]]
+
+
+def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: "CycleJob", post: Callable) -> "CostEstimate":
+    """The estimate at the retraining scope and batch size the cycle will use, posted. `profiles`: one
+    per scope of `fallback_scopes`, measured lazily (the next only when the previous does not fit; no
+    budget, only the first). CycleRefused, naming each scope's figures, when nothing fits."""
     from prune_core.cost import DoesNotFit, fit_budget
 
-    try:
-        chosen = fit_budget(profile, plan, job.batch_size, job.memory_budget_mb)
-    except DoesNotFit as exc:
-        post(CostPredictedEvent(exc.estimate, job.memory_budget_mb, f"refused: {exc}"))
-        raise CycleRefused(str(exc)) from None
-    note = "" if chosen.batch_size == job.batch_size else (
-        f"batch size {chosen.batch_size} (not {job.batch_size}) to fit cycle_memory_budget_mb={job.memory_budget_mb}")
-    post(CostPredictedEvent(chosen, job.memory_budget_mb, note))
-    return chosen
+    refusals, last = [], None
+    for measured in profiles:
+        try:
+            chosen = fit_budget(measured, plan, job.batch_size, job.memory_budget_mb)
+        except DoesNotFit as exc:
+            refusals.append(f"retraining scope {measured.scope}: {exc}")
+            last = exc
+            continue
+        changed = [f"{name} {new} (not {old})" for name, new, old in
+                   (("retraining scope", chosen.scope, job.retrain_scope), ("batch size", chosen.batch_size, job.batch_size)) if new != old]
+        note = " and ".join(changed) + f" to fit cycle_memory_budget_mb={job.memory_budget_mb}" if changed else ""
+        post(CostPredictedEvent(chosen, job.memory_budget_mb, note))
+        return chosen
+    reason = "; ".join(refusals)
+    post(CostPredictedEvent(last.estimate, job.memory_budget_mb, f"refused: {reason}"))
+    raise CycleRefused(reason)
 
 
 @dataclass
@@ -51,15 +69,22 @@ class CostWatch:
 
 
 def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, extra_models: int, post: Callable):
-    """(`config` with the chosen batch size, a CostWatch started now). `extra_models`: copies of the model
-    the caller holds beside run_cycle's. Without a budget, a cost that cannot be measured here is noted
-    and the cycle goes on; with one, the cycle is refused."""
+    """(`config` with the chosen retraining scope and batch size, a CostWatch started now). `extra_models`:
+    copies of the model the caller holds beside run_cycle's. Without a budget, a cost that cannot be
+    measured here is noted and the cycle goes on; with one, the cycle is refused."""
     from prune_core.cost import CostError, CyclePlan, PeakMeter, profile, profile_batches
 
     batch_sizes = profile_batches(job.batch_size)
-    post(StepEvent("profile", {"batch_sizes": list(batch_sizes)}))
+    scopes = fallback_scopes(config.train.scope.value) if job.memory_budget_mb is not None else [config.train.scope.value]
+
+    def profiles():
+        for scope in scopes:
+            post(StepEvent("profile", {"batch_sizes": list(batch_sizes), "retrain_scope": scope}))
+            yield profile(teacher, train_set, held_set, card.mean, card.std, replace(config.train, scope=scope), batch_sizes)
+
+    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models)
     try:
-        measured = profile(teacher, train_set, held_set, card.mean, card.std, config.train, batch_sizes)
+        chosen = choose(profiles(), plan, job, post)
         meter = PeakMeter(next(teacher.parameters()).device)
         meter.reset()
     except CostError as exc:
@@ -67,6 +92,5 @@ def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, ex
             raise CycleRefused(f"cycle_memory_budget_mb={job.memory_budget_mb} cannot be checked here: {exc}") from None
         post(CostPredictedEvent(None, None, f"no prediction: {exc}"))
         return config, CostWatch(None, time.monotonic())
-    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models)
-    chosen = choose(measured, plan, job, post)
-    return replace(config, train=replace(config.train, batch_size=chosen.batch_size)), CostWatch(meter, time.monotonic())
+    train = replace(config.train, batch_size=chosen.batch_size, scope=chosen.scope)
+    return replace(config, train=train), CostWatch(meter, time.monotonic())

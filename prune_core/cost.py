@@ -123,6 +123,7 @@ class Profile:
     source: MemorySource
     device: str
     seconds: float  # what the profile itself took
+    scope: str = "full"  # the retraining scope (TrainConfig.scope) the steps ran with
 
     @property
     def memory(self) -> Line:
@@ -206,6 +207,7 @@ class CostEstimate:
     device: str
     profile_batches: tuple[int, ...]
     profile_s: float
+    scope: str = "full"  # the retraining scope it is for
     method: str = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
 
     def to_dict(self) -> dict:
@@ -258,7 +260,7 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     return CostEstimate(
         batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=sum(phases.values()), phases=phases,
         train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
-        profile_batches=tuple(s.batch_size for s in profile.samples), profile_s=profile.seconds,
+        profile_batches=tuple(s.batch_size for s in profile.samples), profile_s=profile.seconds, scope=profile.scope,
     )
 
 
@@ -321,11 +323,13 @@ class PeakMeter:
 
 
 def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor", y: "torch.Tensor", config: "TrainConfig") -> float:
-    """MiB of the tensors autograd saves for the backward pass of one training step on (x, y), each
-    storage counted once. Parameters are among them (constant in the batch: a slope drops them)."""
+    """MiB of the tensors autograd saves for the backward pass of one training step on (x, y) with
+    `config.scope` in effect (a frozen front saves nothing), each storage counted once. Parameters are
+    among them (constant in the batch: a slope drops them)."""
     import torch
 
     from .retrain import distillation_loss
+    from .scope import Frozen, plan_scope
 
     seen: dict[int, int] = {}
 
@@ -338,10 +342,14 @@ def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor",
     model.train()
     with torch.no_grad():
         t_logits = teacher(x) if teacher is not None else None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = distillation_loss(model(x), y, t_logits, config)
-    del loss
-    model.train(was_training)
+    frozen = Frozen(model, plan_scope(model, config.scope, config.last_share))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = distillation_loss(frozen.forward(x), y, t_logits, config)
+        del loss
+    finally:
+        frozen.release()
+        model.train(was_training)
     return sum(seen.values()) / 2**20
 
 
@@ -404,7 +412,8 @@ def profile(
         samples.append(ProfileSample(batch, peak, step_s, saved_mb(student, teacher, x, y, config), total - steps * step_s))
     size = model_mb(teacher)
     del student
-    return Profile(tuple(samples), EVAL_BATCH, eval_peak, eval_image_s, size, meter.source, str(device), time.monotonic() - started)
+    return Profile(tuple(samples), EVAL_BATCH, eval_peak, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
+                   config.scope.value)
 
 
 __all__ = [

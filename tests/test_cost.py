@@ -117,6 +117,14 @@ def test_saved_activations_grow_linearly_with_the_batch():
     assert s4 - s2 > 0 and math.isclose(s8 - s4, 2 * (s4 - s2), rel_tol=1e-6)
 
 
+def test_a_frozen_front_saves_fewer_activations():
+    model = build_model("cifar_small", 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    full, last = (saved_mb(model, None, x, y, TrainConfig(scope=scope)) for scope in ("full", "last"))
+    assert last < full
+    assert all(p.requires_grad for p in model.parameters())  # the scope is released
+
+
 def test_the_peak_mark_resets_and_sees_an_allocation():
     meter = PeakMeter(torch.device("cpu"))
     meter.reset()

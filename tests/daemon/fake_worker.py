@@ -4,7 +4,8 @@ decides with the real acceptance rule on a made-up summary (params shrink by the
 and writes an accepted candidate by copying the served model. `job.epochs` is its number of
 batches; FOREVER (the API's largest value) runs until aborted, so a test never races the end of a
 cycle. An empty snapshot fails as the real worker does. Its cost prediction goes through the real
-budget rule (daemon/cycle_cost.choose) on a made-up profile: 500 MiB + 2 MiB per sample, 10 MiB a model."""
+budget rule (daemon/cycle_cost.choose) on made-up profiles: 507 MiB + 2 MiB per sample with full
+retraining, 480 MiB + 1 MiB per sample with a cheaper scope (its own, as the real worker profiles each)."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from daemon.cycle_cost import CostWatch, CycleRefused, choose
+from daemon.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
 from daemon.worker import Aborted, CycleJob, decide, obey
 from prune_core.cost import CyclePlan, MemorySource, Profile, ProfileSample
@@ -20,8 +21,12 @@ from prune_core.cost import CyclePlan, MemorySource, Profile, ProfileSample
 BATCH_S = 0.002
 PARAMS = 100_000
 FOREVER = 1000
-PROFILE = Profile(tuple(ProfileSample(b, 507 + 2 * b, 0.1 + 0.01 * b, 2 * b, 1.0) for b in (8, 16)), 256, 400.0, 0.001, 10.0,
-                  MemorySource.RSS, "cpu", 0.5)
+
+
+def fake_profile(scope: str) -> Profile:
+    fixed, per_sample = (507, 2) if scope == "full" else (480, 1)
+    return Profile(tuple(ProfileSample(b, fixed + per_sample * b, 0.1 + 0.01 * b, per_sample * b, 1.0) for b in (8, 16)),
+                   256, 400.0, 0.001, 10.0, MemorySource.RSS, "cpu", 0.5, scope)
 
 
 def fake_worker(job: CycleJob, control, events) -> None:
@@ -31,7 +36,8 @@ def fake_worker(job: CycleJob, control, events) -> None:
         return
     events.put(StepEvent("rank", {"train_samples": job.max_sample_id}))
     try:
-        choose(PROFILE, CyclePlan(job.max_sample_id, 4, job.epochs, extra_models=0), job, events.put)
+        scopes = fallback_scopes(job.retrain_scope) if job.memory_budget_mb is not None else [job.retrain_scope]
+        choose(map(fake_profile, scopes), CyclePlan(job.max_sample_id, 4, job.epochs, extra_models=0), job, events.put)
     except CycleRefused as exc:
         events.put(FailedEvent(f"CycleRefused: {exc}"))
         return

@@ -222,13 +222,26 @@ def test_a_tight_budget_picks_a_smaller_batch(make_inproc):
     assert "batch size 26 (not 64)" in cost["note"]
 
 
+def test_a_budget_full_retraining_cannot_meet_picks_a_cheaper_scope(make_inproc):
+    d = make_inproc(cycle_memory_budget_mb=510)  # full: 507 + 2·2 > 510 at the smallest batch; cheaper: 480 + b
+    seed(d, 12)
+    cycle_id = d.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 2}).json()["cycle_id"]
+    record = d.run_until(cycle_id, final)
+    assert record["state"] == "accepted", record
+    predicted = record["cost"]["predicted"]
+    assert (predicted["scope"], predicted["batch_size"]) == ("last_bn", 30), record["cost"]
+    assert "retraining scope last_bn (not full) and batch size 30 (not 64)" in record["cost"]["note"]
+
+
 def test_a_budget_nothing_fits_refuses_the_cycle_with_the_figures(make_inproc):
-    d = make_inproc(cycle_memory_budget_mb=510)
+    d = make_inproc(cycle_memory_budget_mb=480)
     seed(d, 12)
     cycle_id = d.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 2}).json()["cycle_id"]
     record = d.run_until(cycle_id, final)
     assert record["state"] == "failed", record
     assert "CycleRefused" in record["reason"] and "smallest batch size (2)" in record["reason"]
-    assert "cycle_memory_budget_mb=510" in record["reason"]
+    assert "cycle_memory_budget_mb=480" in record["reason"]
+    for scope in ("full", "last_bn", "last", "bias"):
+        assert f"retraining scope {scope}:" in record["reason"]
     assert record["cost"]["predicted"]["batch_size"] == 2 and record["cost"]["note"].startswith("refused:")
     assert d.client.get("/status").json()["model"]["version"] == "v0001"
