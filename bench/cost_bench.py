@@ -4,7 +4,8 @@ For each architecture and input size, one fresh process profiles a few training 
 a cycle configured at the largest batch would profile (`profile_batches`), and predicts the peak memory
 and duration of one `train()` run at each batch size of the sweep. Then, per batch size, another fresh
 process (so its memory is clean) runs that `train()` for real and measures its peak memory (VmHWM,
-reset just before, as the worker does) and its time. Times are the process's CPU time, in the profile
+reset just before, as the worker does) and its time. With `--mode worker` each cell is instead one
+fresh process doing what the cycle worker does: profile, predict, reset the peak mark, run. Times are the process's CPU time, in the profile
 and in the run alike: on cores shared with other jobs wall time measures the neighbours; with
 OMP_NUM_THREADS=1 on an idle core the two are the same (the wall time is printed beside it). Data: synthetic uint8 images and labels,
 distilling from a copy of the model, as a cycle does.
@@ -79,6 +80,26 @@ def measure(arch: str, size: int, train_n: int, held_n: int, epochs: int, batch:
     return {"peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
 
 
+def worker_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, batch: int, max_batch: int) -> dict:
+    """The worker's sequence in one fresh process: profile, predict, reset the peak mark, run."""
+    import copy
+
+    import torch
+
+    from prune_core.cost import CyclePlan, PeakMeter, estimate, profile, profile_batches
+    from prune_core.retrain import train
+
+    model, train_set, held_set = _setup(arch, size, train_n, held_n)
+    prof = profile(model, train_set, held_set, MEAN, STD, _config(max_batch, epochs), profile_batches(max_batch), clock=time.process_time)
+    config = _config(batch, epochs)
+    est = estimate(prof, CyclePlan.of_retrain(config, train_n, held_n), batch)
+    meter = PeakMeter(torch.device(prof.device))
+    meter.reset()
+    t0, wall = time.process_time(), time.perf_counter()
+    train(copy.deepcopy(model), train_set, held_set, MEAN, STD, config, teacher=model)
+    return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
+
+
 def _child(*args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
@@ -95,13 +116,20 @@ def main() -> None:
     p.add_argument("--train", type=int, default=384, help="training samples (one epoch)")
     p.add_argument("--held", type=int, default=128, help="held-out samples (evaluated before and after the epoch)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--child", choices=("predict", "measure"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=("fresh", "worker"), default="fresh",
+                   help="fresh: predict in one process, run each batch size in another, clean one; worker: per cell one process"
+                   " that profiles, predicts, resets the peak mark and runs, as the cycle worker does")
+    p.add_argument("--child", choices=("predict", "measure", "cell"), help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     if a.child == "predict":
         print(json.dumps(predict(a.arch, a.size, a.train, a.held, a.epochs, batches)))
+        return
+    if a.child == "cell":
+        batch, max_batch = batches
+        print(json.dumps(worker_cell(a.arch, a.size, a.train, a.held, a.epochs, batch, max_batch)))
         return
     if a.child == "measure":
         print(json.dumps(measure(a.arch, a.size, a.train, a.held, a.epochs, batches[0])))
@@ -111,10 +139,16 @@ def main() -> None:
     print(f"{'arch':18} {'px':>3} {'batch':>5} {'mem pred':>9} {'mem meas':>9} {'err':>7} {'s pred':>7} {'s meas':>7} {'err':>7} {'wall':>7}")
     for arch in a.archs.split(","):
         for size in (int(s) for s in a.sizes.split(",")):
-            pred = _child("--child", "predict", "--arch", arch, "--size", str(size), "--batches", a.batches, *common)
+            where = ["--arch", arch, "--size", str(size)]
+            if a.mode == "fresh":
+                pred = _child("--child", "predict", *where, "--batches", a.batches, *common)
             for b in batches:
-                meas = _child("--child", "measure", "--arch", arch, "--size", str(size), "--batches", str(b), *common)
-                est = pred["cells"][str(b)]
+                if a.mode == "fresh":
+                    meas = _child("--child", "measure", *where, "--batches", str(b), *common)
+                    est = pred["cells"][str(b)]
+                else:
+                    meas = _child("--child", "cell", *where, "--batches", f"{b},{max(batches)}", *common)
+                    est = meas["estimate"]
                 mem_err = est["peak_mb"] / meas["peak_mb"] - 1
                 dur_err = est["duration_s"] / meas["duration_s"] - 1
                 rows.append((mem_err, dur_err))

@@ -18,8 +18,9 @@ from prune_core.retrain import TrainConfig
 
 
 def fake_profile(**kw) -> Profile:
-    """Memory: 500 MiB + 2 MiB per sample; a step: 0.1 s + 0.01 s per sample; 1 s per train() run."""
-    samples = tuple(ProfileSample(b, 500 + 2 * b + 7, 0.1 + 0.01 * b, 3 + 2 * b, 1.0) for b in (8, 16))
+    """Memory: 500 MiB + 2 MiB per sample; a step: 0.1 s + 0.01 s per sample; 1 s per train() run once
+    warm (5 s cold, at the first profiled batch)."""
+    samples = tuple(ProfileSample(b, 500 + 2 * b + 7, 0.1 + 0.01 * b, 3 + 2 * b, 5.0 if b == 8 else 1.0) for b in (8, 16))
     args = dict(samples=samples, eval_batch=256, eval_peak_mb=400.0, eval_image_s=0.001, model_mb=10.0,
                 source=MemorySource.RSS, device="cpu", seconds=2.0)
     return Profile(**{**args, **kw})
