@@ -6,8 +6,8 @@ two or more batch sizes, and lines are fitted:
 
     peak memory = fixed + per_sample × batch        step time = overhead + per_sample × batch
 
-plus one timed evaluation pass at the cycle's evaluation batch (its memory counts too: at a small
-training batch it can be the larger). A cycle's duration is the sum of its phases (fine-tuning,
+plus one timed evaluation pass at the cycle's evaluation batch (what it adds to the memory counts too:
+at a small training batch it can be the larger peak). A cycle's duration is the sum of its phases (fine-tuning,
 ranking, level-search probes, validation), each a count of training steps and evaluated images
 times the measured times. It is the longest path: no early stop, the most probes a level search
 can take, and pruned models costed as the unpruned one (they are smaller and faster).
@@ -117,7 +117,7 @@ class Profile:
 
     samples: tuple[ProfileSample, ...]
     eval_batch: int
-    eval_peak_mb: float
+    eval_extra_mb: float  # what one evaluation pass adds to what the process held when it began
     eval_image_s: float  # one held-out image evaluated (forward, no graph)
     model_mb: float  # one copy of the model's parameters and buffers
     source: MemorySource
@@ -258,7 +258,7 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     }
     copies = plan.extra_models * profile.model_mb
     train_peak = profile.memory.at(batch_size) + copies
-    eval_peak = profile.eval_peak_mb + copies
+    eval_peak = profile.memory.fixed + profile.eval_extra_mb + copies  # evaluated while the training state is held
     return CostEstimate(
         batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=sum(phases.values()), phases=phases,
         train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
@@ -272,12 +272,12 @@ def fit_budget(profile: Profile, plan: CyclePlan, max_batch: int, budget_mb: flo
     if budget_mb is None:
         return estimate(profile, plan, max_batch)
     smallest = estimate(profile, plan, MIN_BATCH)
-    if smallest.eval_peak_mb > budget_mb:
-        raise DoesNotFit(f"the held-out evaluation (batch {profile.eval_batch}) alone is predicted to need "
-                         f"{smallest.eval_peak_mb:.0f} MiB, over cycle_memory_budget_mb={budget_mb:g}", smallest)
     if smallest.train_peak_mb > budget_mb:
         raise DoesNotFit(f"predicted peak {smallest.train_peak_mb:.0f} MiB at the smallest batch size ({MIN_BATCH}) "
                          f"is over cycle_memory_budget_mb={budget_mb:g}", smallest)
+    if smallest.eval_peak_mb > budget_mb:
+        raise DoesNotFit(f"the held-out evaluation (batch {profile.eval_batch}) is predicted to need "
+                         f"{smallest.eval_peak_mb:.0f} MiB, over cycle_memory_budget_mb={budget_mb:g}", smallest)
     memory, copies = profile.memory, plan.extra_models * profile.model_mb
     fits = max_batch if memory.per_sample == 0 else math.floor((budget_mb - copies - memory.fixed) / memory.per_sample)
     return estimate(profile, plan, max(MIN_BATCH, min(max_batch, fits)))
@@ -392,8 +392,9 @@ def profile(
     # the evaluation first: in a cycle it comes first too, before training has grown the heap
     held = held_set.subset(torch.arange(min(EVAL_BATCH, len(held_set))))
     meter.reset()
+    held_before = meter.peak_mb()  # the mark starts at what the process holds now
     evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))  # warm-up, and the memory
-    eval_peak = meter.peak_mb()
+    eval_extra = meter.peak_mb() - held_before
     t0 = clock()
     evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))
     if device.type == "cuda":
@@ -414,7 +415,7 @@ def profile(
         samples.append(ProfileSample(batch, peak, step_s, saved_mb(student, teacher, x, y, config), total - steps * step_s))
     size = model_mb(teacher)
     del student
-    return Profile(tuple(samples), EVAL_BATCH, eval_peak, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
+    return Profile(tuple(samples), EVAL_BATCH, eval_extra, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
                    config.scope.value)
 
 

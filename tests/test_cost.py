@@ -21,7 +21,7 @@ def fake_profile(**kw) -> Profile:
     """Memory: 500 MiB + 2 MiB per sample; a step: 0.1 s + 0.01 s per sample; 1 s per train() run once
     warm (5 s cold, at the first profiled batch)."""
     samples = tuple(ProfileSample(b, 500 + 2 * b + 7, 0.1 + 0.01 * b, 3 + 2 * b, 5.0 if b == 8 else 1.0) for b in (8, 16))
-    args = dict(samples=samples, eval_batch=256, eval_peak_mb=400.0, eval_image_s=0.001, model_mb=10.0,
+    args = dict(samples=samples, eval_batch=256, eval_extra_mb=5.0, eval_image_s=0.001, model_mb=10.0,
                 source=MemorySource.RSS, device="cpu", seconds=2.0)
     return Profile(**{**args, **kw})
 
@@ -93,8 +93,8 @@ def test_the_budget_refuses_with_a_reason_when_nothing_fits():
     with pytest.raises(DoesNotFit, match=r"smallest batch size \(2\) is over cycle_memory_budget_mb=510") as info:
         fit_budget(p, plan, 64, 510)
     assert info.value.estimate.batch_size == 2
-    with pytest.raises(DoesNotFit, match="held-out evaluation"):
-        fit_budget(fake_profile(eval_peak_mb=900.0), plan, 64, 800)
+    with pytest.raises(DoesNotFit, match="held-out evaluation"):  # training at batch 2 fits, evaluating does not
+        fit_budget(fake_profile(eval_extra_mb=300.0), plan, 64, 800)
 
 
 def test_profile_batches_are_a_quarter_and_an_eighth():

@@ -26,7 +26,7 @@ FOREVER = 1000
 def fake_profile(scope: str) -> Profile:
     fixed, per_sample = (507, 2) if scope == "full" else (480, 1)
     return Profile(tuple(ProfileSample(b, fixed + per_sample * b, 0.1 + 0.01 * b, per_sample * b, 1.0) for b in (8, 16)),
-                   256, 400.0, 0.001, 10.0, MemorySource.RSS, "cpu", 0.5, scope)
+                   256, 2.0, 0.001, 10.0, MemorySource.RSS, "cpu", 0.5, scope)
 
 
 def fake_worker(job: CycleJob, control, events) -> None:
