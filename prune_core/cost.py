@@ -258,7 +258,11 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     }
     copies = plan.extra_models * profile.model_mb
     train_peak = profile.memory.at(batch_size) + copies
-    eval_peak = profile.memory.fixed + profile.eval_extra_mb + copies  # evaluated while the training state is held
+    # Evaluated while the training state is held. The resident set also keeps the heap that the training
+    # steps' activations freed (glibc does not hand it back), so there the two add up; CUDA's allocated
+    # bytes count live tensors only.
+    base = profile.memory.at(batch_size) if profile.source is MemorySource.RSS else profile.memory.fixed
+    eval_peak = base + profile.eval_extra_mb + copies
     return CostEstimate(
         batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=sum(phases.values()), phases=phases,
         train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
@@ -271,16 +275,16 @@ def fit_budget(profile: Profile, plan: CyclePlan, max_batch: int, budget_mb: flo
     (None: no budget, `max_batch`). Raises DoesNotFit, naming the figures, when none does."""
     if budget_mb is None:
         return estimate(profile, plan, max_batch)
+    for batch in range(max_batch, MIN_BATCH - 1, -1):
+        chosen = estimate(profile, plan, batch)
+        if chosen.peak_mb <= budget_mb:
+            return chosen
     smallest = estimate(profile, plan, MIN_BATCH)
-    if smallest.train_peak_mb > budget_mb:
-        raise DoesNotFit(f"predicted peak {smallest.train_peak_mb:.0f} MiB at the smallest batch size ({MIN_BATCH}) "
-                         f"is over cycle_memory_budget_mb={budget_mb:g}", smallest)
-    if smallest.eval_peak_mb > budget_mb:
-        raise DoesNotFit(f"the held-out evaluation (batch {profile.eval_batch}) is predicted to need "
-                         f"{smallest.eval_peak_mb:.0f} MiB, over cycle_memory_budget_mb={budget_mb:g}", smallest)
-    memory, copies = profile.memory, plan.extra_models * profile.model_mb
-    fits = max_batch if memory.per_sample == 0 else math.floor((budget_mb - copies - memory.fixed) / memory.per_sample)
-    return estimate(profile, plan, max(MIN_BATCH, min(max_batch, fits)))
+    if smallest.eval_peak_mb > smallest.train_peak_mb:
+        raise DoesNotFit(f"predicted peak {smallest.eval_peak_mb:.0f} MiB of the held-out evaluation (batch {profile.eval_batch}) "
+                         f"is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size ({MIN_BATCH})", smallest)
+    raise DoesNotFit(f"predicted peak {smallest.train_peak_mb:.0f} MiB at the smallest batch size ({MIN_BATCH}) "
+                     f"is over cycle_memory_budget_mb={budget_mb:g}", smallest)
 
 
 def profile_batches(batch_size: int) -> tuple[int, int]:

@@ -49,7 +49,10 @@ def test_estimate_sums_the_phases_of_a_retrain():
     held_passes = 2 + 2  # before, after each epoch, and the teacher's answers once
     assert math.isclose(est.duration_s, 1.0 + steps * (0.1 + 0.01 * 32) + held_passes * 100 * 0.001)
     assert est.phases[Phase.PROBES.value] == est.phases[Phase.RANKING.value] == est.phases[Phase.VALIDATION.value] == 0
-    assert est.peak_mb == est.train_peak_mb == 500 + 2 * 32 + 7 and est.batch_size == 32
+    assert est.train_peak_mb == 500 + 2 * 32 + 7 and est.batch_size == 32
+    assert est.peak_mb == est.eval_peak_mb == est.train_peak_mb + 5  # the heap keeps what training freed: they add up
+    cuda = estimate(fake_profile(source=MemorySource.CUDA), CyclePlan.of_retrain(config, 320, 100), 32)
+    assert cuda.peak_mb == cuda.train_peak_mb and cuda.eval_peak_mb == 500 + 7 + 5  # live tensors only: the larger
 
 
 def test_min_steps_and_a_last_batch_of_one_count_as_train_does():
@@ -83,18 +86,22 @@ def test_the_budget_picks_the_largest_batch_that_fits():
     p, plan = fake_profile(), CyclePlan.of_retrain(TrainConfig(), 320, 100)
     assert fit_budget(p, plan, 64, None).batch_size == 64
     assert fit_budget(p, plan, 64, 10_000).batch_size == 64
-    est = fit_budget(p, plan, 64, 560)  # 507 + 2·b ≤ 560 → b = 26
-    assert est.batch_size == 26 and est.peak_mb <= 560
-    assert estimate(p, plan, 27).peak_mb > 560
+    est = fit_budget(p, plan, 64, 560)  # 507 + 2·b + 5 ≤ 560 → b = 24
+    assert est.batch_size == 24 and est.peak_mb <= 560
+    assert estimate(p, plan, 25).peak_mb > 560
+    assert fit_budget(fake_profile(source=MemorySource.CUDA), plan, 64, 560).batch_size == 26  # 507 + 2·b ≤ 560
 
 
 def test_the_budget_refuses_with_a_reason_when_nothing_fits():
     p, plan = fake_profile(), CyclePlan.of_retrain(TrainConfig(), 320, 100)
-    with pytest.raises(DoesNotFit, match=r"smallest batch size \(2\) is over cycle_memory_budget_mb=510") as info:
-        fit_budget(p, plan, 64, 510)
+    cuda = fake_profile(source=MemorySource.CUDA, eval_extra_mb=0.0)
+    with pytest.raises(DoesNotFit, match=r"peak 511 MiB at the smallest batch size \(2\) is over cycle_memory_budget_mb=510") as info:
+        fit_budget(cuda, plan, 64, 510)
     assert info.value.estimate.batch_size == 2
-    with pytest.raises(DoesNotFit, match="held-out evaluation"):  # training at batch 2 fits, evaluating does not
-        fit_budget(fake_profile(eval_extra_mb=300.0), plan, 64, 800)
+    with pytest.raises(DoesNotFit, match=r"held-out evaluation .* smallest batch size \(2\)"):  # training at batch 2 fits
+        fit_budget(fake_profile(source=MemorySource.CUDA, eval_extra_mb=300.0), plan, 64, 800)
+    with pytest.raises(DoesNotFit, match="peak 516 MiB of the held-out evaluation"):  # resident set: 511 + 5
+        fit_budget(p, plan, 64, 514)
 
 
 def test_profile_batches_are_a_quarter_and_an_eighth():
