@@ -34,6 +34,7 @@ def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: "CycleJob", po
     per scope of `fallback_scopes`, measured lazily (the next only when the previous does not fit; no
     budget, only the first). CycleRefused, naming each scope's figures, when nothing fits."""
     from prune_core.cost import DoesNotFit, fit_budget
+    from prune_core.options import RetrainScope
 
     refusals, last = [], None
     for measured in profiles:
@@ -44,7 +45,7 @@ def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: "CycleJob", po
             last = exc
             continue
         changed = [f"{name} {new} (not {old})" for name, new, old in
-                   (("retraining scope", chosen.scope, job.retrain_scope), ("batch size", chosen.batch_size, job.batch_size)) if new != old]
+                   (("retraining scope", chosen.scope, RetrainScope(job.retrain_scope).value), ("batch size", chosen.batch_size, job.batch_size)) if new != old]
         note = " and ".join(changed) + f" to fit cycle_memory_budget_mb={job.memory_budget_mb}" if changed else ""
         post(CostPredictedEvent(chosen, job.memory_budget_mb, note))
         return chosen

@@ -214,7 +214,7 @@ class Scheduler:
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
             memory_budget_mb=s.cycle_memory_budget_mb,
             min_agreement=s.min_agreement, target_prior=served.prior.target(), prior_floor=s.prior_floor,
-            retrain_scope=s.cycle_retrain_scope.value,
+            retrain_scope=s.cycle_retrain_scope,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()

@@ -19,6 +19,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from prune_core.options import RetrainScope
+
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
 
 
@@ -69,7 +71,7 @@ class CycleJob:
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
     memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
-    retrain_scope: str = "full"  # prune_core.options.RetrainScope's value
+    retrain_scope: RetrainScope = RetrainScope.FULL
 
 
 def decide(summary: dict, max_drop: float, min_gain: float, min_agreement: float) -> tuple[bool, str]:

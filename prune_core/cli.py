@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from . import argtypes
 from .errors import UsageError
 from .jsonsafe import finite
+from .options import RetrainScope
 
 if TYPE_CHECKING:
     from .data import ImageSet
@@ -131,6 +132,7 @@ def _train_config(args) -> TrainConfig:
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, flip=not args.no_flip,
+        scope=args.retrain_scope,
     )
 
 
@@ -268,6 +270,9 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = 
         p.add_argument("--lr", type=float, default=0.01)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation (digits, text)")
+        p.add_argument("--retrain-scope", default=RetrainScope.FULL.value, choices=[s.value for s in RetrainScope],
+                       help="which parameters train: all, the last stages (last), and every normalisation layer (last_bn),"
+                            " or biases, normalisation layers and the classifier (bias)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     if data or training:
         p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")

@@ -351,7 +351,7 @@ def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor",
     frozen = Frozen(model, plan_scope(model, config.scope, config.last_share))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = distillation_loss(frozen.forward(x), y, t_logits, config)
+            loss = distillation_loss(model(x), y, t_logits, config)
         del loss
     finally:
         frozen.release()

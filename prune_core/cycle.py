@@ -95,7 +95,8 @@ def run_cycle(
     device = next(model.parameters()).device
     mean, std = card.mean, card.std
     guard, state = _progress_guard(should_continue)
-    held = lambda: batches(held_set, 256, mean, std, device=device)  # noqa: E731
+    # evaluated at the training batch size, so judging never needs more memory than retraining
+    held = lambda: batches(held_set, config.train.batch_size, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
     acc_before = evaluate(base, held())
     evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT

@@ -17,7 +17,6 @@ and/or the cheap ones, with no graph kept for a frozen front.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -148,6 +147,13 @@ def _cool(optimizer: torch.optim.Optimizer, cooling: tuple[int, int, float], ste
         group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - began) / length)))
 
 
+def _changing_state(model: nn.Module, trainable: set[str]) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: the trainable parameters and every buffer (batch-norm
+    statistics move in frozen layers too); a partial scope does not pay for a copy of the frozen rest."""
+    params = {name for name, _ in model.named_parameters()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k not in params}
+
+
 def train(
     model: nn.Module,
     train_set: ImageSet,
@@ -188,18 +194,19 @@ def train(
     steps = 0
     # The held-out split judges only if it can: labelled samples, or a teacher to agree with.
     judged = val_set is not None and len(val_set) > 0 and (val_set.labelled > 0 or teacher is not None)
-    val_batches = (lambda: batches(val_set, 256, mean, std, device=device)) if judged else None
+    # at the training batch size: a larger held-out batch would set the run's peak memory (partial scopes)
+    val_batches = (lambda: batches(val_set, config.batch_size, mean, std, device=device)) if judged else None
     teacher_logits = None  # the teacher is fixed: its held-out answers are computed once, where they count
     if judged and teacher is not None and (config.distill_weight > 0 or val_set.labelled < len(val_set)):
         with torch.no_grad():
             teacher_logits = [teacher(x) for x, _ in val_batches()]
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _changing_state(model, trainable)
     best, lowest_loss = _held_out(model, teacher_logits, val_batches, config) if judged else (float("-inf"), float("inf"))
     result.best_score, since_best = best, 0
     bar = tqdm(total=epochs * per_epoch, disable=None if progress else True, desc="train", unit="batch", leave=False)
     cooling: tuple[int, int, float] | None = None  # (step it began at, its length in steps, lr then) once early stopping fired
     last_epoch, epoch = epochs, 0
-    frozen = Frozen(model, result.plan)
+    frozen = Frozen(model, result.plan)  # released in the `finally` below
     try:
         while epoch < last_epoch:
             epoch += 1
@@ -217,7 +224,7 @@ def train(
                 ask = teacher is not None and (config.distill_weight > 0 or bool((y < 0).any()))
                 with torch.no_grad():
                     t_logits = teacher(x) if ask else None
-                loss = distillation_loss(frozen.forward(x), y, t_logits, config)
+                loss = distillation_loss(model(x), y, t_logits, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -248,7 +255,7 @@ def train(
             lowest_loss = min(lowest_loss, val_loss)
             if not judged or score >= best:
                 best = score
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _changing_state(model, trainable)
                 result.best_epoch, result.best_score = epoch, score
             if result.stopped:
                 break
@@ -266,7 +273,7 @@ def train(
     finally:
         frozen.release()
         bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)  # what it lacks, the frozen parameters, did not change
     model.eval()
     result.seconds = time.monotonic() - started
     return result

@@ -10,12 +10,11 @@ found the same way, prune_core.architectures.classifier_module). A share of the 
 rather than of the parameters: the last stages of a CNN hold most of its parameters (a share of
 them would be a part of one stage), while its cost in time and activations is spread over its depth.
 
-No graph for the frozen front. While `Frozen.forward` runs the model, autograd is off until a
-module that owns a trainable parameter starts: a forward pre-hook on each such module turns it
-back on. Everything that runs before it executes as under ``torch.no_grad()`` and its activations
-are freed at once. Correctness does not rest on module order: whatever module holds a trainable
-parameter turns autograd on before it runs, so where a user's network registers its modules out
-of execution order only less memory is saved, never a gradient lost.
+No graph for the frozen front. Autograd records an operation only when one of its inputs requires
+grad; the image does not, and neither do the frozen parameters, so every layer before the first one
+that trains runs as under ``torch.no_grad()``: it keeps no activation for the backward pass, and
+the gradient stops there. No hook and no assumption on module order are needed, and wherever a
+frozen layer runs after a trainable one, the gradient flows through it as it must.
 
 Frozen modules keep their train/eval mode: the batch-norm layers of a frozen front still normalise
 with batch statistics and update their running statistics while retraining (no graph is needed for
@@ -90,10 +89,12 @@ def plan_scope(model: nn.Module, scope: RetrainScope | str, last_share: float) -
         stages, first = _last_stage_modules(model, last_share)
     classifier = classifier_module(model) if scope is RetrainScope.BIAS else None
     trainable, frozen, count, total = [], [], 0, 0
+    seen: set[int] = set()  # a parameter shared by two modules is planned once, under its first name
     for module_name, module in model.named_modules():
         for attr, param in module._parameters.items():
-            if param is None:
+            if param is None or id(param) in seen:
                 continue
+            seen.add(id(param))
             name = f"{module_name}.{attr}" if module_name else attr
             total += param.numel()
             if scope is RetrainScope.FULL:
@@ -115,49 +116,21 @@ def plan_scope(model: nn.Module, scope: RetrainScope | str, last_share: float) -
 
 
 class Frozen:
-    """`plan` applied to `model`: its frozen parameters stop requiring grad, and `forward` runs the
-    model with autograd off until a module owning a trainable parameter starts. `release` restores
-    what requires grad and removes the hooks (the model is then as it was, weights aside)."""
+    """`plan` applied to `model`: its frozen parameters stop requiring grad (so the optimizer never
+    sees them and no graph is built before the first trainable layer). `release` restores them."""
 
     def __init__(self, model: nn.Module, plan: ScopePlan):
         self.model, self.plan = model, plan
-        self._restore: list[nn.Parameter] = []
-        self._hooks = []
-        self._outer = False  # autograd was on when forward began
-        if plan.scope is RetrainScope.FULL:
-            return
         params = dict(model.named_parameters())
-        for name in plan.frozen:
-            if params[name].requires_grad:
-                params[name].requires_grad_(False)
-                self._restore.append(params[name])
-        trainable = set(plan.trainable)
-        for module_name, module in model.named_modules():
-            prefix = f"{module_name}." if module_name else ""
-            if any(prefix + attr in trainable for attr, p in module._parameters.items() if p is not None):
-                self._hooks.append(module.register_forward_pre_hook(self._enable))
-
-    def _enable(self, module: nn.Module, args) -> None:
-        if self._outer and not torch.is_grad_enabled():
-            torch.set_grad_enabled(True)
+        self._restore = [params[name] for name in plan.frozen if params[name].requires_grad]
+        for param in self._restore:
+            param.requires_grad_(False)
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, in the model's order (what the optimizer gets)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._hooks:
-            return self.model(x)
-        self._outer = torch.is_grad_enabled()
-        try:
-            with torch.no_grad():
-                return self.model(x)
-        finally:
-            self._outer = False
-
     def release(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
         for param in self._restore:
             param.requires_grad_(True)
-        self._hooks, self._restore = [], []
+        self._restore = []

@@ -147,7 +147,7 @@ def flow(tmp_path_factory, mnist_folder, work, edgetune, side_runs) -> dict:
     out["train"] = ok(run_edgetune("train", base, "--data", mnist_folder, "--epochs", "1", "--no-flip", "--quiet"))
     out["prune"] = ok(run_edgetune(
         "prune", base, "--data", mnist_folder, "--level", "0.5", "--criterion", "activation", "--allocation", "global", "--epochs", "1",
-        "--fade", "1", "--no-flip", "--quiet", "--out", pruned,
+        "--fade", "1", "--retrain-scope", "last_bn", "--no-flip", "--quiet", "--out", pruned,
     ))
     with ThreadPoolExecutor(max_workers=2) as pool:  # read-only commands on the pruned model
         later = {
@@ -187,6 +187,7 @@ def test_train(flow):
 def test_prune_summary(flow):
     s = flow["prune"]
     assert s["criterion"] == "activation" and s["level"] == 0.5 and s["level_requested"] == 0.5 and s["fade_epochs"] == 1
+    assert s["retrain_scope"] == s["retrain_plan"]["scope"] == "last_bn" and 0 < s["retrain_plan"]["trainable_share"] < 1
     assert s["allocation"] == s["allocation_used"] == s["probes"][0]["allocation"] == "global"
     for key in ("params_before", "params_after", "macs_before", "macs_after", "top1_before", "top1_after", "seconds", "peak_rss_mb"):
         assert key in s, key

@@ -58,7 +58,8 @@ def fake_worker(job: CycleJob, control, events) -> None:
     level = 0.5 if job.level == "auto" else float(job.level)
     summary = {"params_before": PARAMS, "params_after": int(PARAMS * (1 - level)), "macs_before": 10 * PARAMS,
                "macs_after": int(10 * PARAMS * (1 - level)), "top1_before": 0.9, "top1_after": 0.9,
-               "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level}
+               "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level,
+               "retrain_scope": job.retrain_scope.value}
     accepted, reason = decide(summary, job.max_accuracy_drop, job.min_size_gain, job.min_agreement)
     events.put(watch.measured())
     if accepted:

@@ -22,6 +22,8 @@ def test_toml_then_env_then_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGETUNE_THERMAL_LIMIT_C", "60")
     s = load_settings(state_dir=tmp_path, port=9100)
     assert (s.idle_seconds, s.thermal_limit_c, s.port) == (12, 60, 9100)
+    monkeypatch.setenv("EDGETUNE_CYCLE_RETRAIN_SCOPE", "last_bn")
+    assert load_settings(state_dir=tmp_path).cycle_retrain_scope.value == "last_bn"
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,7 @@ def test_toml_then_env_then_arguments(tmp_path, monkeypatch):
         ("", {"EDGETUNE_CYCLE_CRITERION": "magic"}, "cycle_criterion"),
         ("cycle_allocation = 'global,global'\n", {}, "cycle_allocation"),
         ("", {"EDGETUNE_MIN_SAMPLES": "0"}, "min_samples"),
+        ("cycle_retrain_scope = 'everything'\n", {}, "cycle_retrain_scope"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, monkeypatch, toml, env, field):
