@@ -104,8 +104,8 @@ def test_the_budget_refuses_with_a_reason_when_nothing_fits():
         fit_budget(p, plan, 64, 514)
 
 
-def test_profile_batches_are_a_quarter_and_an_eighth():
-    assert profile_batches(64) == (8, 16)
+def test_profile_batches_are_a_quarter_and_a_half():
+    assert profile_batches(64) == (16, 32)
     assert profile_batches(8) == (2, 4)
     assert profile_batches(2) == (2, 4)
 
