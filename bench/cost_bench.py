@@ -100,6 +100,27 @@ def worker_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, ba
     return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
 
 
+def cycle_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, batch: int) -> dict:
+    """A whole cycle (`run_cycle`: fine-tune 1 epoch, l1 ranking, prune to 0.5, retrain) in one fresh
+    process, as the worker runs it: profile, predict, reset the peak mark, run."""
+    import torch
+
+    from prune_core.cost import CyclePlan, PeakMeter, estimate, profile, profile_batches
+    from prune_core.cycle import CycleConfig, run_cycle
+    from prune_core.model_format import ModelCard
+
+    model, train_set, held_set = _setup(arch, size, train_n, held_n)
+    config = CycleConfig(level=0.5, criterion="l1", finetune_before=1, train=_config(batch, epochs))
+    prof = profile(model, train_set, held_set, MEAN, STD, config.train, profile_batches(batch), clock=time.process_time)
+    est = estimate(prof, CyclePlan.of_cycle(config, train_n, held_n), batch)
+    card = ModelCard(arch=arch, num_classes=10, input_size=size, class_names=[str(i) for i in range(10)], mean=MEAN, std=STD)
+    meter = PeakMeter(torch.device(prof.device))
+    meter.reset()
+    t0, wall = time.process_time(), time.perf_counter()
+    run_cycle(model, card, train_set, held_set, config)
+    return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
+
+
 def _child(*args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
@@ -116,10 +137,11 @@ def main() -> None:
     p.add_argument("--train", type=int, default=384, help="training samples (one epoch)")
     p.add_argument("--held", type=int, default=128, help="held-out samples (evaluated before and after the epoch)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--mode", choices=("fresh", "worker"), default="fresh",
+    p.add_argument("--mode", choices=("fresh", "worker", "cycle"), default="fresh",
                    help="fresh: predict in one process, run each batch size in another, clean one; worker: per cell one process"
-                   " that profiles, predicts, resets the peak mark and runs, as the cycle worker does")
-    p.add_argument("--child", choices=("predict", "measure", "cell"), help=argparse.SUPPRESS)
+                   " that profiles, predicts, resets the peak mark and runs, as the cycle worker does; cycle: the same for a"
+                   " whole run_cycle (fine-tune 1 epoch, l1, level 0.5, retrain --epochs) instead of one train()")
+    p.add_argument("--child", choices=("predict", "measure", "cell", "cycle"), help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -130,6 +152,9 @@ def main() -> None:
     if a.child == "cell":
         batch, max_batch = batches
         print(json.dumps(worker_cell(a.arch, a.size, a.train, a.held, a.epochs, batch, max_batch)))
+        return
+    if a.child == "cycle":
+        print(json.dumps(cycle_cell(a.arch, a.size, a.train, a.held, a.epochs, batches[0])))
         return
     if a.child == "measure":
         print(json.dumps(measure(a.arch, a.size, a.train, a.held, a.epochs, batches[0])))
@@ -146,8 +171,11 @@ def main() -> None:
                 if a.mode == "fresh":
                     meas = _child("--child", "measure", *where, "--batches", str(b), *common)
                     est = pred["cells"][str(b)]
-                else:
+                elif a.mode == "worker":
                     meas = _child("--child", "cell", *where, "--batches", f"{b},{max(batches)}", *common)
+                    est = meas["estimate"]
+                else:
+                    meas = _child("--child", "cycle", *where, "--batches", str(b), *common)
                     est = meas["estimate"]
                 mem_err = est["peak_mb"] / meas["peak_mb"] - 1
                 dur_err = est["duration_s"] / meas["duration_s"] - 1
