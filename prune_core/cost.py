@@ -10,7 +10,8 @@ plus one timed evaluation pass at the cycle's evaluation batch (what it adds to 
 at a small training batch it can be the larger peak). A cycle's duration is the sum of its phases (fine-tuning,
 ranking, level-search probes, validation), each a count of training steps and evaluated images
 times the measured times. It is the longest path: no early stop, the most probes a level search
-can take, and pruned models costed as the unpruned one (they are smaller and faster).
+can take, and pruned models costed as the unpruned one (they are smaller and faster). The prune
+itself (Torch-Pruning's dependency graph, MAC counts) is not profiled.
 
 Memory is what the process holds, measured where it is spent: on CPU the resident set's high-water
 mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs); on CUDA the caching allocator's
