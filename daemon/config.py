@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     cycle_memory_limit_mb: int | None = Field(
         None, ge=64, description="address-space limit of the cycle worker in MiB (RLIMIT_AS); over it the cycle fails as out of memory."
         " Unset = unlimited. CPU only: CUDA reserves far more address space than it uses, so on a GPU use the unit's MemoryMax")
+    cycle_memory_budget_mb: int | None = Field(
+        None, ge=64, description="the cycle's predicted peak memory in MiB must fit this: before its heavy work the worker profiles a"
+        " few training steps and picks the largest batch size up to cycle_batch_size that fits; when none does the cycle is"
+        " refused (failed, with the figures). Unset = no budget (the prediction is still made and recorded)")
     cycle_backoff_base_s: float = Field(60.0, ge=0, description="after a failed cycle, wait this long before an automatic one; doubles per failure in a row")
     cycle_backoff_max_s: float = Field(3600.0, ge=0, description="the longest wait between automatic cycles after repeated failures")
     pause_timeout_s: float = Field(900.0, gt=0, description="a cycle paused longer than this is aborted")

@@ -36,6 +36,7 @@ class CycleRecord:
     version_after: str | None = None
     paused_seconds: float = 0.0
     engines: list = field(default_factory=list)  # BuildOutcome.to_dict() per backend built for the candidate before its swap
+    cost: dict = field(default_factory=dict)  # predicted (and budget, note) before the heavy work; actual after it
 
     def __post_init__(self) -> None:
         self.state = CycleState(self.state)  # records on disk carry the plain value

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
+from prune_core.cost import CostEstimate, MeasuredCost  # plain records: no torch
+
 
 @dataclass(frozen=True)
 class StepEvent:
@@ -37,6 +39,26 @@ class ProbeEvent:
 
 
 @dataclass(frozen=True)
+class CostPredictedEvent:
+    """The cycle's predicted cost at the batch size it will use (None where it could not be measured),
+    the memory budget it was chosen for, and a note (a smaller batch, a refusal, why no prediction)."""
+
+    estimate: CostEstimate | None
+    budget_mb: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"predicted": self.estimate.to_dict() if self.estimate else None, "budget_mb": self.budget_mb, "note": self.note}
+
+
+@dataclass(frozen=True)
+class CostMeasuredEvent:
+    """The cycle's actual peak memory and duration, over the span the prediction covers."""
+
+    actual: MeasuredCost
+
+
+@dataclass(frozen=True)
 class ResultEvent:
     accepted: bool
     reason: str
@@ -61,7 +83,7 @@ class AbortedEvent:
 
 
 FinalEvent = Union[ResultEvent, FailedEvent, AbortedEvent]
-WorkerEvent = Union[StepEvent, ProgressEvent, ProbeEvent, ResultEvent, FailedEvent, AbortedEvent]
+WorkerEvent = Union[StepEvent, ProgressEvent, ProbeEvent, CostPredictedEvent, CostMeasuredEvent, ResultEvent, FailedEvent, AbortedEvent]
 FINAL_EVENTS = (ResultEvent, FailedEvent, AbortedEvent)
 
 

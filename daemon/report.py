@@ -66,6 +66,7 @@ def build_report(record: dict, evidence: dict) -> dict:
         "accuracy": {k: m.get(k) for k in ("top1_before", "top1_after", "top1_ceiling", "agreement_with_before")},
         "size": {k: m.get(k) for k in ("params_before", "params_after", "macs_before", "macs_after")},
         "level": m.get("level"), "probes": m.get("probes", record.get("probes", [])),
+        "cost": record.get("cost") or {},  # predicted beside actual
         "channels": evidence.get("channels") or [],
         "curve": [
             {"step": step, "run": run, "epoch": epoch, "loss": loss if math.isfinite(loss) else None}

@@ -21,7 +21,7 @@ from .config import Settings
 from .cycle_records import CycleRecord, CycleStore
 from .cycle_state import CycleState
 from .engines import backends_to_build
-from .events import FINAL_EVENTS, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
+from .events import FINAL_EVENTS, CostMeasuredEvent, CostPredictedEvent, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
 from .gate import Gate, GateState
 from .installer import Installer
 from .metrics import Metrics
@@ -213,6 +213,7 @@ class Scheduler:
             finetune_before=s.cycle_finetune_before, tolerance=s.cycle_tolerance, batch_size=s.cycle_batch_size,
             min_steps=s.cycle_min_steps, hflip=s.cycle_hflip, max_accuracy_drop=s.max_accuracy_drop,
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
+            memory_budget_mb=s.cycle_memory_budget_mb,
             min_agreement=s.min_agreement, min_label_evidence=s.min_label_evidence, target_prior=served.prior.target(), prior_floor=s.prior_floor,
             retrain_scope=s.cycle_retrain_scope,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
@@ -235,6 +236,10 @@ class Scheduler:
                 record.progress = event.to_dict()
             elif isinstance(event, ProbeEvent):
                 record.probes.append(event.probe)
+            elif isinstance(event, CostPredictedEvent):
+                record.cost = event.to_dict()
+            elif isinstance(event, CostMeasuredEvent):
+                record.cost = {**record.cost, "actual": event.actual.to_dict()}
             elif isinstance(event, FINAL_EVENTS):
                 final = event
         return final

@@ -71,6 +71,7 @@ class CycleJob:
     min_label_evidence: int = 200
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
+    memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
     retrain_scope: RetrainScope = RetrainScope.FULL
     engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
     serving_threads: int | None = None
@@ -141,6 +142,7 @@ def run_worker(job: CycleJob, control, events) -> None:
         from prune_core.teacher import corrected_teacher
 
         from .buffer import read_snapshot
+        from .cycle_cost import predict_cost
 
         torch.manual_seed(job.seed)
         device = pick_device(job.device)
@@ -180,10 +182,12 @@ def run_worker(job: CycleJob, control, events) -> None:
             ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
+        config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, 1 + teacher.corrected, post)
         result = run_cycle(
             teacher.model, teacher.student_card, train_set, held_set, config, should_continue=should_continue,
             on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version,
         )
+        post(watch.measured())
         result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note,
                                      "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()

@@ -66,6 +66,7 @@ class Criterion(ABC):
 
     name: ClassVar[str]
     data_aware: ClassVar[bool] = False
+    backward: ClassVar[bool] = False  # ranks by gradients: each calibration batch costs a backward pass too
     prefer_norm_layers: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, max_batches: int | None = None):
@@ -191,6 +192,7 @@ class Taylor(Criterion):
 
     name = "taylor"
     data_aware = True
+    backward = True
     prefer_norm_layers = True
 
     def score(self, model, batches=None):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
 from .options import RetrainScope, parse_scope
+from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
 
 
@@ -185,8 +186,7 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum, nesterov=True,
     )
-    per_epoch = math.ceil(len(train_set) / config.batch_size)
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))  # small device buffers need more passes
+    epochs, per_epoch = schedule(len(train_set), config.batch_size, config.epochs, config.min_steps)  # small device buffers need more passes
     total_steps = max(1, epochs * per_epoch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"

@@ -184,6 +184,16 @@ function renderGate(sched) {
   $("gate-reasons").replaceChildren(...(sched.why_not_running || []).map((r) => el("li", {}, r)));
 }
 
+// "predicted 812 MiB peak, 4 min 3 s (batch 32, full) · actual 790 MiB, 3 min 50 s"
+function costLine(cost) {
+  if (!cost || (!cost.predicted && !cost.note)) return null;
+  const pr = cost.predicted, ac = cost.actual;
+  let text = pr ? "predicted " + bytes(pr.peak_mb * 1048576) + " peak, " + duration(pr.duration_s) + " (batch " + pr.batch_size + ", " + pr.scope + ")" : cost.note;
+  if (pr && cost.budget_mb) text += " of " + cost.budget_mb + " MiB budget";
+  if (ac) text += " · actual " + bytes(ac.peak_mb * 1048576) + ", " + duration(ac.duration_s);
+  return text;
+}
+
 function renderCycle(cycle) {
   const box = $("cycle-now");
   if (!cycle) { box.replaceChildren(el("p", { class: "muted" }, "no cycle yet")); return; }
@@ -199,6 +209,8 @@ function renderCycle(cycle) {
   } else {
     rows.push(["finished", when(cycle.finished)]);
   }
+  const cost = costLine(cycle.cost);
+  if (cost) rows.push(["cost", cost]);
   if (cycle.reason) rows.push([running ? "waiting on" : "reason", cycle.reason]);
   box.replaceChildren(el("dl", {}, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
   if (running && num(p.batch) && num(p.batches_per_epoch)) box.append(bar("epoch " + p.epoch, p.batch, p.batches_per_epoch, p.batch + "/" + p.batches_per_epoch));

@@ -3,7 +3,9 @@ training. It sends the events the real worker sends, obeys pause and abort after
 decides with the real acceptance rule on a made-up summary (params shrink by the requested level),
 and writes an accepted candidate by copying the served model. `job.epochs` is its number of
 batches; FOREVER (the API's largest value) runs until aborted, so a test never races the end of a
-cycle. An empty snapshot fails as the real worker does."""
+cycle. An empty snapshot fails as the real worker does. Its cost prediction goes through the real
+budget rule (daemon/cycle_cost.choose) on made-up profiles: 507 MiB + 2 MiB per sample with full
+retraining, 480 MiB + 1 MiB per sample with a cheaper scope (its own, as the real worker profiles each)."""
 from __future__ import annotations
 
 import itertools
@@ -11,13 +13,21 @@ import shutil
 import time
 from pathlib import Path
 
+from daemon.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
 from daemon.acceptance import Acceptance, decide
 from daemon.worker import Aborted, CycleJob, obey
+from prune_core.cost import CyclePlan, MemorySource, Profile, ProfileSample
 
 BATCH_S = 0.002
 PARAMS = 100_000
 FOREVER = 1000
+
+
+def fake_profile(scope: str) -> Profile:
+    fixed, per_sample = (507, 2) if scope == "full" else (480, 1)
+    return Profile(tuple(ProfileSample(b, fixed + per_sample * b, 0.1 + 0.01 * b, per_sample * b, 1.0) for b in (8, 16)),
+                   256, 2.0, 0.001, 10.0, MemorySource.RSS, "cpu", 0.5, scope)
 
 
 def fake_worker(job: CycleJob, control, events, engines=None) -> None:
@@ -26,6 +36,13 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
         events.put(FailedEvent("ValueError: snapshot has 0 training and 0 held-out samples; need both"))
         return
     events.put(StepEvent("rank", {"train_samples": job.max_sample_id}))
+    try:
+        scopes = fallback_scopes(job.retrain_scope) if job.memory_budget_mb is not None else [job.retrain_scope]
+        choose(map(fake_profile, scopes), CyclePlan(job.max_sample_id, 4, job.epochs, extra_models=0), job, events.put)
+    except CycleRefused as exc:
+        events.put(FailedEvent(f"CycleRefused: {exc}"))
+        return
+    watch = CostWatch(None, time.monotonic())
     curve = []
     try:
         batches = itertools.count(1) if job.epochs >= FOREVER else range(1, job.epochs + 1)
@@ -45,6 +62,7 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
                "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level,
                "retrain_scope": job.retrain_scope.value}
     accepted, reason = decide(summary, Acceptance.of(job))
+    events.put(watch.measured())
     if accepted:
         events.put(StepEvent("write"))
         for name in ("model.json", "weights.safetensors"):

@@ -196,3 +196,61 @@ def test_periodic_cycles_wait_out_the_backoff(make_inproc):
     assert len(cycles) == 2 and cycles[0]["trigger"] == "periodic" and cycles[0]["state"] == "queued"
     d.tick()
     assert d.cycle(cycles[0]["id"])["state"] == "running"
+
+
+def test_the_running_cycle_shows_its_cost_prediction(inproc):
+    seed(inproc, 12)
+    cycle_id = inproc.client.post("/prune", json={"force": True, "epochs": FOREVER}).json()["cycle_id"]
+    record = inproc.run_until(cycle_id, lambda r: r["cost"] or final(r))
+    assert record["state"] == "running", record
+    cost = inproc.client.get("/status").json()["cycle"]["cost"]
+    assert cost["predicted"]["batch_size"] == 64 and cost["budget_mb"] is None and cost["note"] == ""
+    assert cost["predicted"]["peak_mb"] == 507 + 2 * 64 + 2 and cost["predicted"]["duration_s"] > 0
+    assert "actual" not in cost  # not yet
+    inproc.rt.scheduler.stop()
+
+
+def test_the_cycle_record_has_the_predicted_cost_beside_the_actual(inproc):
+    seed(inproc, 12)
+    cycle_id = inproc.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 3}).json()["cycle_id"]
+    record = inproc.run_until(cycle_id, final)
+    assert record["state"] == "accepted", record
+    shown = inproc.client.get(f"/cycles/{cycle_id}").json()["cost"]
+    assert shown["predicted"]["batch_size"] == 64 and set(shown["predicted"]["phases"]) == {"finetune", "ranking", "probes", "validation"}
+    assert shown["actual"]["duration_s"] >= 0 and "peak_mb" in shown["actual"]
+
+
+def test_a_tight_budget_picks_a_smaller_batch(make_inproc):
+    d = make_inproc(cycle_memory_budget_mb=560)  # the fake profile: 507 MiB + 2 MiB per sample, evaluation 2 MiB
+    seed(d, 12)
+    cycle_id = d.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 2}).json()["cycle_id"]
+    record = d.run_until(cycle_id, final)
+    assert record["state"] == "accepted", record
+    cost = record["cost"]
+    assert cost["predicted"]["batch_size"] == 25 and cost["predicted"]["peak_mb"] <= 560 and cost["budget_mb"] == 560
+    assert "batch size 25 (not 64)" in cost["note"]
+
+
+def test_a_budget_full_retraining_cannot_meet_picks_a_cheaper_scope(make_inproc):
+    d = make_inproc(cycle_memory_budget_mb=510)  # full: 507 + 2·2 + 2 > 510 at the smallest batch; cheaper: 480 + b + 2
+    seed(d, 12)
+    cycle_id = d.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 2}).json()["cycle_id"]
+    record = d.run_until(cycle_id, final)
+    assert record["state"] == "accepted", record
+    predicted = record["cost"]["predicted"]
+    assert (predicted["scope"], predicted["batch_size"]) == ("last_bn", 28), record["cost"]
+    assert "retraining scope last_bn (not full) and batch size 28 (not 64)" in record["cost"]["note"]
+
+
+def test_a_budget_nothing_fits_refuses_the_cycle_with_the_figures(make_inproc):
+    d = make_inproc(cycle_memory_budget_mb=480)
+    seed(d, 12)
+    cycle_id = d.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 2}).json()["cycle_id"]
+    record = d.run_until(cycle_id, final)
+    assert record["state"] == "failed", record
+    assert "CycleRefused" in record["reason"] and "smallest batch size (2)" in record["reason"]
+    assert "cycle_memory_budget_mb=480" in record["reason"]
+    for scope in ("full", "last_bn", "last", "bias"):
+        assert f"retraining scope {scope}:" in record["reason"]
+    assert record["cost"]["predicted"]["batch_size"] == 2 and record["cost"]["note"].startswith("refused:")
+    assert d.client.get("/status").json()["model"]["version"] == "v0001"

@@ -62,6 +62,11 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
     _wait_state(d, cycle_id, "running", timeout=30)
     final = d.wait_cycle(cycle_id, ("accepted", "rejected", "failed", "aborted"))
     assert final["state"] in ("accepted", "rejected") and final["paused_seconds"] >= 1.0
+    # the real worker's cost prediction (a micro-profile) beside what the cycle then took
+    cost = final["cost"]
+    assert cost["predicted"]["batch_size"] == 64 and cost["predicted"]["source"] == "rss_hwm", cost
+    assert cost["predicted"]["peak_mb"] > 0 and cost["predicted"]["duration_s"] > 0
+    assert cost["actual"]["peak_mb"] > 0 and cost["actual"]["duration_s"] > 0
 
 
 def test_sustained_spike_aborts(make_daemon, device_images):

@@ -1,0 +1,431 @@
+"""A cycle's cost before it runs: its peak memory and duration on this device, by a micro-profile.
+
+As Ekya does, a few real training steps are run on the device itself, through `retrain.train` (so
+the cycle's own step: forward, teacher, loss, backward, optimizer step, with its TrainConfig), at
+two or more batch sizes, and lines are fitted:
+
+    peak memory = fixed + per_sample × batch        step time = overhead + per_sample × batch
+
+plus one timed evaluation pass at the cycle's evaluation batch (what it adds to the memory counts too:
+at a small training batch it can be the larger peak). A cycle's duration is the sum of its phases (fine-tuning,
+ranking, level-search probes, validation), each a count of training steps and evaluated images
+times the measured times. It is the longest path: no early stop, the most probes a level search
+can take, and pruned models costed as the unpruned one (they are smaller and faster). The prune
+itself (Torch-Pruning's dependency graph, MAC counts) is not profiled.
+
+Memory is what the process holds, measured where it is spent: on CPU the resident set's high-water
+mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs); on CUDA the caching allocator's
+max_memory_allocated. `fixed` therefore includes everything the process holds when profiled (the
+libraries, the data, the models); the copies of the model a cycle keeps beside the training pair are
+added per copy (`CyclePlan.extra_models`).
+
+torch is imported inside the functions that measure: the records (CostEstimate, MeasuredCost)
+travel between processes and the daemon without it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .schedule import schedule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .cycle import CycleConfig
+    from .data import ImageSet
+    from .retrain import TrainConfig
+
+EVAL_BATCH = 256  # the batch run_cycle and train evaluate the held-out split at
+MIN_BATCH = 2  # batch norm cannot train on one sample
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+
+
+class CostError(RuntimeError):
+    """The cost cannot be measured here (e.g. no way to reset the peak-memory mark)."""
+
+
+class DoesNotFit(ValueError):
+    """No batch size fits the memory budget; `estimate` is the cost at the smallest batch."""
+
+    def __init__(self, reason: str, estimate: "CostEstimate"):
+        super().__init__(reason)
+        self.estimate = estimate
+
+
+class MemorySource(str, Enum):
+    """What a peak-memory figure is."""
+
+    RSS = "rss_hwm"  # the process's resident-set high-water mark (CPU)
+    CUDA = "cuda_max_allocated"  # torch's CUDA caching allocator, tensors only
+
+
+class Phase(str, Enum):
+    FINETUNE = "finetune"  # ADaPT fine-tuning, or the ceiling the level search compares against
+    RANKING = "ranking"  # data-aware criteria's calibration passes
+    PROBES = "probes"  # per level tried: (fade,) retrain and score, for each criterion × allocation
+    VALIDATION = "validation"  # the cycle's own held-out evaluations
+
+
+@dataclass(frozen=True)
+class Line:
+    """y = fixed + per_sample · batch."""
+
+    fixed: float
+    per_sample: float
+
+    def at(self, batch: int) -> float:
+        return self.fixed + self.per_sample * batch
+
+    @staticmethod
+    def fit(points: Sequence[tuple[float, float]]) -> "Line":
+        """Least squares through (batch, value) points at two or more batch sizes. A negative slope
+        (noise: more samples never cost less) is clamped to 0, with the mean as the intercept."""
+        xs = [float(x) for x, _ in points]
+        if len(set(xs)) < 2:
+            raise ValueError("a line needs points at two or more batch sizes")
+        ys = [float(y) for _, y in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        if slope < 0:
+            return Line(my, 0.0)
+        return Line(my - slope * mx, slope)
+
+
+@dataclass(frozen=True)
+class ProfileSample:
+    """The training steps measured at one batch size."""
+
+    batch_size: int
+    peak_mb: float
+    step_s: float  # median time of one step (the first, warm-up step excluded)
+    saved_mb: float  # tensors autograd keeps for the backward pass of one step (activations, exactly counted)
+    run_overhead_s: float  # what one train() run costs beyond its steps: the first step's warm-up, set-up, teardown
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the micro-profile measured on this device."""
+
+    samples: tuple[ProfileSample, ...]
+    eval_batch: int
+    eval_extra_mb: float  # what one evaluation pass adds to what the process held when it began
+    eval_image_s: float  # one held-out image evaluated (forward, no graph)
+    model_mb: float  # one copy of the model's parameters and buffers
+    source: MemorySource
+    device: str
+    seconds: float  # what the profile itself took
+    scope: str = "full"  # the retraining scope (TrainConfig.scope) the steps ran with
+
+    @property
+    def memory(self) -> Line:
+        """The slope from the activations autograd saves (exactly counted, so linear in the batch); the
+        intercept from the peak measured at the largest profiled batch. Two peaks a few MiB apart would
+        give a slope of allocator noise (a heap keeps what it freed); the saved tensors are the part
+        that scales with the batch."""
+        per_sample = Line.fit([(s.batch_size, s.saved_mb) for s in self.samples]).per_sample
+        top = max(self.samples, key=lambda s: s.batch_size)
+        return Line(top.peak_mb - per_sample * top.batch_size, per_sample)
+
+    @property
+    def step(self) -> Line:
+        return Line.fit([(s.batch_size, s.step_s) for s in self.samples])
+
+    @property
+    def run_overhead_s(self) -> float:
+        """As measured at the last profiled batch: the first carries the process's cold start (kernels set
+        up on first use), which the profile has paid and the cycle that follows it does not pay again."""
+        return max(self.samples, key=lambda s: s.batch_size).run_overhead_s
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    """What a cycle will do, in the counts its cost depends on."""
+
+    train_samples: int
+    held_samples: int
+    epochs: int  # retraining epochs per try
+    min_steps: int = 0
+    finetune_epochs: int = 0  # ADaPT fine-tuning, or the ceiling's fine-tuning under level="auto"
+    fade_epochs: int = 0
+    probes: int = 1  # levels tried
+    tries: int = 1  # criterion × allocation pairs per level
+    forward_rankings: int = 0  # data-aware criteria that rank by forward passes
+    backward_rankings: int = 0  # ... and by gradients
+    calibration_batches: int = 32
+    validation_passes: int = 4  # evaluate before, after, and agreement (two models)
+    extra_models: int = 1  # model copies held beside the teacher, the student and its best state
+
+    @classmethod
+    def of_cycle(cls, config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 1) -> "CyclePlan":
+        """The plan of `run_cycle(config)` on these sample counts; `extra_models`: copies its caller holds
+        beyond run_cycle's own (the served model, its prior-corrected twin)."""
+        from .criteria import get_criterion, parse_criteria
+        from .level_search import DEFAULT_GRID
+        from .surgery import parse_allocations
+
+        criteria = [get_criterion(name) for name in parse_criteria(config.criterion)]
+        auto = config.level == "auto"
+        return cls(
+            train_samples=train_samples, held_samples=held_samples, epochs=config.train.epochs,
+            min_steps=config.train.min_steps,
+            finetune_epochs=config.finetune_before or (config.train.epochs if auto else 0),
+            fade_epochs=config.fade_epochs,
+            probes=math.ceil(math.log2(len(DEFAULT_GRID) + 1)) if auto else 1,  # a binary search's deepest path
+            tries=len(criteria) * len(parse_allocations(config.allocation)),
+            forward_rankings=sum(c.data_aware and not c.backward for c in criteria),
+            backward_rankings=sum(c.data_aware and c.backward for c in criteria),
+            calibration_batches=config.calibration_batches,
+            validation_passes=4 + (1 if auto else 0),
+            extra_models=extra_models,
+        )
+
+    @classmethod
+    def of_retrain(cls, config: "TrainConfig", train_samples: int, held_samples: int) -> "CyclePlan":
+        """The plan of one `train()` run (what bench/cost_bench.py measures)."""
+        return cls(train_samples, held_samples, config.epochs, min_steps=config.min_steps, probes=0, tries=0,
+                   validation_passes=0, extra_models=0, finetune_epochs=config.epochs)
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """A cycle's predicted cost at one batch size."""
+
+    batch_size: int
+    peak_mb: float
+    duration_s: float
+    phases: dict  # Phase value → seconds
+    train_peak_mb: float  # the training steps' peak, model copies included
+    eval_peak_mb: float  # the evaluation passes' peak, model copies included
+    source: MemorySource
+    device: str
+    profile_batches: tuple[int, ...]
+    profile_s: float
+    scope: str = "full"  # the retraining scope it is for
+    method: str = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["source"] = self.source.value
+        data["profile_batches"] = list(self.profile_batches)
+        return data
+
+
+@dataclass(frozen=True)
+class MeasuredCost:
+    """A cycle's actual cost, measured over the span the estimate predicts."""
+
+    peak_mb: float
+    duration_s: float
+    source: MemorySource | None  # None: the peak could not be measured here
+
+    def to_dict(self) -> dict:
+        return {"peak_mb": self.peak_mb, "duration_s": self.duration_s, "source": self.source.value if self.source else None}
+
+
+def _train_run_s(plan: CyclePlan, epochs: int, batch: int, step_s: float, overhead_s: float, eval_pass_s: float, judged: bool) -> float:
+    """One `train()`: its steps, and where judged its held-out passes (before, after each epoch, and
+    the teacher's answers once)."""
+    if epochs == 0 or plan.train_samples == 0:
+        return 0.0
+    run_epochs, per_epoch = schedule(plan.train_samples, batch, epochs, plan.min_steps)
+    trained = per_epoch - (1 if plan.train_samples % batch == 1 else 0)  # a last batch of one is skipped
+    return overhead_s + run_epochs * trained * step_s + ((run_epochs + 2) * eval_pass_s if judged else 0.0)
+
+
+def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate:
+    """The cost of `plan` at `batch_size` from `profile`'s lines."""
+    step_s = profile.step.at(batch_size)
+    image_s = profile.eval_image_s
+    eval_pass_s = plan.held_samples * image_s
+    retrain = _train_run_s(plan, plan.epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=True)
+    fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=False)
+    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=True)
+    calibration = min(plan.calibration_batches, math.ceil(plan.train_samples / batch_size)) if plan.train_samples else 0
+    phases = {
+        Phase.FINETUNE.value: finetune,
+        Phase.RANKING.value: calibration * (plan.forward_rankings * batch_size * image_s + plan.backward_rankings * step_s),
+        Phase.PROBES.value: plan.probes * plan.tries * (fade + retrain + eval_pass_s),
+        Phase.VALIDATION.value: plan.validation_passes * eval_pass_s,
+    }
+    copies = plan.extra_models * profile.model_mb
+    train_peak = profile.memory.at(batch_size) + copies
+    # Evaluated while the training state is held. The resident set also keeps the heap that the training
+    # steps' activations freed (glibc does not hand it back), so there the two add up; CUDA's allocated
+    # bytes count live tensors only.
+    base = profile.memory.at(batch_size) if profile.source is MemorySource.RSS else profile.memory.fixed
+    eval_peak = base + profile.eval_extra_mb + copies
+    return CostEstimate(
+        batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=sum(phases.values()), phases=phases,
+        train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
+        profile_batches=tuple(s.batch_size for s in profile.samples), profile_s=profile.seconds, scope=profile.scope,
+    )
+
+
+def fit_budget(profile: Profile, plan: CyclePlan, max_batch: int, budget_mb: float | None) -> CostEstimate:
+    """The estimate at the largest batch size ≤ `max_batch` whose predicted peak fits `budget_mb`
+    (None: no budget, `max_batch`). Raises DoesNotFit, naming the figures, when none does."""
+    if budget_mb is None:
+        return estimate(profile, plan, max_batch)
+    for batch in range(max_batch, MIN_BATCH - 1, -1):
+        chosen = estimate(profile, plan, batch)
+        if chosen.peak_mb <= budget_mb:
+            return chosen
+    smallest = estimate(profile, plan, MIN_BATCH)
+    if smallest.eval_peak_mb > smallest.train_peak_mb:
+        raise DoesNotFit(f"predicted peak {smallest.eval_peak_mb:.0f} MiB of the held-out evaluation (batch {profile.eval_batch}) "
+                         f"is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size ({MIN_BATCH})", smallest)
+    raise DoesNotFit(f"predicted peak {smallest.train_peak_mb:.0f} MiB at the smallest batch size ({MIN_BATCH}) "
+                     f"is over cycle_memory_budget_mb={budget_mb:g}", smallest)
+
+
+def profile_batches(batch_size: int) -> tuple[int, int]:
+    """The batch sizes profiled for a cycle configured at `batch_size`: a quarter and a half of it (at
+    least 2 and 4). Smaller ones cost less but extrapolate further: per-sample step time grows once
+    the activations outgrow the caches, which tiny batches do not show."""
+    low = max(MIN_BATCH, batch_size // 4)
+    return low, max(2 * MIN_BATCH, batch_size // 2, low + 2)
+
+
+class PeakMeter:
+    """The peak memory of this process since the last reset: VmHWM on CPU, CUDA max allocated on a GPU."""
+
+    def __init__(self, device: "torch.device"):
+        self.device = device
+        self.source = MemorySource.CUDA if device.type == "cuda" else MemorySource.RSS
+
+    def reset(self) -> None:
+        if self.source is MemorySource.CUDA:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS
+        except OSError as exc:
+            raise CostError(f"cannot reset the peak-memory mark ({CLEAR_REFS}: {exc})") from None
+
+    def peak_mb(self) -> float:
+        if self.source is MemorySource.CUDA:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            match = re.search(r"^VmHWM:\s+(\d+) kB", STATUS.read_text(), re.M)
+        except OSError as exc:
+            raise CostError(f"cannot read the peak-memory mark ({STATUS}: {exc})") from None
+        if match is None:
+            raise CostError(f"{STATUS} has no VmHWM line")
+        return int(match.group(1)) / 1024
+
+
+def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor", y: "torch.Tensor", config: "TrainConfig") -> float:
+    """MiB of the tensors autograd saves for the backward pass of one training step on (x, y) with
+    `config.scope` in effect (a frozen front saves nothing), each storage counted once. Parameters are
+    among them (constant in the batch: a slope drops them)."""
+    import torch
+
+    from .retrain import distillation_loss
+    from .scope import Frozen, plan_scope
+
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        t_logits = teacher(x) if teacher is not None else None
+    frozen = Frozen(model, plan_scope(model, config.scope, config.last_share))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = distillation_loss(model(x), y, t_logits, config)
+        del loss
+    finally:
+        frozen.release()
+        model.train(was_training)
+    return sum(seen.values()) / 2**20
+
+
+def model_mb(model: "nn.Module") -> float:
+    """One copy of the model's parameters and buffers, in MiB."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def profile(
+    teacher: "nn.Module",
+    train_set: "ImageSet",
+    held_set: "ImageSet",
+    mean: Sequence[float],
+    std: Sequence[float],
+    config: "TrainConfig",
+    batch_sizes: Sequence[int],
+    steps: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Profile:
+    """Run `steps` training steps of a copy of `teacher` (distilling from it, as a cycle does) at each of
+    `batch_sizes`, smallest first, and one held-out evaluation pass; `teacher` is not changed. `clock`
+    times them (a benchmark on shared cores passes time.process_time)."""
+    import torch
+
+    from .data import batches
+    from .measure import evaluate
+    from .retrain import train
+
+    if len(set(batch_sizes)) < 2:
+        raise ValueError("profile at two or more batch sizes")
+    if len(train_set) == 0 or len(held_set) == 0:
+        raise ValueError("profiling needs training and held-out samples")
+    started = time.monotonic()
+    device = next(teacher.parameters()).device
+    meter = PeakMeter(device)
+    student = copy.deepcopy(teacher)
+    # the evaluation first: in a cycle it comes first too, before training has grown the heap
+    held = held_set.subset(torch.arange(min(EVAL_BATCH, len(held_set))))
+    meter.reset()
+    held_before = meter.peak_mb()  # the mark starts at what the process holds now
+    evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))  # warm-up, and the memory
+    eval_extra = meter.peak_mb() - held_before
+    t0 = clock()
+    evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    eval_image_s = (clock() - t0) / len(held)
+    samples = []
+    for batch in sorted(set(batch_sizes)):
+        part = train_set.subset(torch.arange(batch * steps) % len(train_set))
+        stamps: list[float] = []
+        meter.reset()
+        t0 = clock()
+        train(student, part, None, mean, std, replace(config, epochs=1, batch_size=batch, min_steps=0), teacher=teacher,
+              on_step=lambda _share: stamps.append(clock()))
+        total = clock() - t0
+        peak = meter.peak_mb()
+        step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        x, y = next(iter(batches(part, batch, mean, std, device=device)))
+        samples.append(ProfileSample(batch, peak, step_s, saved_mb(student, teacher, x, y, config), total - steps * step_s))
+    size = model_mb(teacher)
+    del student
+    return Profile(tuple(samples), EVAL_BATCH, eval_extra, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
+                   config.scope.value)
+
+
+__all__ = [
+    "CostError", "CostEstimate", "CyclePlan", "DoesNotFit", "Line", "MeasuredCost", "MemorySource", "PeakMeter",
+    "Phase", "Profile", "ProfileSample", "estimate", "fit_budget", "model_mb", "profile", "profile_batches",
+]
