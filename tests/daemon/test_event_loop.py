@@ -1,0 +1,42 @@
+"""`edgetune serve` runs on the event loop uvicorn picks (uvloop when installed), Python 3.8 to 3.13."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvicorn
+
+from daemon import service
+
+
+async def _app(scope, receive, send):  # pragma: no cover - never called
+    raise AssertionError
+
+
+def _loop_type():
+    seen: list[type] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    return seen, main
+
+
+def test_auto_runs_on_uvloop_when_installed():
+    uvloop = pytest.importorskip("uvloop")
+    seen, main = _loop_type()
+    service.run(main(), service.loop_factory(uvicorn.Config(_app, loop="auto")))
+    assert seen == [uvloop.Loop]
+
+
+def test_asyncio_loop_when_asked():
+    seen, main = _loop_type()
+    service.run(main(), service.loop_factory(uvicorn.Config(_app, loop="asyncio")))
+    assert seen and not seen[0].__module__.startswith("uvloop")
+    assert issubclass(seen[0], asyncio.AbstractEventLoop)
+
+
+def test_no_factory_is_asyncio_run():
+    seen, main = _loop_type()
+    service.run(main(), None)
+    assert seen and not seen[0].__module__.startswith("uvloop")
