@@ -92,7 +92,7 @@ def run(main: Coroutine[Any, Any, None], factory: Callable[[], asyncio.AbstractE
     if factory is None:
         asyncio.run(main)
     elif sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=factory) as runner:  # novermin (guarded: 3.11+)
             runner.run(main)
     else:
         loop = factory()

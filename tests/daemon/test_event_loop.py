@@ -40,3 +40,17 @@ def test_no_factory_is_asyncio_run():
     seen, main = _loop_type()
     service.run(main(), None)
     assert seen and not seen[0].__module__.startswith("uvloop")
+
+
+def test_before_python_3_11_the_loop_is_run_and_closed_by_hand(monkeypatch):
+    """Python 3.8 to 3.10 have no asyncio.Runner: the factory's loop runs the coroutine and is closed."""
+    made: list[asyncio.AbstractEventLoop] = []
+
+    def factory() -> asyncio.AbstractEventLoop:
+        made.append(asyncio.new_event_loop())
+        return made[-1]
+
+    seen, main = _loop_type()
+    monkeypatch.setattr(service.sys, "version_info", (3, 10, 0))
+    service.run(main(), factory)
+    assert seen == [type(made[0])] and made[0].is_closed()
