@@ -7,7 +7,9 @@ backend's own engine, daemon.engines), decoding one request's image, a bare Fast
 trip on the same machine (the HTTP floor), `/infer` p50/p99 for one sequential client, throughput
 with 1, 4 and 16 concurrent clients, failed requests across 20 swaps under load, the daemon's idle
 RSS and its start-up time (process start to /readyz 200); a table puts the issue's targets beside
-the numbers.
+the numbers. The daemon serves with one onnxruntime intra-op thread (`serving_threads = 1`), as the
+in-process forward is measured; run it with OMP_NUM_THREADS=1 so torch's matches. The concurrent
+clients use a minimal keep-alive HTTP client (`--client raw`) unless `--client httpx`.
 
     python bench/serve_bench.py [--backends torch,onnxruntime] [--requests 300] [--seconds 5]
 
@@ -547,10 +549,14 @@ def batch_sizes(client: httpx.Client) -> tuple[float, float]:
     return count, total
 
 
-def serving_backend_supported() -> bool:
+def _settings_fields() -> set[str]:
     from daemon.config import Settings
 
-    return "serving_backend" in Settings.model_fields
+    return set(Settings.model_fields)
+
+
+def serving_backend_supported() -> bool:
+    return "serving_backend" in _settings_fields()
 
 
 def reported_backend(status: dict) -> str:
@@ -568,6 +574,8 @@ def daemon(state_dir: Path, backend: str, log: Path, code: str | None = None) ->
     config = {"telemetry": "simulated", "simulated_telemetry": str(telemetry), "auto_cycles": False, "generalist_fallback": False}
     if serving_backend_supported() and not (code and backend == "torch"):  # an older checkout may not know the setting
         config["serving_backend"] = backend
+    if "serving_threads" in _settings_fields() and not code:
+        config["serving_threads"] = 1  # as the in-process forward it is compared with (and torch's OMP_NUM_THREADS=1)
     (state_dir / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
