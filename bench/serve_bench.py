@@ -7,7 +7,9 @@ backend's own engine, daemon.engines), decoding one request's image, a bare Fast
 trip on the same machine (the HTTP floor), `/infer` p50/p99 for one sequential client, throughput
 with 1, 4 and 16 concurrent clients, failed requests across 20 swaps under load, the daemon's idle
 RSS and its start-up time (process start to /readyz 200); a table puts the issue's targets beside
-the numbers.
+the numbers. The daemon serves with one onnxruntime intra-op thread (`serving_threads = 1`), as the
+in-process forward is measured; run it with OMP_NUM_THREADS=1 so torch's matches. The concurrent
+clients use a minimal keep-alive HTTP client (`--client raw`) unless `--client httpx`.
 
     python bench/serve_bench.py [--backends torch,onnxruntime] [--requests 300] [--seconds 5]
 
@@ -430,8 +432,8 @@ def sequential(client: httpx.Client, path: str, payloads: list[bytes], requests:
     return out
 
 
-async def _closed_loop(url: str, payloads: list[bytes], clients: int, stop) -> tuple[int, int, float]:
-    """`clients` connections each sending /infer back to back until stop(): (answered, failed, seconds)."""
+async def _closed_loop_httpx(url: str, payloads: list[bytes], clients: int, stop) -> tuple[int, int, float]:
+    """`clients` httpx connections each sending /infer back to back until stop(): (answered, failed, seconds)."""
     done = [0, 0]
 
     async def one(k: int, client: httpx.AsyncClient) -> None:
@@ -451,11 +453,58 @@ async def _closed_loop(url: str, payloads: list[bytes], clients: int, stop) -> t
         return done[0], done[1], time.perf_counter() - start
 
 
-def throughput(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple[float, int]:
-    """Answered requests per second with `clients` concurrent clients, and the failed ones."""
+async def _closed_loop_raw(url: str, payloads: list[bytes], clients: int, stop) -> tuple[int, int, float]:
+    """The same load from a minimal HTTP/1.1 keep-alive client on asyncio streams (as wrk would): on a
+    2-core machine httpx's own CPU per request, spent on the cores the daemon needs, caps what the
+    daemon can show. Answered = status 200 with a complete body; anything else, or a dropped
+    connection (then reopened), is a failure."""
+    host, port = url.split("//", 1)[1].split(":")
+    done = [0, 0]
+    requests = [(f"POST /infer HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
+                 f"Content-Length: {len(p)}\r\n\r\n").encode() + p for p in payloads]
+
+    async def one(k: int) -> None:
+        i, conn = k, None
+        while not stop():
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, int(port))
+                reader, writer = conn
+                writer.write(requests[i % len(requests)])
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+                body = await reader.readexactly(length)
+                done[not (lines[0].split(" ")[1] == "200" and body.startswith(b"{"))] += 1
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, StopIteration):
+                done[1] += 1
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+            i += clients
+        if conn is not None:
+            conn[1].close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(clients)))
+    return done[0], done[1], time.perf_counter() - start
+
+
+CLIENT = {"raw": _closed_loop_raw, "httpx": _closed_loop_httpx}
+_client = [_closed_loop_raw]  # set from --client
+
+
+def _closed_loop(url: str, payloads: list[bytes], clients: int, stop):
+    return _client[0](url, payloads, clients, stop)
+
+
+def throughput(url: str, payloads: list[bytes], clients: int, seconds: float) -> tuple[float, int, float]:
+    """Answered requests per second with `clients` concurrent clients, the failed ones, and the
+    load generator's own CPU milliseconds per answered request."""
     end = time.perf_counter() + seconds
+    cpu0 = sum(psutil.Process().cpu_times()[:2])
     ok, failed, elapsed = asyncio.run(_closed_loop(url, payloads, clients, lambda: time.perf_counter() > end))
-    return ok / elapsed, failed
+    return ok / elapsed, failed, (sum(psutil.Process().cpu_times()[:2]) - cpu0) / max(ok, 1) * 1000
 
 
 def swaps_under_load(url: str, client: httpx.Client, payloads: list[bytes], versions: list[str], swaps: int) -> tuple[int, int]:
@@ -484,6 +533,11 @@ def cpu_seconds(proc: subprocess.Popen) -> float:
     return t.user + t.system
 
 
+def libtorch_mapped(pid: int) -> bool:
+    """Whether torch's shared library is mapped into the process (imported at any time since it started)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def batch_sizes(client: httpx.Client) -> tuple[float, float]:
     """(forward passes, images) so far, from edgetune_inference_batch_size in /metrics."""
     count = total = 0.0
@@ -495,10 +549,14 @@ def batch_sizes(client: httpx.Client) -> tuple[float, float]:
     return count, total
 
 
-def serving_backend_supported() -> bool:
+def _settings_fields() -> set[str]:
     from daemon.config import Settings
 
-    return "serving_backend" in Settings.model_fields
+    return set(Settings.model_fields)
+
+
+def serving_backend_supported() -> bool:
+    return "serving_backend" in _settings_fields()
 
 
 def reported_backend(status: dict) -> str:
@@ -516,6 +574,8 @@ def daemon(state_dir: Path, backend: str, log: Path, code: str | None = None) ->
     config = {"telemetry": "simulated", "simulated_telemetry": str(telemetry), "auto_cycles": False, "generalist_fallback": False}
     if serving_backend_supported() and not (code and backend == "torch"):  # an older checkout may not know the setting
         config["serving_backend"] = backend
+    if "serving_threads" in _settings_fields() and not code:
+        config["serving_threads"] = 1  # as the in-process forward it is compared with (and torch's OMP_NUM_THREADS=1)
     (state_dir / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -578,14 +638,14 @@ def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dic
             ]
             for clients in CLIENTS:
                 cpu0, batches0 = cpu_seconds(proc), batch_sizes(client)
-                rate, failed = throughput(url, payloads, clients, args.seconds)
+                rate, failed, client_cpu = throughput(url, payloads, clients, args.seconds)
                 cpu1, batches1 = cpu_seconds(proc), batch_sizes(client)
                 passes, images = batches1[0] - batches0[0], batches1[1] - batches0[1]
                 per_request_cpu = (cpu1 - cpu0) / max(rate * args.seconds, 1) * 1000
                 target, met = "", None
                 if clients == 16:
                     target, met = f">= 70% of batch-16 {f.batch16_per_s:.0f}/s = {0.7 * f.batch16_per_s:.0f}", rate >= 0.7 * f.batch16_per_s
-                note = (f"mean batch {images / passes:.1f}" if passes else "") + (f", {failed} failed" if failed else "")
+                note = (f"mean batch {images / passes:.1f}" if passes else "") + f", client CPU {client_cpu:.2f} ms/request" + (f", {failed} failed" if failed else "")
                 run.rows.append(Row(backend, name, f"throughput, {clients} clients (requests/s)", rate, target, met, note))
                 if clients == 16:
                     cpu_bound = f.batch16_cpu_ms_per_image / 0.7
@@ -596,6 +656,9 @@ def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dic
         failed, answered = swaps_under_load(url, client, payloads, ordered, args.swaps)
         run.rows.append(Row(backend, "both", f"failed requests across {args.swaps} swaps under load", failed, "0", failed == 0,
                             f"of {failed + answered}, {SWAP_CLIENTS} clients"))
+        mapped = libtorch_mapped(proc.pid)  # after every request and swap above: torch imported at run time shows here
+        run.rows.append(Row(backend, "both", "libtorch mapped into the daemon at the end (1 = yes)", float(mapped),
+                            "" if backend == "torch" else "0 (a serving process without torch)", None if backend == "torch" else not mapped))
         client.close()
     return run
 
@@ -686,8 +749,11 @@ def main() -> None:
     ap.add_argument("--only-sustain", action="store_true", help="cycle: skip the other measurements")
     ap.add_argument("--daemon-code", default=None,
                     help="speed: run the daemon from this checkout (PYTHONPATH), e.g. an older one for a before/after comparison")
+    ap.add_argument("--client", choices=sorted(CLIENT), default="raw",
+                    help="speed: the concurrent clients' HTTP client (raw: a minimal keep-alive client; httpx: as before)")
     ap.add_argument("--out", default="bench/out/serve_bench")
     args = ap.parse_args()
+    _client[0] = CLIENT[args.client]
     if args.mode == "cycle":
         args.seconds = args.seconds or 8.0
         cycle_main(args)

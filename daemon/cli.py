@@ -25,15 +25,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args) -> None:
-    import asyncio
-
     import uvicorn
 
     from .api import create_app
     from .config import ConfigError, load_settings
     from .logs import configure_logging
     from .runtime import Runtime, StartupError
-    from .service import serve
+    from .service import loop_factory, run, serve
 
     configure_logging(args.log_level)
     try:
@@ -48,7 +46,7 @@ def cmd_serve(args) -> None:
         raise UsageError(str(exc)) from None
     app = create_app(runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False, log_config=None)
-    asyncio.run(serve(config, runtime))
+    run(serve(config, runtime), loop_factory(config))
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,8 @@ STOPPING=1 is sent as soon as shutdown begins.
 from __future__ import annotations
 
 import asyncio
+import sys
+from typing import Any, Callable, Coroutine
 
 import uvicorn
 
@@ -72,3 +74,32 @@ async def serve(config: uvicorn.Config, rt: Runtime, notifier: Notifier | None =
     finally:
         watchdog.cancel()
         notifier.close()
+
+
+def loop_factory(config: uvicorn.Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop uvicorn itself would run (`loop = "auto"`: uvloop when installed); None for
+    asyncio's default. uvicorn before 0.36 installs an event loop policy instead."""
+    get = getattr(config, "get_loop_factory", None)
+    if get is not None:
+        return get()
+    config.setup_event_loop()
+    return None
+
+
+def run(main: Coroutine[Any, Any, None], factory: Callable[[], asyncio.AbstractEventLoop] | None) -> None:
+    """asyncio.run on the loop `factory` makes (Python 3.8 has no loop_factory argument, 3.11 has
+    asyncio.Runner)."""
+    if factory is None:
+        asyncio.run(main)
+    elif sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:  # novermin (guarded: 3.11+)
+            runner.run(main)
+    else:
+        loop = factory()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

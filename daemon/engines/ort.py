@@ -58,6 +58,10 @@ def session_options(threads: Optional[int]) -> Any:
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = int(threads)
+    # Idle intra-op threads sleep instead of spinning for the next op: spinning buys a few
+    # microseconds of wake-up per op and burns the cores that the event loop, JPEG decoding and
+    # the cycle worker need (bench/RESULTS.md, 2026-12-03 "Serving on the merged code").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: provider fallbacks are checked below, not logged
     return options
 

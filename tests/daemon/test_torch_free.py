@@ -128,3 +128,35 @@ def test_the_device_is_named_without_torch(monkeypatch):
     else:
         with pytest.raises(ValueError, match="CUDA is not available"):
             device_name()
+
+
+@pytest.mark.slow
+def test_a_daemon_serving_onnxruntime_never_maps_libtorch(tmp_path, untrained_model_dir, make_daemon):
+    """A real `edgetune serve` with serving_backend = onnxruntime answers /infer and swaps between
+    two versions (each swap loads an engine) without torch ever being loaded: torch imported at run
+    time, by any path, would map libtorch into the process."""
+    import io
+
+    from daemon.engines import Backend
+    from daemon.engines.build import build_engine
+    from daemon.model_store import ModelStore
+    from prune_core.model_format import load_model
+
+    store = ModelStore(tmp_path / "state" / "models")
+    versions = [store.import_model(untrained_model_dir) for _ in range(2)]
+    store.set_active(versions[0])
+    images = np.random.default_rng(1).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    for v in versions:
+        model, card = load_model(store.path(v))
+        build_engine(model, card, store.path(v), Backend.ONNXRUNTIME, images)
+    d = make_daemon({"EDGETUNE_SERVING_BACKEND": "onnxruntime"},
+                    model=False, state_dir=tmp_path / "state").start()
+    buf = io.BytesIO()
+    Image.fromarray(images[0].transpose(1, 2, 0)).save(buf, "PNG")
+    for v in [versions[1], versions[0]]:
+        assert d.client.post(f"/models/{v}/activate").status_code == 200
+        for _ in range(3):
+            assert d.infer(buf.getvalue()).json()["model_version"] == v
+        assert d.client.get("/status").json()["model"]["serving"]["backend"] == "onnxruntime"
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
