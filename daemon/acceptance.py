@@ -1,9 +1,10 @@
 """The acceptance rule: whether a cycle's candidate replaces the served model, and on what evidence.
 
 One rule for the worker, the fake worker in tests and the benchmarks. Labels decide where there are
-enough of them to tell a point of top-1 apart; with few labelled held-out samples and a
-prior-corrected teacher, the candidate must also agree with that teacher (a handful of labels cannot
-show that departing from the best unlabelled estimate is an improvement).
+enough of them to tell a point of top-1 apart. Where labels are sparse (fewer than `min_label_evidence`
+labelled held-out samples, and under half of them) and the teacher is prior-corrected, the student
+learnt mostly from that teacher, and it must also agree with it: a handful of labels cannot show
+that departing from the best unlabelled estimate is an improvement.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class Acceptance:
     max_drop: float  # held-out top-1 a candidate may lose against the served model (labels)
     min_gain: float  # fraction of parameters a candidate must remove
     min_agreement: float  # share of held-out samples it must answer like the (corrected) teacher
-    min_label_evidence: int = 0  # below this many labelled held-out samples, a corrected teacher's agreement is required too
+    min_label_evidence: int = 0  # below this many (and under half) labelled held-out samples, a corrected teacher's agreement is required too
 
     @classmethod
     def of(cls, source: Any) -> "Acceptance":
@@ -46,9 +47,10 @@ def decide(summary: dict, rule: Acceptance) -> tuple[bool, str]:
         before, after = summary["top1_before"], summary["top1_after"]
         if after < before - rule.max_drop:
             return False, f"labels: held-out top-1 {after:.4f} is below served {before:.4f} by more than {rule.max_drop:g}"
-        labelled = summary.get("held_out_labelled")
-        if corrected and labelled is not None and labelled < rule.min_label_evidence and agreement < rule.min_agreement:
-            return False, (f"labels and agreement: {labelled} labelled held-out samples (fewer than min_label_evidence "
+        labelled, held = summary.get("held_out_labelled"), summary.get("held_out_samples")
+        sparse = labelled is not None and held and labelled < rule.min_label_evidence and labelled < held / 2
+        if corrected and sparse and agreement < rule.min_agreement:
+            return False, (f"labels and agreement: {labelled} of {held} held-out samples labelled (fewer than min_label_evidence "
                            f"{rule.min_label_evidence}) and agreement with {teacher} {agreement:.4f} below min_agreement {rule.min_agreement:g}")
         return True, f"labels: held-out top-1 {before:.4f} → {after:.4f}, {gain:.1%} fewer parameters"
     if agreement < rule.min_agreement:

@@ -113,8 +113,8 @@ class Settings(BaseSettings):
         0.99, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
         " served model on at least this share of them; disagreement bounds the accuracy it can lose against it")
     min_label_evidence: int = Field(
-        200, ge=0, description="with fewer labelled held-out samples than this and a prior-corrected teacher, a candidate must pass"
-        " the agreement test as well as the labels: a few dozen labels cannot tell a point of top-1 apart")
+        200, ge=0, description="with fewer labelled held-out samples than this (and under half of them labelled) and a prior-corrected"
+        " teacher, a candidate must pass the agreement test as well as the labels: a few dozen labels cannot tell a point of top-1 apart")
 
     # Unlabelled traffic: label shift and the generalist
     prior_adaptation: bool = Field(True, description="serve answers corrected to the class prior estimated from traffic (no training, no labels)")

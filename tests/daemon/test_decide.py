@@ -34,9 +34,11 @@ def test_without_labels_agreement_with_the_corrected_teacher_decides():
 
 
 def test_a_few_labels_do_not_overrule_a_corrected_teacher():
-    few = dict(held_out_labelled=27, teacher={"corrected": True}, agreement_with_before=0.93)
+    few = dict(held_out_labelled=27, held_out_samples=270, teacher={"corrected": True}, agreement_with_before=0.93)
     ok, why = decide(_summary(top1_after=0.85, **few), RULE)
-    assert not ok and why.startswith("labels and agreement: 27 labelled") and "below min_agreement 0.99" in why
+    assert not ok and why.startswith("labels and agreement: 27 of 270 held-out samples labelled") and "below min_agreement 0.99" in why
+    # a small buffer that is mostly labelled learnt from its labels: they decide alone
+    assert decide(_summary(top1_after=0.85, **{**few, "held_out_samples": 40}), RULE)[0]
     assert decide(_summary(top1_after=0.85, **{**few, "agreement_with_before": 0.995}), RULE)[0]
     # enough labels: they decide alone
     assert decide(_summary(top1_after=0.85, **{**few, "held_out_labelled": 200}), RULE)[0]
