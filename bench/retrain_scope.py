@@ -43,6 +43,7 @@ from protocol.data import CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, RE
 from protocol.progress import log
 from protocol.runner import get_base, top1
 from prune_core import ImageSet, TrainConfig, batches, build_model, count_params, train
+from prune_core.cost import PeakMeter
 from prune_core.criteria import get_criterion
 from prune_core.options import parse_scope
 from prune_core.scope import Frozen, plan_scope
@@ -88,23 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _retrain_child(model, base, fit, val, test, config: TrainConfig, conn) -> None:
     """In a forked child: retrain `model`, send (accuracy, seconds, CPU seconds, steps, peak MiB added, trainable share)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _rss_mb("VmRSS")
+        meter = PeakMeter(torch.device("cpu"))
+        meter.reset()  # the peak mark drops to the current resident size
+        before = meter.peak_mb()
         t, cpu = time.monotonic(), time.process_time()
         result = train(model, fit, val, CIFAR_MEAN, CIFAR_STD, config, teacher=base)
         seconds, cpu = time.monotonic() - t, time.process_time() - cpu
-        peak = _rss_mb("VmHWM") - before
+        peak = meter.peak_mb() - before
         steps = sum(1 for _ in result.history) * -(-len(fit) // config.batch_size)
         conn.send((top1(model, test, torch.device("cpu"))[0], seconds, cpu, steps, peak, result.plan.to_dict()["trainable_share"]))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent

@@ -55,7 +55,7 @@ class RebuildResult:
 def verification_images(buffer_path: Path, card: Any, limit: int) -> tuple[np.ndarray, str]:
     """Up to `limit` held-out buffer samples decoded for `card` (uint8 N×3×S×S), or seeded random
     images when there are none; and which of the two."""
-    from prune_core import decode_image
+    from prune_core.imagedecode import decode_array
 
     from .buffer import read_snapshot
 
@@ -66,7 +66,7 @@ def verification_images(buffer_path: Path, card: Any, limit: int) -> tuple[np.nd
             if not holdout:
                 continue
             try:
-                images.append(decode_image(image, card.preprocess).numpy())
+                images.append(decode_array(image, card.preprocess))
             except ValueError:
                 continue
             if len(images) >= limit:

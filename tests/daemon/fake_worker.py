@@ -79,10 +79,11 @@ def _build_engines(job: CycleJob) -> list:
 
     from daemon.buffer import read_snapshot
     from daemon.worker import build_candidate_engines
-    from prune_core import decode_image, load_model
+    from prune_core import load_model
+    from prune_core.imagedecode import decode_array
 
     model, card = load_model(job.staging_dir)
-    held = [decode_image(image, card.preprocess).numpy()
+    held = [decode_array(image, card.preprocess)
             for _id, image, _label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id) if holdout]
     images = np.stack(held) if held else np.zeros((0, 3, card.input_size, card.input_size), np.uint8)
     return build_candidate_engines(model, card, job.staging_dir, images, job)
