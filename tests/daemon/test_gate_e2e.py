@@ -100,8 +100,7 @@ def test_traffic_pauses_an_unforced_cycle(make_daemon, device_images):
 
 def test_periodic_cycle_starts_by_itself_and_old_versions_are_pruned(make_daemon, device_images):
     d = make_daemon({"EDGETUNE_AUTO_CYCLES": "true", "EDGETUNE_NEW_SAMPLES_PER_CYCLE": "60", "EDGETUNE_KEEP_VERSIONS": "2",
-                     "EDGETUNE_MIN_SIZE_GAIN": "0.0", "EDGETUNE_MAX_ACCURACY_DROP": "1.0", "EDGETUNE_CYCLE_MIN_STEPS": "0",
-                     "EDGETUNE_MIN_LABEL_EVIDENCE": "0"}).start()  # every cycle accepted: this test is about scheduling
+                     "EDGETUNE_MIN_SIZE_GAIN": "0.0", "EDGETUNE_MAX_ACCURACY_DROP": "1.0", "EDGETUNE_CYCLE_MIN_STEPS": "0"}).start()
     _seed(d, device_images, 70)
     final = ("accepted", "rejected", "failed", "aborted")
 
