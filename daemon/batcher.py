@@ -1,11 +1,14 @@
 """Dynamic batching (as Triton does): concurrent /infer requests run through the model together.
 
-Requests queue (model bundle, image, future); one thread takes the first, gathers more until
-`max_batch` are waiting or `max_queue_delay_ms` has passed (0: only those already waiting, so a
-lone request never waits), and answers them with one forward pass per model bundle. A batch never
-mixes bundles: a request keeps the `Served` it started with across a hot-swap. With
-`max_batch = 1` there is no thread: each request runs its own forward pass in the thread pool, as
-before batching existed.
+Each request is handed once to the batcher's thread pool, which prepares (decodes) its image and
+queues it (model bundle, image, future). The pool thread that then finds no forward pass running
+leads: it takes the first queued image, gathers more until `max_batch` are waiting or
+`max_queue_delay_ms` has passed (0: only those already waiting, so a lone request never waits),
+answers them with one forward pass per model bundle, and repeats until the queue is empty. Images
+queued meanwhile by other pool threads join the leader's next pass. So a lone request costs one hand-off
+from the event loop and one wake-up back, and no thread idles waiting for work. A batch never mixes
+bundles: a request keeps the `Served` it started with across a hot-swap. With `max_batch = 1`
+every pool thread runs its own image's forward pass, as before batching existed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +42,14 @@ class BatchSettings:
         return cls(settings.max_batch, settings.max_queue_delay_ms / 1000)
 
 
+@dataclass(frozen=True)
+class Result:
+    """A request's prepared image (uint8 3×S×S) and its answer."""
+
+    image: np.ndarray
+    answer: Answer
+
+
 @dataclass
 class _Request:
     served: Served
@@ -47,50 +58,72 @@ class _Request:
 
 
 class Batcher:
-    """`answer(served, image)` for one image; batches concurrent callers when max_batch > 1."""
+    """`answer(served, prepare)` for one image; batches concurrent callers when max_batch > 1."""
 
     def __init__(self, settings: BatchSettings, on_batch: Callable[[int], None] = lambda n: None,
                  run: Callable[[Served, np.ndarray], list[Answer]] = lambda served, images: served.predict(images)):
         self.s = settings
         self._on_batch = on_batch  # metrics: the size of each forward pass
         self._run = run
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._leading = threading.Lock()  # held by the pool thread running forward passes
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def batching(self) -> bool:
         return self.s.max_batch > 1
 
+    @property
+    def waiting(self) -> int:
+        """Prepared images waiting for a forward pass."""
+        return self._queue.qsize()
+
     def start(self) -> None:
-        if self.batching and self._thread is None:
-            self._stopped = False
-            self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-            self._thread.start()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(thread_name_prefix="infer")
 
     def stop(self) -> None:
-        """Answers every request already queued, then ends the thread."""
-        self._stopped = True
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+        """Answers every request already submitted, then ends the pool's threads."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
-    async def answer(self, served: Served, image: np.ndarray) -> Answer:
-        """The answer for one uint8 image 3×S×S (InferenceError when the forward pass fails)."""
-        if not self.batching:
-            loop = asyncio.get_running_loop()
-            return (await loop.run_in_executor(None, self._forward, served, [image]))[0]
-        return await asyncio.wrap_future(self.submit(served, image))
+    async def answer(self, served: Served, prepare: Callable[[], np.ndarray]) -> Result:
+        """The answer for the uint8 image 3×S×S that `prepare()` returns (a decoder, say, whose
+        exceptions propagate); InferenceError when the forward pass fails."""
+        return await asyncio.wrap_future(self.submit(served, prepare))
 
-    def submit(self, served: Served, image: np.ndarray) -> Future:
-        """Queue one image for the batching thread; the future resolves to its `Answer`."""
-        future: Future = Future()
-        if self._stopped or self._thread is None:
-            future.set_exception(InferenceError("the batcher is not running (the daemon is stopping)"))
-            return future
-        self._queue.put(_Request(served, image, future))
-        return future
+    def submit(self, served: Served, prepare: Callable[[], np.ndarray]) -> Future:
+        """Hand one request to the pool; the future resolves to its `Result`."""
+        done: Future = Future()
+        pool = self._pool
+        try:
+            if pool is None:
+                raise RuntimeError("not started")
+            pool.submit(self._serve, served, prepare, done)
+        except RuntimeError:  # not started, stopped, or shut down since the check
+            done.set_exception(InferenceError("the batcher is not running (the daemon is stopping)"))
+        return done
+
+    def _serve(self, served: Served, prepare: Callable[[], np.ndarray], done: Future) -> None:
+        """In a pool thread: prepare the image, then answer it (without batching), or queue it and
+        lead forward passes while no other thread does."""
+        try:
+            image = prepare()
+            if not self.batching:
+                done.set_result(Result(image, self._forward(served, [image])[0]))
+                return
+        except BaseException as exc:
+            done.set_exception(exc)
+            return
+        self._queue.put(_Request(served, image, done))
+        # An image queued while the leader was finishing is seen here, after its release.
+        while not self._queue.empty() and self._leading.acquire(blocking=False):
+            try:
+                while self._lead_once():
+                    pass
+            finally:
+                self._leading.release()
 
     def _forward(self, served: Served, images: list[np.ndarray]) -> list[Answer]:
         self._on_batch(len(images))
@@ -102,50 +135,40 @@ class Batcher:
             raise InferenceError(f"model {served.version} gave {len(answers)} answers for {len(images)} images")
         return answers
 
-    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
-        """The first request and those that join it; True when the stop marker was met."""
-        batch = [first]
+    def _gather(self) -> list[_Request]:
+        """The first queued request and those that join it (empty when none is queued)."""
+        try:
+            batch = [self._queue.get_nowait()]
+        except queue.Empty:
+            return []
         deadline = time.monotonic() + self.s.max_queue_delay_s
         while len(batch) < self.s.max_batch:
             wait = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
+        return batch
 
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch, stop = self._gather(first)
-            groups: list[tuple[Served, list[_Request]]] = []  # one forward pass per model bundle, in arrival order
-            for req in batch:
-                for served, members in groups:
-                    if served is req.served:
-                        members.append(req)
-                        break
-                else:
-                    groups.append((req.served, [req]))
+    def _lead_once(self) -> bool:
+        """Answer one gathered batch, one forward pass per model bundle; False when none was queued."""
+        batch = self._gather()
+        groups: list[tuple[Served, list[_Request]]] = []  # one forward pass per model bundle, in arrival order
+        for req in batch:
             for served, members in groups:
-                try:
-                    answers = self._forward(served, [r.image for r in members])
-                except Exception as exc:  # every waiting request gets the error; the thread lives on
-                    log.error("%s", exc)
-                    for r in members:
-                        r.future.set_exception(exc)
-                    continue
-                for r, a in zip(members, answers):
-                    r.future.set_result(a)
-        while True:  # requests that raced the stop marker still get an answer
+                if served is req.served:
+                    members.append(req)
+                    break
+            else:
+                groups.append((req.served, [req]))
+        for served, members in groups:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item.future.set_exception(InferenceError("the batcher stopped (the daemon is stopping)"))
+                answers = self._forward(served, [r.image for r in members])
+            except Exception as exc:  # every waiting request gets the error; the pool lives on
+                log.error("%s", exc)
+                for r in members:
+                    r.future.set_exception(exc)
+                continue
+            for r, a in zip(members, answers):
+                r.future.set_result(Result(r.image, a))
+        return bool(batch)

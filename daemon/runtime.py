@@ -9,13 +9,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from prune_core.card import ModelFormatError
 from prune_core.device import device_name
+from prune_core.imagedecode import decode_array
 from prune_core.options import check_cycle_options
 
-from .batcher import Batcher, BatchSettings
+from .batcher import Batcher, BatchSettings, Result
 from .buffer import DropReason, NewSample, SampleBuffer, Stored
 from .config import Settings
 from .cycle_records import CycleStore
@@ -142,10 +141,11 @@ class Runtime:
         if self.generalist is not None:
             self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)")
 
-    async def answer(self, model: Served, image: np.ndarray) -> Answer:
-        """The model's answer for one uint8 image 3×S×S, batched with concurrent requests
-        (batcher.InferenceError when the forward pass fails)."""
-        return await self.batcher.answer(model, image)
+    async def answer(self, model: Served, data: bytes) -> Result:
+        """An uploaded image decoded to the model's input and answered, batched with concurrent
+        requests (DataError when it does not decode, batcher.InferenceError when the forward pass
+        fails). Decoding runs off the event loop, in the thread that hands the image to the batcher."""
+        return await self.batcher.answer(model, partial(decode_array, data, model.card.preprocess))
 
     def _count_ingested(self, done: Future) -> None:
         if done.exception() is None and not done.result().duplicate:

@@ -4,7 +4,8 @@ touches the served model or the active pointer; an accepted candidate is written
 directory for the daemon to install.
 
 Control: a shared integer the daemon sets to a `Control` value; the worker checks it between
-steps and after every training batch (pausing blocks there, so resuming continues where it was).
+steps, after every training batch and between the steps of an engine build (pausing blocks there,
+so resuming continues where it was).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prune_core.options import RetrainScope
 
@@ -77,15 +78,17 @@ class CycleJob:
     serving_threads: int | None = None
 
 
-def build_candidate_engines(model, card, staging_dir: str, held_out_images, job: CycleJob) -> list:
+def build_candidate_engines(model, card, staging_dir: str, held_out_images, job: CycleJob,
+                            between: Callable[[], None] | None = None) -> list:
     """Build and verify (against torch, on the held-out samples) the engines of an accepted
-    candidate in its staging directory, so the swap only has to load them. Never raises: each
-    backend's outcome (engine or reason) goes into the cycle record."""
+    candidate in its staging directory, so the swap only has to load them. Each backend's outcome
+    (engine or reason) goes into the cycle record; only `between` (the worker's pause and abort
+    check, called between build steps) raises."""
     from .engines import Backend
     from .engines.build import build_engines
 
     return build_engines(model, card, staging_dir, held_out_images, backends=[Backend(b) for b in job.engine_backends],
-                         threads=job.serving_threads)
+                         between=between, threads=job.serving_threads)
 
 
 def _die_with_parent() -> None:
@@ -200,7 +203,7 @@ def run_worker(job: CycleJob, control, events) -> None:
             save_model(result.model, result.card, job.staging_dir)
             if job.engine_backends:
                 post(StepEvent("engines", {"backends": list(job.engine_backends)}))
-                engines = build_candidate_engines(result.model, result.card, job.staging_dir, held_set.images, job)
+                engines = build_candidate_engines(result.model, result.card, job.staging_dir, held_set.images, job, check)
         post(ResultEvent(accepted, reason, result.summary, time.monotonic() - started, curve.points,
                          channels_kept(card.channel_plan, channel_plan(result.model)), engines))
     except Aborted:

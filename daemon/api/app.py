@@ -1,6 +1,6 @@
 """The FastAPI app: the routers, the guard in front of them, and the runtime's start and stop.
 
-Request handlers stay thin: decoding runs in the thread pool, forward passes in the batcher's
+Request handlers stay thin: decoding runs in the batcher's pool, forward passes in its batching
 thread, buffer writes are group-committed by the buffer's writer thread, cycles run in the worker
 process.
 """
@@ -92,6 +92,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="edgetune", version="0.1.0", lifespan=lifespan,
                   description="On-device data-aware pruning and retraining of the served CNN.")
     app.add_middleware(GuardMiddleware, runtime=rt)
-    for module in (status_page, inference, samples, cycles, models, status):
+    for module in (inference, status_page, samples, cycles, models, status):  # /infer first: matched first
         app.include_router(module.router(rt))
     return app

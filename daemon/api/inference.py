@@ -1,22 +1,25 @@
 """POST /infer: classify an image (raw body or multipart) and buffer it.
 
 The answer does not wait for the disk unless it must: an unlabelled image is queued for the
-buffer's group commit behind the answer; a labelled one (or `?durable=true`) is committed first."""
+buffer's group commit behind the answer; a labelled one (or `?durable=true`) is committed first.
+The route is a `DirectRoute` and writes its own JSON: FastAPI solves no parameters for a request
+without a query string and validates no response model (the batcher decodes off the loop)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from typing import Any
 
-from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
-from prune_core.imagedecode import DataError, decode_array
+from prune_core.imagedecode import DataError
 
 from ..batcher import InferenceError
 from ..buffer import NewSample, StorageError
 from ..runtime import Runtime
-from ..serving import Served
+from ..serving import Answer, Served
+from .routing import DirectRoute
 from .schemas import ERROR_RESPONSES, INFER_BODY, BufferOutcome, InferResponse, error
 
 
@@ -69,47 +72,51 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
 async def buffer_sample(rt: Runtime, sample: NewSample, durable: bool) -> dict:
     """Buffer an answered request's image: committed before the answer when `durable`, else
-    queued behind it. Returns the response's sample_id, buffered, buffer (and buffer_error)."""
+    queued behind it. Returns the response's sample_id, buffered, buffer and buffer_error."""
     try:
         if durable:
             stored = await asyncio.wrap_future(rt.submit_sample(sample))
             outcome = BufferOutcome.DUPLICATE if stored.duplicate else BufferOutcome.STORED
-            return {"sample_id": stored.id, "buffered": outcome is BufferOutcome.STORED, "buffer": outcome}
+            return {"sample_id": stored.id, "buffered": outcome is BufferOutcome.STORED, "buffer": outcome, "buffer_error": None}
         outcome = BufferOutcome.QUEUED if rt.queue_sample(sample) else BufferOutcome.DROPPED
-        return {"sample_id": None, "buffered": False, "buffer": outcome}
+        return {"sample_id": None, "buffered": False, "buffer": outcome, "buffer_error": None}
     except StorageError as exc:  # inference keeps working when the disk is full or read-only
         return {"sample_id": None, "buffered": False, "buffer": BufferOutcome.FAILED, "buffer_error": str(exc)}
 
 
-def router(rt: Runtime) -> APIRouter:
-    r = APIRouter()
+def infer_response(model: Served, answer: Answer, latency_s: float, buffered: dict) -> JSONResponse:
+    """The InferResponse body, serialised here rather than validated by FastAPI on every request
+    (tests/daemon/test_api_inprocess.py checks it against the model)."""
+    top = [{"class": model.card.class_names[i], "index": i, "score": p if math.isfinite(p) else None}  # as pydantic writes NaN
+           for i, p in answer.top]
+    return JSONResponse({"sample_id": buffered["sample_id"], "buffered": buffered["buffered"], "buffer": buffered["buffer"].value,
+                         "top": top, "model_version": model.version, "latency_ms": latency_s * 1000,
+                         "buffer_error": buffered["buffer_error"]})
 
-    @r.post("/infer", response_model=InferResponse, response_model_by_alias=True, summary="Classify an image and buffer it",
+
+def router(rt: Runtime) -> APIRouter:
+    r = APIRouter(route_class=DirectRoute)
+
+    @r.post("/infer", response_model=InferResponse, summary="Classify an image and buffer it",
             openapi_extra={"requestBody": INFER_BODY}, responses=ERROR_RESPONSES)
     async def infer(request: Request, label: str | None = Query(None, description="the true class, when known"),
                     durable: bool = Query(False, description="answer only once the image is committed to the buffer, with its"
-                                          " sample_id (implied by label); otherwise it is queued behind the answer")) -> Any:
+                                          " sample_id (implied by label); otherwise it is queued behind the answer")) -> Response:
         model = served_model(rt)
         index = label_index(model, label)
         data, ctype = await read_image(request, rt.settings.max_upload_bytes)
         started = time.perf_counter()
         try:
-            image = await run_in_threadpool(decode_array, data, model.card.preprocess)
+            result = await rt.answer(model, data)
         except DataError as exc:
             raise error(400, str(exc)) from None
-        try:
-            answer = await rt.answer(model, image)
         except InferenceError as exc:
             raise error(500, str(exc)) from None
         latency = time.perf_counter() - started
-        rt.note_inference(latency, model, image, answer, index)
+        answer = result.answer
+        rt.note_inference(latency, model, result.image, answer, index)
         best = answer.top[0]
-        result = {
-            "top": [{"class": model.card.class_names[i], "index": i, "score": p} for i, p in answer.top],
-            "model_version": model.version, "latency_ms": latency * 1000,
-        }
         sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version)
-        result.update(await buffer_sample(rt, sample, durable=durable or index is not None))
-        return result
+        return infer_response(model, answer, latency, await buffer_sample(rt, sample, durable=durable or index is not None))
 
     return r

@@ -3,6 +3,12 @@
 Runs where torch is (the cycle worker, or a background rebuild), never on the request path:
 export the model to ONNX, open it under the backend (TensorRT builds its engine here), compare it
 with torch on real images, and record it in engine.json only if it passed.
+
+A caller that must be able to pause or stop a build (the cycle worker, told by the daemon) passes
+`between`: it is called before each backend and between the steps of each build (after the export,
+after opening, between verification batches), and may block (pause) or raise (abort). What it
+raises reaches the caller as it is, never turned into a build failure; one step (the export, opening
+the engine: a TensorRT build) runs to its end.
 """
 from __future__ import annotations
 
@@ -32,6 +38,27 @@ from .verify import TOLERANCES, Tolerance, compare, failure
 MAX_BATCH = 16  # the largest batch an engine is built (TensorRT profile) and verified for
 BUILT_BACKENDS = (Backend.ONNXRUNTIME, Backend.TENSORRT)
 VERIFY_IMAGES = 256  # build_engines verifies on at most this many images (the first ones given)
+
+Between = Callable[[], None]  # called between build steps: may block (pause) or raise (abort)
+
+
+class _Interrupted(BaseException):
+    """Carries what `between` raised past the build's own error handling, which turns every
+    Exception into a reason to serve torch."""
+
+    def __init__(self, raised: BaseException):
+        super().__init__()
+        self.raised = raised
+
+
+def _guarded(between: Optional[Between]) -> Between:
+    def step() -> None:
+        if between is not None:
+            try:
+                between()
+            except Exception as exc:
+                raise _Interrupted(exc) from None
+    return step
 
 
 def _write_engines(version_dir: Path, update: Callable[[Dict[Backend, EngineInfo]], Any]) -> None:
@@ -77,8 +104,12 @@ def _open(backend: Backend, path: Path, version_dir: Path, spec: InputSpec, prec
     return ort.OrtEngine(path, spec, ort.providers(), Backend.ONNXRUNTIME, threads)
 
 
-def _in_batches(engine: Engine, images: np.ndarray, max_batch: int) -> np.ndarray:
-    return np.concatenate([engine.logits(images[i:i + max_batch]) for i in range(0, len(images), max_batch)])
+def _in_batches(engine: Engine, images: np.ndarray, max_batch: int, step: Between) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), max_batch):
+        step()
+        out.append(engine.logits(images[i:i + max_batch]))
+    return np.concatenate(out)
 
 
 def build_engine(
@@ -91,6 +122,7 @@ def build_engine(
     threads: Optional[int] = None,
     max_batch: int = MAX_BATCH,
     tolerance: Optional[Tolerance] = None,
+    between: Optional[Between] = None,
 ) -> EngineInfo:
     """Build `backend`'s engine for `model` (described by ModelCard `card`) in `version_dir`, verify
     it against torch on `verify_images` (uint8 N×3×S×S, e.g. the held-out buffer samples) and
@@ -100,7 +132,17 @@ def build_engine(
     FP16), FP32 otherwise. `tolerance`: verify.TOLERANCES[precision] unless given. Raises
     EngineBuildError with the reason when the backend is missing, the build fails or the engine
     answers unlike torch; the version's previous record for `backend` is dropped first, so a
-    failed rebuild never leaves a stale engine to load."""
+    failed rebuild never leaves a stale engine to load. `between`: see the module's docstring."""
+    try:
+        return _build_engine(model, card, version_dir, backend, verify_images, precision, threads, max_batch, tolerance,
+                             _guarded(between))
+    except _Interrupted as stop:
+        raise stop.raised from None
+
+
+def _build_engine(model: nn.Module, card: Any, version_dir: Union[str, Path], backend: Union[Backend, str],
+                  verify_images: Union[np.ndarray, torch.Tensor], precision: Optional[Precision], threads: Optional[int],
+                  max_batch: int, tolerance: Optional[Tolerance], step: Between) -> EngineInfo:
     backend, version_dir = Backend(backend), Path(version_dir)
     if backend is Backend.TORCH:
         raise ValueError("torch is the reference, not a built engine")
@@ -124,15 +166,17 @@ def build_engine(
         path = _export(reference_model, spec.input_size, version_dir)
     except Exception as exc:
         raise EngineBuildError(f"{backend.value}: ONNX export failed ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
+    step()
     try:
         engine = _open(backend, path, version_dir, spec, precision, max_batch, threads)
+        step()
         engine.warm_up()
-        got = _in_batches(engine, images, max_batch)
+        got = _in_batches(engine, images, max_batch, step)
     except EngineUnavailable as exc:
         raise EngineBuildError(f"{backend.value}: {exc.reason}") from None
     except Exception as exc:
         raise EngineBuildError(f"{backend.value}: the engine failed to run ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
-    reference = _in_batches(TorchEngine(reference_model, spec, torch.device("cpu")), images, max_batch)
+    reference = _in_batches(TorchEngine(reference_model, spec, torch.device("cpu")), images, max_batch, step)
     verification = compare(reference, got, tolerance or TOLERANCES[precision])
     reason = failure(verification)
     if reason is not None:
@@ -147,23 +191,37 @@ def build_engine(
 
 
 def build_engines(model: nn.Module, card: Any, version_dir: Union[str, Path], verify_images: Union[np.ndarray, torch.Tensor],
-                  backends: Iterable[Backend] = BUILT_BACKENDS, **options: Any) -> List[BuildOutcome]:
+                  backends: Iterable[Backend] = BUILT_BACKENDS, between: Optional[Between] = None,
+                  **options: Any) -> List[BuildOutcome]:
     """Build every backend in `backends` that is installed here, one after the other, verified on
-    the first VERIFY_IMAGES of `verify_images`. Never raises: an engine is optional (torch serves
-    without one), so a missing runtime, a failed build or any other error becomes an outcome with
-    its reason (for the cycle record)."""
+    the first VERIFY_IMAGES of `verify_images`. Raises only what `between` raises (see the module's
+    docstring): an engine is optional (torch serves without one), so a missing runtime, a failed
+    build or any other error becomes an outcome with its reason (for the cycle record)."""
     verify_images = verify_images[:VERIFY_IMAGES]
+    stopped: List[BaseException] = []
+
+    def noted() -> None:
+        try:
+            if between is not None:
+                between()
+        except Exception as exc:
+            stopped.append(exc)
+            raise
+
     outcomes = []
     for backend in backends:
+        noted()
         backend = Backend(backend)
         ok, why = available(backend)
         if not ok:
             outcomes.append(BuildOutcome(backend, reason=f"not installed: {why}"))
             continue
         try:
-            outcomes.append(BuildOutcome(backend, info=build_engine(model, card, version_dir, backend, verify_images, **options)))
-        except EngineBuildError as exc:
-            outcomes.append(BuildOutcome(backend, reason=str(exc)))
-        except Exception as exc:  # e.g. engine.json not writable: still only "serve torch"
-            outcomes.append(BuildOutcome(backend, reason=f"{backend.value}: {type(exc).__name__}: {str(exc).strip()[:300]}"))
+            outcomes.append(BuildOutcome(backend, info=build_engine(model, card, version_dir, backend, verify_images,
+                                                                    between=noted, **options)))
+        except Exception as exc:
+            if stopped:  # the caller's pause or abort, not a failed build
+                raise
+            reason = str(exc) if isinstance(exc, EngineBuildError) else f"{backend.value}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+            outcomes.append(BuildOutcome(backend, reason=reason))  # e.g. engine.json not writable: still only "serve torch"
     return outcomes

@@ -67,14 +67,19 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
         events.put(StepEvent("write"))
         for name in ("model.json", "weights.safetensors"):
             shutil.copyfile(Path(job.model_dir) / name, Path(job.staging_dir) / name)
-    built = engines(job) if accepted and engines is not None else []
+    try:
+        built = engines(job, control) if accepted and engines is not None else []
+    except Aborted:
+        events.put(AbortedEvent("aborted while running", curve))
+        return
     events.put(ResultEvent(accepted, reason, summary, 0.0, curve, [], built))
 
 
-def _build_engines(job: CycleJob) -> list:
+def _build_engines(job: CycleJob, control) -> list:
     """What the real worker does after writing an accepted candidate: build its engines in the
     staging directory (daemon.worker.build_candidate_engines), verified on the held-out samples of
-    the snapshot. Imports torch: only the workers below use it."""
+    the snapshot, obeying pause and abort between the build's steps. Imports torch: only the
+    workers below use it."""
     import numpy as np
 
     from daemon.buffer import read_snapshot
@@ -86,7 +91,7 @@ def _build_engines(job: CycleJob) -> list:
     held = [decode_array(image, card.preprocess)
             for _id, image, _label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id) if holdout]
     images = np.stack(held) if held else np.zeros((0, 3, card.input_size, card.input_size), np.uint8)
-    return build_candidate_engines(model, card, job.staging_dir, images, job)
+    return build_candidate_engines(model, card, job.staging_dir, images, job, lambda: obey(control, poll_s=0.005))
 
 
 def fake_worker_building_engines(job: CycleJob, control, events) -> None:

@@ -8,7 +8,10 @@ import re
 import pytest
 from conftest import b64
 from conftest import noise_png as png
+from fastapi import APIRouter, Request
 from pydantic import SecretStr
+
+from daemon.api.routing import DirectRoute
 
 
 def seed(d, n: int, start: int = 0) -> None:
@@ -53,6 +56,36 @@ def test_infer_raw_multipart_duplicate_and_bad_input(inproc):
     metrics = c.get("/metrics").text
     assert 'edgetune_samples_ingested_total{source="infer"} 2.0' in metrics
     assert "edgetune_inference_latency_seconds_count 3.0" in metrics
+
+
+def test_infer_body_is_the_documented_one_on_both_paths(inproc):
+    """/infer writes its own JSON (a DirectRoute; no response-model validation): it must be what
+    InferResponse writes, whether FastAPI parsed a query string or not, and stay documented."""
+    from daemon.api.schemas import InferResponse
+
+    c = inproc.client
+    for params in ({}, {"durable": "false"}, {"durable": "1"}):
+        r = c.post("/infer", content=png(7), headers={"content-type": "image/png"}, params=params)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+        body = r.json()
+        documented = InferResponse.model_validate(body).model_dump(mode="json", by_alias=True)
+        assert body == documented and list(body) == list(documented), body
+        assert body["buffer"] == ("duplicate" if params.get("durable") == "1" else "queued")
+    r = c.post("/infer", content=png(7), headers={"content-type": "image/png"}, params={"durable": "maybe"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "durable"]  # FastAPI's own 422
+    post = c.get("/openapi.json").json()["paths"]["/infer"]["post"]
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/InferResponse")
+    assert {p["name"] for p in post["parameters"]} == {"label", "durable"}
+
+
+def test_a_direct_route_takes_the_request_and_optional_query_parameters_only():
+    r = APIRouter(route_class=DirectRoute)
+    with pytest.raises(TypeError, match="required query parameter"):
+        @r.post("/a")
+        async def needs_a_query(request: Request, q: str): ...
+    with pytest.raises(TypeError, match="Request and optional query parameters only"):
+        @r.post("/b/{item}")
+        async def takes_a_path_parameter(request: Request, item: int): ...
 
 
 def test_labels(inproc):

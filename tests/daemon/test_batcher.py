@@ -72,11 +72,12 @@ def test_batches_are_bounded_one_model_each_and_answer_like_single_passes(two_mo
     try:
         pics = images(19)
         owners = [m1 if k % 3 else m2 for k in range(19)]  # mixed traffic, as during a hot-swap
-        first = b.submit(owners[0], pics[0])
+        first = b.submit(owners[0], lambda: pics[0])
         assert held.entered.wait(30)
-        futures = [first] + [b.submit(m, x) for m, x in zip(owners[1:], pics[1:])]
+        futures = [first] + [b.submit(m, lambda x=x: x) for m, x in zip(owners[1:], pics[1:])]
+        wait_for(lambda: b.waiting == 18)  # all queued behind the held pass
         held.release.set()
-        answers = [f.result(30) for f in futures]
+        answers = [f.result(30).answer for f in futures]
     finally:
         b.stop()
     assert sum(n for _, n in held.batches) == 19
@@ -94,21 +95,22 @@ def test_predict_errors_reach_every_waiting_request_and_the_thread_lives_on(two_
     b = Batcher(BatchSettings(max_batch=8), run=held)
     b.start()
     try:
-        first = b.submit(bad, images(1)[0])
+        first = b.submit(bad, lambda: images(1)[0])
         assert held.entered.wait(30)
-        failing = [first] + [b.submit(bad, x) for x in images(5, seed=1)]
-        fine = b.submit(good, images(1, seed=2)[0])
+        failing = [first] + [b.submit(bad, lambda x=x: x) for x in images(5, seed=1)]
+        fine = b.submit(good, lambda: images(1, seed=2)[0])
+        wait_for(lambda: b.waiting == 6)
         held.release.set()
         for f in failing:
             with pytest.raises(InferenceError, match="out of memory"):
                 f.result(30)
-        assert fine.result(30).top  # the other model's request in the same gathering still answered
-        assert b.submit(good, images(1, seed=3)[0]).result(30).top  # and the thread still serves
+        assert fine.result(30).answer.top  # the other model's request in the same gathering still answered
+        assert b.submit(good, lambda: images(1, seed=3)[0]).result(30).answer.top  # and the thread still serves
     finally:
         b.stop()
 
 
-def test_max_batch_1_is_one_forward_pass_per_request_without_a_thread(two_models):
+def test_max_batch_1_is_one_forward_pass_per_request(two_models):
     import asyncio
 
     m1, _ = two_models
@@ -116,10 +118,30 @@ def test_max_batch_1_is_one_forward_pass_per_request_without_a_thread(two_models
     b = Batcher(BatchSettings(max_batch=1), on_batch=sizes.append)
     b.start()
     x = images(1)[0]
-    answer = asyncio.run(b.answer(m1, x))
-    same(answer, m1.predict(x[None], track=False)[0])
+    result = asyncio.run(b.answer(m1, lambda: x))
+    assert result.image is x
+    same(result.answer, m1.predict(x[None], track=False)[0])
     assert sizes == [1] and not b.batching
     b.stop()
+
+
+def test_stop_answers_what_was_submitted_and_refuses_the_rest(two_models):
+    m1, _ = two_models
+    held = Held()
+    b = Batcher(BatchSettings(max_batch=8), run=held)
+    b.start()
+    first = b.submit(m1, lambda: images(1)[0])
+    assert held.entered.wait(30)
+    queued = [b.submit(m1, lambda x=x: x) for x in images(3, seed=1)]
+    wait_for(lambda: b.waiting == 3)
+    undecodable = b.submit(m1, lambda: (_ for _ in ()).throw(ValueError("not an image")))
+    with pytest.raises(ValueError, match="not an image"):  # the preparer's own error, not an InferenceError
+        undecodable.result(30)
+    held.release.set()
+    b.stop()
+    assert all(f.result(0).answer.top for f in [first] + queued)  # stop() returned once they were answered
+    with pytest.raises(InferenceError, match="not running"):
+        b.submit(m1, lambda: images(1)[0]).result(30)
 
 
 def wait_for(condition, timeout: float = 60) -> None:

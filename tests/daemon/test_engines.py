@@ -55,6 +55,60 @@ def assert_answers_like_torch(engine, model: torch.nn.Module, images: np.ndarray
     assert len(set(want.argmax(1).tolist())) > 1, "a model answering one class for everything proves little"
 
 
+class Scripted:
+    """The worker's control value as the daemon sets it, scripted by read: `script(n)` is the
+    Control for the n-th read (from 1). Records every value read."""
+
+    def __init__(self, script):
+        self.script, self.reads = script, []
+
+    @property
+    def value(self) -> int:
+        v = self.script(len(self.reads) + 1)
+        self.reads.append(v)
+        return v
+
+
+def candidate_job(**kw):
+    from daemon.worker import CycleJob
+
+    fields = dict(cycle_id="c1", buffer_path="", model_dir="", served_version="v0001", staging_dir="", max_sample_id=0,
+                  level=0.5, criterion="l1", allocation="uniform", epochs=1, finetune_before=0, tolerance=0.0, batch_size=8,
+                  min_steps=0, hflip=False, max_accuracy_drop=0.1, min_size_gain=0.0, device=None, nice=0,
+                  engine_backends=(ORT.value,), serving_threads=1)
+    return CycleJob(**{**fields, **kw})
+
+
+def test_the_worker_honours_abort_and_pause_inside_an_engine_build(tmp_path, base_model_dir, images):
+    """build_candidate_engines checks the worker's control between the build's steps: an abort
+    after the export stops the build there (nothing recorded, Aborted reaches the worker, not a
+    build failure), and a pause blocks it until resumed, then the engine is built and verified."""
+    from daemon.worker import Aborted, Control, build_candidate_engines, obey
+
+    model, card = load_model(base_model_dir)
+    aborting = Scripted(lambda n: Control.ABORT if n >= 3 else Control.RUN)  # obey reads twice: check 1 (before the backend) runs
+    staging = tmp_path / "aborted"
+    staging.mkdir()
+    with pytest.raises(Aborted):
+        build_candidate_engines(model, card, str(staging), images, candidate_job(), lambda: obey(aborting, poll_s=0.001))
+    assert (staging / "model.onnx").is_file() and read_engines(staging) == {}  # exported, then stopped before recording
+    assert len(aborting.reads) == 4  # the second check (after the export) raised
+
+    checks = []
+    pausing = Scripted(lambda n: Control.PAUSE if 5 <= n < 10 else Control.RUN)
+
+    def check() -> None:
+        checks.append(len(pausing.reads))
+        obey(pausing, poll_s=0.001)
+
+    staging = tmp_path / "paused"
+    staging.mkdir()
+    [outcome] = build_candidate_engines(model, card, str(staging), images, candidate_job(), check)
+    assert outcome.info is not None and outcome.info.verification.top1_mismatches == 0, outcome.reason
+    assert pausing.reads.count(Control.PAUSE) == 5 and checks[2] == 4  # the third check (after opening) blocked, then went on
+    assert read_engines(staging) == {ORT: outcome.info}
+
+
 def test_trained_cifar_small_build_commit_load(tmp_path, base_model_dir, images):
     """The worker's path: build into a staging directory, rename it to its version, load from there."""
     model, card = load_model(base_model_dir)
