@@ -1,8 +1,7 @@
 """The FastAPI app: the routers, the guard in front of them, and the runtime's start and stop.
 
-Request handlers stay thin: decoding runs in the batcher's pool, forward passes in its batching
-thread, buffer writes are group-committed by the buffer's writer thread, cycles run in the worker
-process.
+Request handlers stay thin: decoding and forward passes run in the batcher's thread pool, buffer
+writes are group-committed by the buffer's writer thread, cycles run in the worker process.
 """
 from __future__ import annotations
 
