@@ -567,14 +567,15 @@ def batch_sizes(client: httpx.Client) -> tuple[float, float]:
     return count, total
 
 
-def _settings_fields() -> set[str]:
-    from daemon.config import Settings
+def _settings_fields(code: str | None = None) -> set[str]:
+    """The daemon's settings: this checkout's, or those of the checkout `code` (--daemon-code)."""
+    if code is None:
+        from daemon.config import Settings
 
-    return set(Settings.model_fields)
-
-
-def serving_backend_supported() -> bool:
-    return "serving_backend" in _settings_fields()
+        return set(Settings.model_fields)
+    out = subprocess.run([sys.executable, "-c", "from daemon.config import Settings; print(' '.join(Settings.model_fields))"],
+                         env={**os.environ, "PYTHONPATH": str(Path(code).resolve())}, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
 
 
 def reported_backend(status: dict) -> str:
@@ -590,9 +591,10 @@ def daemon(state_dir: Path, backend: str, log: Path, code: str | None = None) ->
     telemetry = state_dir.parent / "telemetry.json"
     telemetry.write_text(json.dumps({"temperature_c": 45}))
     config = {"telemetry": "simulated", "simulated_telemetry": str(telemetry), "auto_cycles": False, "generalist_fallback": False}
-    if serving_backend_supported() and not (code and backend == "torch"):  # an older checkout may not know the setting
+    fields = _settings_fields(code)  # an older checkout may not know every setting
+    if "serving_backend" in fields:
         config["serving_backend"] = backend
-    if "serving_threads" in _settings_fields() and not code:
+    if "serving_threads" in fields:
         config["serving_threads"] = 1  # as the in-process forward it is compared with (and torch's OMP_NUM_THREADS=1)
     (state_dir / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
     port = free_port()
@@ -724,7 +726,7 @@ def speed_main(args) -> None:
                          Row(backend, name, "forward batch 16, in process (images/s)", f.batch16_per_s,
                              note=f"CPU {f.batch16_cpu_ms_per_image:.2f} ms/image"),
                          Row(backend, name, "decode one request's image (ms)", f.decode_ms, note=f"CPU {f.decode_cpu_ms:.2f} ms")]
-            if backend != "torch" and not serving_backend_supported():
+            if backend != "torch" and "serving_backend" not in _settings_fields(args.daemon_code):
                 rows.append(Row(backend, "-", "daemon", float("nan"), note="not run: this daemon has no serving_backend setting"))
                 continue
             run = runs[backend] = serve_rows(backend, state, versions, forwards[backend], floor, payloads, args)
