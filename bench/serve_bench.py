@@ -671,9 +671,11 @@ def serve_rows(backend: str, state_dir: Path, versions: dict[str, str], fwd: dic
                 run.rows.append(Row(backend, name, f"throughput, {clients} clients (requests/s)", rate, target, met, note))
                 if clients == 16:
                     cpu_bound = f.batch16_cpu_ms_per_image / 0.7
+                    least = floor.cpu16_ms + f.batch16_cpu_ms_per_image + f.decode_cpu_ms  # the bare route, the forward pass, decoding
                     run.rows.append(Row(backend, name, "daemon CPU per request, 16 clients (ms)", per_request_cpu,
                                         f"<= batch-16 CPU per image {f.batch16_cpu_ms_per_image:.2f} / 0.7 = {cpu_bound:.2f}",
-                                        per_request_cpu <= cpu_bound))
+                                        per_request_cpu <= cpu_bound,
+                                        f"bare route + forward + decode = {least:.2f}" + (": no server meets it here" if least > cpu_bound else "")))
         ordered = list(versions.values())
         failed, answered = swaps_under_load(url, client, payloads, ordered, args.swaps)
         run.rows.append(Row(backend, "both", f"failed requests across {args.swaps} swaps under load", failed, "0", failed == 0,
