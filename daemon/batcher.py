@@ -108,6 +108,8 @@ class Batcher:
     def _serve(self, served: Served, prepare: Callable[[], np.ndarray], done: Future) -> None:
         """In a pool thread: prepare the image, then answer it (without batching), or queue it and
         lead forward passes while no other thread does."""
+        if not done.set_running_or_notify_cancel():  # cancelled before it ran; once running it cannot be,
+            return  # so setting its result never fails and never stops a batch halfway
         try:
             image = prepare()
             if not self.batching:

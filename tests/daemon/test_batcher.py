@@ -144,6 +144,25 @@ def test_stop_answers_what_was_submitted_and_refuses_the_rest(two_models):
         b.submit(m1, lambda: images(1)[0]).result(30)
 
 
+def test_a_request_given_up_on_cannot_break_its_batch(two_models):
+    """A request whose caller gives up (a cancelled future, as when the awaiting task is cancelled)
+    once it is queued stays answerable, so the rest of its batch is answered."""
+    m1, _ = two_models
+    held = Held()
+    b = Batcher(BatchSettings(max_batch=8), run=held)
+    b.start()
+    try:
+        first = b.submit(m1, lambda: images(1)[0])
+        assert held.entered.wait(30)
+        queued = [b.submit(m1, lambda x=x: x) for x in images(3, seed=1)]
+        wait_for(lambda: b.waiting == 3)
+        assert not queued[0].cancel()  # running: the batch will set its result
+        held.release.set()
+        assert all(f.result(30).answer.top for f in [first] + queued)
+    finally:
+        b.stop()
+
+
 def wait_for(condition, timeout: float = 60) -> None:
     done = threading.Event()
     for _ in range(int(timeout * 100)):
