@@ -39,10 +39,13 @@ from pathlib import Path
 import torch
 
 from paper_protocol import csv_list
-from protocol.data import CIFAR_MEAN, CIFAR_STD, DEFAULT_CACHE, DEFAULT_DATA, REPO, load_splits, make_subsets, restrict, subset_name, unpack
+from label_shift import position_in_class
+from protocol.data import (
+    CIFAR_MEAN, CIFAR_STD, CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, Splits, load_splits, make_subsets, restrict, subset_name, unpack,
+)
 from protocol.progress import log
 from protocol.runner import get_base, top1
-from prune_core import ImageSet, TrainConfig, batches, build_model, count_params, train
+from prune_core import ImageSet, TrainConfig, batches, build_model, count_params, load_image_folder, load_model, train
 from prune_core.cost import PeakMeter
 from prune_core.criteria import get_criterion
 from prune_core.options import parse_scope
@@ -72,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subsets-per-size", type=int, default=2)
     p.add_argument("--per-class", type=int, default=500, help="images per class before the split")
     p.add_argument("--test-per-class", type=int, default=1000, help="score on the held-out images of this larger cap")
+    p.add_argument("--base", help="load the 10-class base model from this directory (a saved model) instead of training one")
+    p.add_argument("--test-from", type=int, default=None,
+                   help="score on every image of each class from this index to --test-per-class instead of the held-out "
+                        "split: for a --base that trained on the first ones")
     p.add_argument("--epochs", type=int, default=5, help="retraining epochs")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--batch-size", type=int, default=64)
@@ -212,7 +219,14 @@ def main(argv=None) -> int:
     root = unpack(Path(args.data), Path(args.cache))
     splits = load_splits(root, args.image_size, args.per_class, 0.1, args.test_per_class)
     base_args = argparse.Namespace(base_epochs=args.base_epochs, batch_size=args.batch_size, base_lr=args.base_lr, seed=args.seed)
-    base, card = get_base(args.network, args.image_size, splits, base_args, out / "models" / f"{args.network}-{args.image_size}", cpu)
+    if args.test_from is not None:
+        every = load_image_folder(root, CLASSES, args.image_size, limit_per_class=args.test_per_class)
+        splits = Splits(splits.fit, splits.val, every.subset(torch.nonzero(position_in_class(every.labels) >= args.test_from).flatten()))
+    if args.base:
+        base, _ = load_model(Path(args.base), cpu)
+        log(f"base model loaded from {args.base} (top-1 {top1(base, splits.test, cpu)[0]:.4f} on the {len(splits.test)} scored images)")
+    else:
+        base, _ = get_base(args.network, args.image_size, splits, base_args, out / "models" / f"{args.network}-{args.image_size}", cpu)
     criterion = get_criterion("l1")
     pruned = prune_to_level(base, criterion.score(base, None), PruneSpec(args.level), args.image_size, criterion.prefer_norm_layers).model
     log(f"{args.network}@{args.image_size}: {count_params(base)} → {count_params(pruned)} parameters at level {args.level}")
