@@ -2,11 +2,13 @@
 """Partial vs full retraining (TrainConfig.scope): peak memory, time and accuracy of a cycle's retraining.
 
 On the paper protocol's data (CIFAR-10 class subsets, bench/protocol): a 10-class base model (trained
-once, or loaded from --out), pruned once to --level with l1 (data-agnostic: the same pruned model for
+once, or loaded from --out; or any saved model, --base, scored with --test-from on images it never
+trained on), pruned once to --level with l1 (data-agnostic: the same pruned model for
 every subset and scope, so the scopes differ in nothing else), then retrained on each subset with each
 scope at the protocol's recipe (--epochs, --lr, no distillation on labelled samples, no augmentation)
 and scored on the subset's held-out images. A scope is `full`, `last`, `last_bn` or `bias`;
-`last:0.5` sets TrainConfig.last_share.
+`last:0.5` sets TrainConfig.last_share, `last:0.25:1` also TrainConfig.front_chunks (1: the frozen
+front runs with the rest, at the whole batch, its batch norm in training mode, as before the split).
 
 Memory: each retraining runs in a forked child that first returns the heap's free memory to the
 system (malloc_trim) and resets its peak (/proc/self/clear_refs 5); the peak resident memory
@@ -23,7 +25,9 @@ gradients plus momentum buffers (2 × the trainable parameters).
 
 Writes results.csv (resumed) and results.md under --out. With --memory-only, no data and no
 accuracy: an untrained network pruned to --level, --steps steps of random images per scope, for
-memory and time at any input size (camera resolution, where activations outweigh parameters).
+memory and time at any input size (camera resolution, where activations outweigh parameters); a
+step's time is the median between optimizer steps, the set-up (a split front's probe and
+statistics pass, the first step's warm-up) the rest of the run.
 
     OMP_NUM_THREADS=1 python bench/retrain_scope.py --scopes full,last,last_bn,bias
     OMP_NUM_THREADS=1 python bench/retrain_scope.py --memory-only --network mobilenet_v2 --image-size 224 --batch-size 16
@@ -37,6 +41,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -111,19 +116,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _retrain_child(model, base, fit, val, test, config: TrainConfig, conn) -> None:
     """In a forked child: retrain `model`, send (accuracy, seconds, CPU seconds, steps, peak MiB added, library
-    pages MiB mapped in, trainable share, how the front ran)."""
+    pages MiB mapped in, trainable share, how the front ran, median CPU seconds between optimizer steps)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         meter = PeakMeter(torch.device("cpu"))
         meter.reset()  # the peak mark drops to the current resident size
         before, file_before = meter.peak_mb(), rss_file_mb()
         t, cpu = time.monotonic(), time.process_time()
-        result = train(model, fit, val, CIFAR_MEAN, CIFAR_STD, config, teacher=base)
+        stamps: list[float] = []
+        result = train(model, fit, val, CIFAR_MEAN, CIFAR_STD, config, teacher=base, on_step=lambda _: stamps.append(time.process_time()))
         seconds, cpu = time.monotonic() - t, time.process_time() - cpu
         peak, file_mb = meter.peak_mb() - before, rss_file_mb() - file_before
         steps = sum(1 for _ in result.history) * -(-len(fit) // config.batch_size)
         conn.send((top1(model, test, torch.device("cpu"))[0], seconds, cpu, steps, peak, file_mb,
-                   result.plan.to_dict()["trainable_share"], result.front))
+                   result.plan.to_dict()["trainable_share"], result.front,
+                   statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else float("nan")))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(exc)
     finally:
@@ -213,19 +220,19 @@ def memory_only(args) -> str:
                     torch.randint(0, 10, (n,)), [str(i) for i in range(n)])
     x = next(iter(batches(data, args.batch_size, CIFAR_MEAN, CIFAR_STD)))[0]
     lines = [f"{args.network} at {args.image_size} px, level {args.level} ({count_params(pruned)} parameters), batch {args.batch_size}",
-             "", "| scope | trainable params | peak MiB | × less | VmHWM growth MiB | CPU s per step | × faster | saved for backward MiB |"
-             " grads + momentum MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| scope | trainable params | peak MiB | × less | VmHWM growth MiB | CPU s per step | × faster | CPU s set-up |"
+             " saved for backward MiB | grads + momentum MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     reference = None
     for label, scope, share, chunks in args.variants:
         config = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=0.0, augment=False,
                              scope=scope, last_share=share, front_chunks=chunks)
-        _, _, cpu, steps, hwm, file_mb, trained, front = retrain_measured(copy.deepcopy(pruned), None, data, None, data.subset(range(2)), config)
+        _, _, cpu, steps, hwm, file_mb, trained, front, step = retrain_measured(copy.deepcopy(pruned), None, data, None, data.subset(range(2)), config)
         peak = hwm - file_mb
         b = step_bytes(pruned, scope, share, x)
-        reference = reference or (peak, cpu / steps)
+        reference = reference or (peak, step)
         log(f"{label}: {front}")
-        lines.append(f"| {label} | {100 * trained:.0f} % | {peak:.0f} | {reference[0] / peak:.1f} | {hwm:.0f} | {cpu / steps:.2f} | "
-                     f"{reference[1] / (cpu / steps):.1f} | {b['saved_mb']:.1f} | {b['grad_state_mb']:.1f} |")
+        lines.append(f"| {label} | {100 * trained:.0f} % | {peak:.0f} | {reference[0] / peak:.1f} | {hwm:.0f} | {step:.2f} | "
+                     f"{reference[1] / step:.1f} | {cpu - steps * step:.2f} | {b['saved_mb']:.1f} | {b['grad_state_mb']:.1f} |")
         log(lines[-1])
     return "\n".join(lines) + "\n"
 
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, distill_weight=0.0,
                     augment=False, scope=scope, last_share=share, front_chunks=chunks,
                 )
-                acc, seconds, cpu, n_steps, peak, file_mb, share_trained, front = retrain_measured(copy.deepcopy(pruned), base, fit, val, test, config)
+                acc, seconds, cpu, n_steps, peak, file_mb, share_trained, front, _ = retrain_measured(copy.deepcopy(pruned), base, fit, val, test, config)
                 row = dict(variant=label, subset=name, subset_size=len(classes), accuracy=f"{acc:.6f}", seconds=f"{seconds:.2f}", cpu_seconds=f"{cpu:.2f}",
                            steps=n_steps, peak_mb=f"{peak:.1f}", file_mb=f"{file_mb:.1f}", trainable_share=f"{share_trained:.4f}", front=front)
                 writer.writerow(row)
