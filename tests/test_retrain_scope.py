@@ -244,9 +244,9 @@ def test_the_front_in_micro_batches_gives_the_whole_forwards_loss_and_gradients(
         got_loss, got = loss_and_grads(split, net, x, y)
     finally:
         frozen.release()
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
     for name in plan.trainable:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
     assert all(got[name] is None for name in plan.frozen)
     assert torch.equal(net.stem[1].running_mean, stem_stats)  # eval mode: the front's statistics stay
     assert all(m.training == (mode == "train") for m in split.front)  # the front's modes are restored
