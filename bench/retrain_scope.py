@@ -72,7 +72,7 @@ def rss_file_mb() -> float:
 
 
 def parse_variant(text: str) -> tuple[str, object, float, int]:
-    """'last:0.5' → (text, RetrainScope.LAST, 0.5, 8): scope[:last_share[:front_chunks]], TrainConfig's defaults."""
+    """'last:0.5' → (text, RetrainScope.LAST, 0.5, 4): scope[:last_share[:front_chunks]], TrainConfig's defaults."""
     name, share, chunks, *rest = text.split(":") + ["", ""]
     try:
         if any(rest):
