@@ -186,6 +186,7 @@ def test_a_cycle_records_its_scope(digits, tmp_path):
     assert result.summary["retrain_scope"] == "last"
     plan = result.summary["retrain_plan"]
     assert plan["scope"] == "last" and plan["first_trained_layer"] == "layer3.0" and 0 < plan["trainable_share"] < 1
+    assert result.summary["probes"][0]["retrain_front"].startswith("front up to 'layer3.0' in micro-batches of")
     assert result.card.lineage.retrain_scope == "last"
     save_model(result.model, result.card, tmp_path / "m")
     assert read_card(tmp_path / "m").lineage.retrain_scope == "last"
