@@ -31,9 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
+from .front import FrontSplit, split_front
 from .options import RetrainScope, parse_scope
 from .schedule import schedule
-from .front import FrontSplit, split_front
 from .scope import Frozen, ScopePlan, plan_scope
 
 
@@ -221,12 +221,12 @@ def train(
     steps = 0
     # The held-out split judges only if it can: labelled samples, or a teacher to agree with.
     judged = val_set is not None and len(val_set) > 0 and (val_set.labelled > 0 or teacher is not None)
-    # at the training batch size: a larger held-out batch would set the run's peak memory (partial scopes)
     found = _front(model, result.plan, train_set, mean, std, config, device)
     split = found if isinstance(found, FrontSplit) else None
     result.front = split.describe() if split is not None else found
     forward = split if split is not None else model
-    # a split front's micro-batch for the passes without a graph (held-out, teacher): at the whole batch they would set the peak
+    # the passes without a graph (held-out, teacher) at the training batch size, or a split front's micro-batch:
+    # larger, they would set a partial run's peak memory
     chunk = split.chunk if split is not None else config.batch_size
     val_batches = (lambda: batches(val_set, chunk, mean, std, device=device)) if judged else None
     teacher_logits = None  # the teacher is fixed: its held-out answers are computed once, where they count
