@@ -34,6 +34,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .options import RetrainScope
 from .schedule import schedule
 
 if TYPE_CHECKING:
@@ -247,9 +248,12 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     step_s = profile.step.at(batch_size)
     image_s = profile.eval_image_s
     eval_pass_s = plan.held_samples * image_s
-    retrain = _train_run_s(plan, plan.epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=True)
-    fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=False)
-    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=True)
+    # a run of the last stages first re-estimates its frozen front's statistics (prune_core.front): one
+    # pass without a graph over the training samples, costed as the whole model's evaluation
+    overhead_s = profile.run_overhead_s + (plan.train_samples * image_s if profile.scope == RetrainScope.LAST.value else 0.0)
+    retrain = _train_run_s(plan, plan.epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=True)
+    fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=False)
+    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=True)
     calibration = min(plan.calibration_batches, math.ceil(plan.train_samples / batch_size)) if plan.train_samples else 0
     phases = {
         Phase.FINETUNE.value: finetune,

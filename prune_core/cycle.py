@@ -153,7 +153,7 @@ def run_cycle(
         probe = Probe(
             level, outcome.achieved_level, score(pruned), outcome.params_after, count_macs(pruned, card.input_size),
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
-            kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch,
+            kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch, retrain_front=retrained.front,
         )
         return probe, pruned
 

@@ -27,6 +27,7 @@ class Probe:
     retrain_epochs: int = 0  # epochs the kept model was retrained for (early stopping and its cool-down included)
     kept_epoch: int = 0  # the retraining epoch whose weights were kept (0: none beat the freshly pruned model)
     early_stop_epoch: int | None = None  # where early stopping fired; None: the schedule ran out
+    retrain_front: str = ""  # how retraining ran a frozen front: apart (its cut), or whole and why (TrainResult.front)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,8 @@ class RetrainScope(str, Enum):
 
     full: every parameter (the most accurate, the most memory and time).
     last: only the last stages (a share of the weight layers at the end, `TrainConfig.last_share`);
-        the frozen front runs without a graph, so its activations are never kept for backward.
+        the frozen front runs without a graph, so its activations are never kept for backward, and
+        where the model's forward splits there, in micro-batches (prune_core.front).
     last_bn: the last stages and every normalisation layer's affine parameters: cheap parameters
         that re-centre the pruned front's features, but the front needs a graph again.
     bias: every bias, every normalisation layer's affine parameters and the classifier (TinyTL's

@@ -13,7 +13,10 @@ weights so far restored); blocking in it pauses.
 `on_step` is told after every optimizer step what share of the run is done (a channel fade uses it).
 
 `TrainConfig.scope` says which parameters train (prune_core.scope): all of them, or the last stages
-and/or the cheap ones, with no graph kept for a frozen front.
+and/or the cheap ones, with no graph kept for a frozen front. With the last stages only, the frozen
+front runs apart in `front_chunks` micro-batches (prune_core.front), its batch-norm statistics
+re-estimated on the training images first; the teacher and the held-out passes run at the
+micro-batch size too, so no pass at the whole batch without a graph sets the run's peak memory.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
+from .front import FrontSplit, split_front
 from .options import RetrainScope, parse_scope
 from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
@@ -52,6 +56,7 @@ class TrainConfig:
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
     scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
     last_share: float = 0.25  # share of the weight layers, at the end, that the last-stages scopes train
+    front_chunks: int = 4  # micro-batches a frozen front runs in (scope last; 1: with the rest, at the whole batch)
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -63,6 +68,8 @@ class TrainConfig:
         self.scope = parse_scope(self.scope)
         if not 0.0 < self.last_share <= 1.0:
             raise ValueError("last_share must be in (0, 1]")
+        if self.front_chunks < 1:
+            raise ValueError("front_chunks must be >= 1")
 
 
 @dataclass
@@ -92,6 +99,7 @@ class TrainResult:
     early_stop_epoch: int | None = None  # the epoch after which early stopping fired (the cool-down follows)
     seconds: float = 0.0
     plan: ScopePlan | None = None  # which parameters trained
+    front: str = ""  # how the frozen front ran: apart (where the cut is), or whole and why
 
 
 def distillation_loss(
@@ -114,6 +122,25 @@ def distillation_loss(
         per_row = per_row.index_add(0, torch.nonzero(labelled).flatten(), ce_weight * ce)
     used = labelled | torch.tensor(teacher_logits is not None, device=logits.device)
     return per_row[used].mean() if used.any() else logits.sum() * 0.0
+
+
+def _chunked(model: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`model(x)` without a graph, in micro-batches of `chunk` (eval mode: the same answer)."""
+    with torch.no_grad():
+        return torch.cat([model(part) for part in x.split(chunk)])
+
+
+def _front(model: nn.Module, plan: ScopePlan, train_set: ImageSet, mean, std, config: TrainConfig, device) -> FrontSplit | str:
+    """The frozen front run apart (its batch-norm statistics re-estimated on `train_set`), or why not."""
+    frozen = Frozen(model, plan)
+    try:
+        stream = lambda: (x for x, _ in batches(train_set, config.batch_size, mean, std, device=device))  # noqa: E731
+        found = split_front(model, plan, next(stream()), config.front_chunks)
+        if isinstance(found, FrontSplit):
+            found.recalibrate(stream())
+        return found
+    finally:
+        frozen.release()
 
 
 @torch.no_grad()
@@ -194,8 +221,14 @@ def train(
     steps = 0
     # The held-out split judges only if it can: labelled samples, or a teacher to agree with.
     judged = val_set is not None and len(val_set) > 0 and (val_set.labelled > 0 or teacher is not None)
-    # at the training batch size: a larger held-out batch would set the run's peak memory (partial scopes)
-    val_batches = (lambda: batches(val_set, config.batch_size, mean, std, device=device)) if judged else None
+    found = _front(model, result.plan, train_set, mean, std, config, device)
+    split = found if isinstance(found, FrontSplit) else None
+    result.front = split.describe() if split is not None else found
+    forward = split if split is not None else model
+    # the passes without a graph (held-out, teacher) at the training batch size, or a split front's micro-batch:
+    # larger, they would set a partial run's peak memory
+    chunk = split.chunk if split is not None else config.batch_size
+    val_batches = (lambda: batches(val_set, chunk, mean, std, device=device)) if judged else None
     teacher_logits = None  # the teacher is fixed: its held-out answers are computed once, where they count
     if judged and teacher is not None and (config.distill_weight > 0 or val_set.labelled < len(val_set)):
         with torch.no_grad():
@@ -222,9 +255,8 @@ def train(
                     continue
                 # the teacher is only asked where its answer counts: unlabelled rows, or any row when distilling labelled ones
                 ask = teacher is not None and (config.distill_weight > 0 or bool((y < 0).any()))
-                with torch.no_grad():
-                    t_logits = teacher(x) if ask else None
-                loss = distillation_loss(model(x), y, t_logits, config)
+                t_logits = _chunked(teacher, x, chunk) if ask else None
+                loss = distillation_loss(forward(x), y, t_logits, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

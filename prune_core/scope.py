@@ -16,10 +16,11 @@ that trains runs as under ``torch.no_grad()``: it keeps no activation for the ba
 the gradient stops there. No hook and no assumption on module order are needed, and wherever a
 frozen layer runs after a trainable one, the gradient flows through it as it must.
 
-Frozen modules keep their train/eval mode: the batch-norm layers of a frozen front still normalise
-with batch statistics and update their running statistics while retraining (no graph is needed for
-that). After pruning, the statistics of every layer behind a pruned one are stale; frozen in eval
-mode they would stay so.
+Frozen modules keep their train/eval mode here: the batch-norm layers of a frozen front still
+normalise with batch statistics and update their running statistics (no graph is needed for that;
+after pruning, the statistics behind a pruned layer are stale). Where `train` runs the front of a
+`last` run apart, in micro-batches (prune_core.front), it re-estimates those statistics on the
+training images once and then runs the front in eval mode.
 """
 from __future__ import annotations
 

@@ -55,6 +55,9 @@ def test_estimate_sums_the_phases_of_a_retrain():
     assert est.phases[Phase.PROBES.value] == est.phases[Phase.RANKING.value] == est.phases[Phase.VALIDATION.value] == 0
     assert est.train_peak_mb == 500 + 2 * 32 + 7 and est.batch_size == 32
     assert est.peak_mb == est.eval_peak_mb == est.train_peak_mb + 5  # the heap keeps what training freed: they add up
+    # the last stages re-estimate the frozen front's statistics first: one pass over the training samples
+    last = estimate(fake_profile(scope="last"), CyclePlan.of_retrain(config, train_samples=320, held_samples=100), 32)
+    assert math.isclose(last.duration_s - est.duration_s, 320 * 0.001)
     cuda = estimate(fake_profile(source=MemorySource.CUDA), CyclePlan.of_retrain(config, 320, 100), 32)
     assert cuda.peak_mb == cuda.train_peak_mb and cuda.eval_peak_mb == 500 + 7 + 5  # live tensors only: the larger
 
@@ -166,3 +169,14 @@ def test_a_real_profile_predicts_a_positive_cost():
     assert p.memory.per_sample > 0 and p.model_mb > 0
     est = estimate(p, CyclePlan.of_retrain(TrainConfig(epochs=1, batch_size=8), 40, 12), 8)
     assert est.duration_s > 0 and est.peak_mb > p.model_mb
+
+
+def test_a_profile_of_the_last_stages_counts_fewer_saved_activations():
+    model = build_model("cifar_small", 10).eval()
+    train_set, held = _images(40), _images(12)
+    profiles = {scope: profile(model, train_set, held, (0.5,) * 3, (0.25,) * 3, TrainConfig(scope=scope), (4, 8), steps=2)
+                for scope in ("full", "last")}
+    assert profiles["last"].scope == "last"
+    # at each batch size, the steps of the last stages keep fewer activations (exact byte counts)
+    assert all(l.saved_mb < f.saved_mb for f, l in zip(profiles["full"].samples, profiles["last"].samples))
+    assert all(p.requires_grad for p in model.parameters())

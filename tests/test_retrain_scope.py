@@ -186,6 +186,7 @@ def test_a_cycle_records_its_scope(digits, tmp_path):
     assert result.summary["retrain_scope"] == "last"
     plan = result.summary["retrain_plan"]
     assert plan["scope"] == "last" and plan["first_trained_layer"] == "layer3.0" and 0 < plan["trainable_share"] < 1
+    assert result.summary["probes"][0]["retrain_front"].startswith("front up to 'layer3.0' in micro-batches of")
     assert result.card.lineage.retrain_scope == "last"
     save_model(result.model, result.card, tmp_path / "m")
     assert read_card(tmp_path / "m").lineage.retrain_scope == "last"
@@ -200,3 +201,105 @@ def test_a_shared_parameter_is_planned_once():
     assert "extra.weight" not in names and names.count("head.weight") == 1  # decided under its first owner
     assert plan.params == sum(p.numel() for p in net.parameters())
     Frozen(net, plan).release()
+
+
+# --- the frozen front run apart (prune_core.front) ---------------------------------------------
+
+
+def front_modules_in_eval(net: nn.Module, split) -> nn.Module:
+    """A copy of `net` whose front (the modules `split` runs apart) is in eval mode, the rest as `net`."""
+    ref = copy.deepcopy(net)
+    by_id = {id(m): name for name, m in net.named_modules()}
+    for m in split.front:
+        ref.get_submodule(by_id[id(m)]).eval()
+    return ref
+
+
+def loss_and_grads(forward, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss = nn.functional.cross_entropy(forward(x), y)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_front_in_micro_batches_gives_the_whole_forwards_loss_and_gradients(mode):
+    """The split front (8 images in micro-batches of 2) gives the loss and gradients of the whole
+    forward with the front's layers in eval mode; the frozen parameters get no gradient."""
+    from prune_core.front import FrontSplit, split_front
+
+    torch.manual_seed(0)
+    net, x, y = pruned_model().train(mode == "train"), torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    plan = plan_scope(net, "last", 0.25)
+    frozen = Frozen(net, plan)
+    try:
+        split = split_front(net, plan, x, chunks=4)
+        assert isinstance(split, FrontSplit) and split.cut_name == "layer3.0" and split.chunk == 2
+        assert any(isinstance(m, nn.BatchNorm2d) for m in split.front)
+        ref = front_modules_in_eval(net, split)
+        ref_frozen = Frozen(ref, plan)
+        try:
+            want_loss, want = loss_and_grads(ref, ref, x, y)
+        finally:
+            ref_frozen.release()
+        stem_stats = net.stem[1].running_mean.clone()
+        got_loss, got = loss_and_grads(split, net, x, y)
+    finally:
+        frozen.release()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+    for name in plan.trainable:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    assert all(got[name] is None for name in plan.frozen)
+    assert torch.equal(net.stem[1].running_mean, stem_stats)  # eval mode: the front's statistics stay
+    assert all(m.training == (mode == "train") for m in split.front)  # the front's modes are restored
+
+
+class CrossesTheCut(nn.Module):
+    """Its last layer also reads the front's features directly: no cut splits it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.tail = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head((self.tail(h) + h).mean((2, 3)))
+
+
+def test_a_model_that_does_not_split_runs_whole_and_says_why(digits):
+    from prune_core.front import split_front
+
+    torch.manual_seed(0)
+    net = CrossesTheCut()
+    plan = plan_scope(net, "last", 0.5)  # tail and head
+    assert plan.first_trained_layer == "tail"
+    frozen = Frozen(net, plan)
+    try:
+        reason = split_front(net, plan, torch.randn(8, 3, 16, 16), chunks=4)
+    finally:
+        frozen.release()
+    assert isinstance(reason, str) and "does not split at 'tail'" in reason
+    assert "no frozen front" in split_front(net, plan_scope(net, "full", 0.5), torch.randn(8, 3, 16, 16), chunks=4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = train(net, digits.subset(range(32)), None, MEAN, STD, config("last", last_share=0.5))
+    assert result.front == reason  # trained whole, as before: the frozen front's statistics follow the batches
+    assert changed(before, net) == set(plan.trainable)
+    assert not torch.equal(before["body.1.running_mean"], net.body[1].running_mean)
+
+
+def test_training_the_last_stages_recalibrates_the_front_then_keeps_it(digits):
+    """The front's batch-norm statistics are those of the training images (one pass, before training),
+    and training in micro-batches changes only the trainable parameters."""
+    from prune_core.data import batches
+
+    net = pruned_model()
+    data = digits.subset(range(32))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = train(net, data, None, MEAN, STD, config("last", front_chunks=4))
+    assert result.front == "front up to 'layer3.0' in micro-batches of 4"
+    assert changed(before, net) == set(result.plan.trainable)
+    x = torch.cat([x for x, _ in batches(data, 16, MEAN, STD)])
+    with torch.no_grad():
+        stem = net.stem[0](x)  # the stem's convolution is frozen: its output over the training images
+    torch.testing.assert_close(net.stem[1].running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)

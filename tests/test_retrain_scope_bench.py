@@ -34,11 +34,21 @@ def test_scopes_measured_side_by_side_and_resumed(tmp_path):
     assert [r["variant"] for r in rows] == ["full", "last"]
     assert all(float(r["peak_mb"]) > 0 and float(r["cpu_seconds"]) > 0 for r in rows)
     assert float(rows[0]["trainable_share"]) == 1.0 > float(rows[1]["trainable_share"])
+    assert rows[1]["front"].startswith("front up to 'layer3.0'") and "no frozen front" in rows[0]["front"]
+    assert all(0 <= float(r["file_mb"]) <= float(r["peak_mb"]) for r in rows)
     assert "| last |" in proc.stdout
     again = run(*args)  # everything done: nothing retrained, the same table
     assert again.returncode == 0 and "top-1" not in again.stderr.replace("held-out top1", "")
     with open(tmp_path / "out" / "results.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 2
+    # a saved base model, scored on images past the first 20 of each class; the front run whole
+    base = tmp_path / "out" / "models" / "cifar_small-32"
+    proc = run(*args[:-1], str(tmp_path / "out2"), "--base", str(base), "--test-from", "20", "--scopes", "last:0.25:1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on the 100 scored images" in proc.stderr  # 10 of each class
+    with open(tmp_path / "out2" / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["variant"] == "last:0.25:1" and "one micro-batch" in row["front"]
 
 
 @pytest.mark.slow
