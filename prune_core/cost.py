@@ -190,6 +190,7 @@ class Profile:
     pruned: "Profile | None" = None  # the same, of a copy pruned at the cycle's level (None: costed as this one)
     level: float = 0.0  # the level that copy was pruned to
     prune_s: float = 0.0  # one prune to that level (dependency graph, bisection on copies)
+    prune_extra_mb: float = 0.0  # what that prune adds to what the process held when it began
     macs_s: float = 0.0  # one MAC count of the pruned model
 
     @property
@@ -287,6 +288,7 @@ class CostEstimate:
     params: int = 0  # the unpruned model's parameters
     pruned_params: int = 0  # the parameters of the copy the probes are costed at (params: none was pruned)
     pruned_level: float = 0.0  # the level that copy was pruned to
+    prune_peak_mb: float = 0.0  # the prunes' peak (the bisection's copies, the graph), model copies included; 0: not profiled
     method: str = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
 
     def to_dict(self) -> dict:
@@ -348,21 +350,23 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     lines = [profile.memory] * trains_unpruned + [pruned.memory] * (tries > 0)
     train_line = max(lines, key=lambda line: line.at(batch_size))
     train_peak = train_line.at(batch_size) + copies
-    # Evaluated while the training state is held. The resident set also keeps the heap that the training
-    # steps' activations freed (glibc does not hand it back), so there the two add up; CUDA's allocated
-    # bytes count live tensors only.
+    # Evaluated and pruned while the training state is held. The resident set also keeps the heap that the
+    # training steps' activations freed (glibc does not hand it back), so there they add up; CUDA's
+    # allocated bytes count live tensors only.
     base = train_line.at(batch_size) if profile.source is MemorySource.RSS else train_line.fixed
     eval_peak = base + profile.eval_extra_mb + copies
+    prune_peak = base + profile.prune_extra_mb + copies if tries > 0 and profile.pruned is not None else 0.0
     method = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
     if profile.pruned is not None:
         method += f"; the probes at a copy pruned to {profile.level:g} (l1)"
     if plan.auto:
         method += f"; level auto: {plan.probes} probes (a binary search's deepest path), each costed at that copy"
     return CostEstimate(
-        batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=phases.total, phases=phases,
+        batch_size=batch_size, peak_mb=max(train_peak, eval_peak, prune_peak), duration_s=phases.total, phases=phases,
         train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
         profile_batches=tuple(s.batch_size for s in profile.samples), profile_s=profile.seconds, scope=profile.scope,
-        params=profile.params, pruned_params=pruned.params, pruned_level=profile.level if profile.pruned else 0.0, method=method,
+        params=profile.params, pruned_params=pruned.params, pruned_level=profile.level if profile.pruned else 0.0,
+        prune_peak_mb=prune_peak, method=method,
     )
 
 
@@ -376,6 +380,10 @@ def fit_budget(profile: Profile, plan: CyclePlan, max_batch: int, budget_mb: flo
         if chosen.peak_mb <= budget_mb:
             return chosen
     smallest = estimate(profile, plan, MIN_BATCH)
+    if smallest.prune_peak_mb > max(smallest.train_peak_mb, smallest.eval_peak_mb):
+        raise DoesNotFit(f"predicted peak {smallest.prune_peak_mb:.0f} MiB of the prune (the dependency graph and the "
+                         f"bisection's copies) is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size "
+                         f"({MIN_BATCH})", smallest)
     if smallest.eval_peak_mb > smallest.train_peak_mb:
         raise DoesNotFit(f"predicted peak {smallest.eval_peak_mb:.0f} MiB of the held-out evaluation (batch {profile.eval_batch}) "
                          f"is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size ({MIN_BATCH})", smallest)
@@ -545,7 +553,8 @@ def profile_cycle(
     clock: Callable[[], float] = time.perf_counter,
 ) -> Profile:
     """`profile` of the unpruned model, and of a throwaway copy pruned (l1, the cycle's first allocation)
-    at `profile_level(config.level)`, with that prune and one MAC count of its result timed."""
+    at `profile_level(config.level)`, with that prune (its time and the memory it adds) and one MAC count
+    of its result measured."""
     from .criteria import get_criterion
     from .measure import count_macs
     from .surgery import PruneSpec, parse_allocations, prune_to_level
@@ -556,14 +565,20 @@ def profile_cycle(
     spec = PruneSpec(level, parse_allocations(config.allocation)[0], config.round_to, config.protect_stem,
                      config.protect_classifier, config.max_layer_ratio)
     l1 = get_criterion("l1")
+    scores = l1.score(teacher)
+    meter = PeakMeter(next(teacher.parameters()).device)
+    meter.reset()
+    held_before = meter.peak_mb()
     t0 = clock()
-    copy_ = prune_to_level(teacher, l1.score(teacher), spec, input_size, l1.prefer_norm_layers).model
+    copy_ = prune_to_level(teacher, scores, spec, input_size, l1.prefer_norm_layers).model
     t1 = clock()
+    prune_extra = meter.peak_mb() - held_before
     count_macs(copy_, input_size)
     t2 = clock()
     pruned = profile(teacher, train_set, held_set, mean, std, config.train, batch_sizes, steps, clock, student=copy_)
     del copy_
-    return replace(unpruned, pruned=pruned, level=level, prune_s=t1 - t0, macs_s=t2 - t1, seconds=time.monotonic() - started)
+    return replace(unpruned, pruned=pruned, level=level, prune_s=t1 - t0, macs_s=t2 - t1, prune_extra_mb=prune_extra,
+                   seconds=time.monotonic() - started)
 
 
 __all__ = [

@@ -122,6 +122,19 @@ def test_the_probes_are_costed_at_the_pruned_copy():
     assert tuned.phases.finetune > est.phases.finetune == 0
 
 
+def test_the_prunes_memory_counts_and_can_refuse_a_cycle():
+    """The bisection's copies and the dependency graph: batch-independent, so no batch size helps."""
+    one = TrainConfig(epochs=1, batch_size=32, min_steps=0)
+    plan = CyclePlan.of_cycle(CycleConfig(level=0.5, criterion="l1", train=one), 320, 100)
+    p = fake_profile(pruned=pruned_profile(), level=0.5, prune_extra_mb=300.0)
+    est = estimate(p, plan, 32)
+    assert est.prune_peak_mb == 200 + 32 + 7 + 300 + 10 == est.peak_mb  # on the heap the training left, with base
+    assert estimate(replace(p, pruned=None), plan, 32).prune_peak_mb == 0  # not profiled: not counted
+    assert fit_budget(p, plan, 64, 560).batch_size == 43  # 200 + b + 7 + 300 + 10 ≤ 560: the heap under it shrinks with the batch
+    with pytest.raises(DoesNotFit, match=r"peak 519 MiB of the prune .* over cycle_memory_budget_mb=500"):
+        fit_budget(p, plan, 64, 500)
+
+
 def test_the_phase_clock_counts_each_phase_and_the_one_under_way():
     now = [0.0]
     clock = PhaseClock(lambda: now[0])
@@ -241,6 +254,7 @@ def test_a_cycle_profile_prunes_a_throwaway_copy_and_costs_the_probes_at_it():
     assert p.params == count_params(model) and p.pruned is not None and p.level == 0.5
     assert 0.3 * p.params < p.pruned.params < 0.7 * p.params  # about half the parameters removed
     assert p.pruned.model_mb < p.model_mb and p.prune_s > 0 and p.macs_s > 0 and p.pruned.memory.per_sample > 0
+    assert p.prune_extra_mb >= 0
     est = estimate(p, CyclePlan.of_cycle(config, 40, 12), 8)
     assert est.pruned_params == p.pruned.params < est.params
     assert all(getattr(est.phases, f) >= 0 for f in ("finetune", "ranking", "prune", "fade", "retrain", "validation"))
