@@ -98,7 +98,7 @@ def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, ex
             scoped = replace(config, train=replace(config.train, scope=scope))
             yield profile_cycle(teacher, train_set, held_set, card.mean, card.std, scoped, card.input_size, batch_sizes)
 
-    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models)
+    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models, len(train_set) - train_set.labelled)
     try:
         chosen = choose(profiles(), plan, job, post)
         meter = PeakMeter(next(teacher.parameters()).device)

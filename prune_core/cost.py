@@ -223,6 +223,8 @@ class CyclePlan:
     epochs: int  # retraining epochs per try
     min_steps: int = 0
     finetune_epochs: int = 0  # ADaPT fine-tuning, or the ceiling's fine-tuning under level="auto"
+    finetune_distils: bool = True  # the fine-tuning asks the teacher on every batch (else only where a row is unlabelled)
+    unlabelled_share: float = 0.0  # of the training samples
     fade_epochs: int = 0
     probes: int = 1  # levels tried
     tries: int = 1  # criterion × allocation pairs per level
@@ -237,9 +239,11 @@ class CyclePlan:
     auto: bool = False  # level="auto": the probes are a bound, each costed at the profiled level
 
     @classmethod
-    def of_cycle(cls, config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 0) -> "CyclePlan":
-        """The plan of `run_cycle(config)` on these sample counts; `extra_models`: copies of the model its
-        caller holds beyond run_cycle's own (the served model beside its prior-corrected twin)."""
+    def of_cycle(cls, config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 0,
+                 unlabelled: int = 0) -> "CyclePlan":
+        """The plan of `run_cycle(config)` on these sample counts (`unlabelled` of the training samples);
+        `extra_models`: copies of the model its caller holds beyond run_cycle's own (the served model
+        beside its prior-corrected twin)."""
         from .criteria import get_criterion, parse_criteria
         from .level_search import DEFAULT_GRID
         from .surgery import parse_allocations
@@ -250,6 +254,8 @@ class CyclePlan:
             train_samples=train_samples, held_samples=held_samples, epochs=config.train.epochs,
             min_steps=config.train.min_steps,
             finetune_epochs=config.finetune_before or (config.train.epochs if auto else 0),
+            finetune_distils=False,  # cycle.adaptation: cross-entropy on labelled samples
+            unlabelled_share=unlabelled / train_samples if train_samples else 0.0,
             fade_epochs=config.fade_epochs,
             probes=math.ceil(math.log2(len(DEFAULT_GRID) + 1)) if auto else 1,  # a binary search's deepest path
             tries=len(criteria) * len(parse_allocations(config.allocation)),
@@ -333,7 +339,11 @@ def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate
     eval_pass_s, pruned_pass_s = plan.held_samples * image_s, plan.held_samples * pruned.eval_image_s
     retrain = _train_run_s(plan, plan.epochs, batch_size, pruned_step_s, pruned.run_overhead_s, pruned_pass_s, judged=True)
     fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=False)
-    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, step_s, profile.run_overhead_s, eval_pass_s, judged=True)
+    # the profiled step includes the teacher's forward pass (about an evaluation's per-image time per sample);
+    # fine-tuning without distillation asks it only for batches with an unlabelled row
+    asks = 1.0 if plan.finetune_distils else 1.0 - (1.0 - plan.unlabelled_share) ** batch_size
+    finetune_step_s = max(step_s - (1.0 - asks) * batch_size * image_s, 0.0)
+    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, finetune_step_s, profile.run_overhead_s, eval_pass_s, judged=True)
     calibration = min(plan.calibration_batches, math.ceil(plan.train_samples / batch_size)) if plan.train_samples else 0
     tries = plan.probes * plan.tries
     phases = Phases(
@@ -399,6 +409,17 @@ def profile_batches(batch_size: int) -> tuple[int, int]:
     return low, max(2 * MIN_BATCH, batch_size // 2, low + 2)
 
 
+def _trim_heap() -> None:
+    """glibc: hand the heap's free pages back (malloc_trim). Without it the resident set keeps what earlier
+    steps freed, and a peak measured from it misses what a later step adds on top of live memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMeter:
     """The peak memory of this process since the last reset: VmHWM on CPU, CUDA max allocated on a GPU."""
 
@@ -413,6 +434,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _trim_heap()  # so the mark starts at what is live, and what comes after is measured from there
         try:
             CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS
         except OSError as exc:

@@ -86,7 +86,11 @@ def test_a_cycle_plan_counts_probes_tries_rankings_and_copies():
     assert math.isclose(est.phases.prune, 5 * 4 * (0.5 + 0.25) + 2 * 0.25)
     assert math.isclose(est.phases.validation, 3 * held_pass + (2 + 5 * 4) * held_pass)
     assert math.isclose(est.phases.ranking, 10 * (16 * 0.001 + step))
-    assert math.isclose(est.phases.finetune, retrain) and est.phases.fade == 0
+    # fine-tuning on labelled samples does not ask the teacher: its forward (an evaluation's per-image time) is left out
+    assert math.isclose(est.phases.finetune, retrain - 3 * 10 * 16 * 0.001) and est.phases.fade == 0
+    unlabelled = estimate(p, CyclePlan.of_cycle(config, 160, 40, extra_models=2, unlabelled=160), 16)
+    assert math.isclose(unlabelled.phases.finetune, retrain)  # every batch has unlabelled rows: it asks every time
+    assert est.phases.finetune < estimate(p, CyclePlan.of_cycle(config, 160, 40, unlabelled=8), 16).phases.finetune < retrain
     assert math.isclose(est.duration_s, est.phases.total)
     assert est.train_peak_mb == 500 + 2 * 16 + 7 + 4 * 10 + 10  # four more unpruned copies, one pruned
     assert "5 probes" in est.method
