@@ -9,8 +9,9 @@ two or more batch sizes, and lines are fitted:
 plus one timed evaluation pass (what it adds to the memory counts too: at a small training batch it
 can be the larger peak). For a cycle (`profile_cycle`) a throwaway copy is also pruned at the cycle's
 level (l1, the cycle's first allocation: the cheapest criterion, and the level fixes the size), the
-prune and its MAC count are timed, and the pruned copy is profiled the same way: the probes' retraining
-and scoring are costed at the pruned model's own step and evaluation times.
+prune and its MAC count are timed and what the prune adds to memory (the bisection's copies) measured,
+and the pruned copy is profiled the same way: the probes' retraining and scoring are costed at the
+pruned model's own step and evaluation times.
 
 A cycle's duration is the sum of its phases (`Phases`), each a count of training steps, evaluated
 images and prunes times the measured times. It is the longest path: no early stop, and under
@@ -18,7 +19,7 @@ level="auto" the most probes a binary search over the grid can take, each costed
 to the grid's middle level (the first probe; the later ones go both ways from it).
 
 Memory is what the process holds, measured where it is spent: on CPU the resident set's high-water
-mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs); on CUDA the caching allocator's
+mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs after trimming the heap); on CUDA the caching allocator's
 max_memory_allocated. `fixed` therefore includes everything the process holds when profiled (the
 libraries, the data, the models); the copies of the model a cycle keeps beside the training pair are
 added per copy (`CyclePlan.extra_models`).
