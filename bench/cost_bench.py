@@ -5,7 +5,9 @@ a cycle configured at the largest batch would profile (`profile_batches`), and p
 and duration of one `train()` run at each batch size of the sweep. Then, per batch size, another fresh
 process (so its memory is clean) runs that `train()` for real and measures its peak memory (VmHWM,
 reset just before, as the worker does) and its time. With `--mode worker` each cell is instead one
-fresh process doing what the cycle worker does: profile, predict, reset the peak mark, run. Times are the process's CPU time, in the profile
+fresh process doing what the cycle worker does: profile, predict, reset the peak mark, run; with `--mode cycle`
+the same for a whole `run_cycle` (profile_cycle: the model and a copy pruned at --level), with a second table
+of each phase's predicted and measured seconds. Times are the process's CPU time, in the profile
 and in the run alike: on cores shared with other jobs wall time measures the neighbours; with
 OMP_NUM_THREADS=1 on an idle core the two are the same (the wall time is printed beside it). Data: synthetic uint8 images and labels,
 distilling from a copy of the model, as a cycle does.
