@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
-
 from prune_core.cost import PhaseClock  # no torch
+
+from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
 
 if TYPE_CHECKING:
     from prune_core.cost import CostEstimate, CyclePlan, PeakMeter, Profile
