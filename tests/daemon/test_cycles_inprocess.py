@@ -273,3 +273,19 @@ def test_a_budget_nothing_fits_refuses_the_cycle_with_the_figures(make_inproc):
         assert f"retraining scope {scope}:" in record["reason"]
     assert record["cost"]["predicted"]["batch_size"] == 2 and record["cost"]["note"].startswith("refused:")
     assert d.client.get("/status").json()["model"]["version"] == "v0001"
+
+
+def test_falling_back_to_the_generalist_aborts_a_running_cycle_with_its_cost(inproc):
+    """Traffic changed (the drift watch's fall_back): the running cycle is aborted first, and what it
+    spent is recorded beside its prediction."""
+    seed(inproc, 12)
+    first = inproc.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 3}).json()["cycle_id"]
+    assert inproc.run_until(first, final)["version_after"] == "v0002"
+    busy = inproc.client.post("/prune", json={"force": True, "epochs": FOREVER}).json()["cycle_id"]
+    inproc.run_until(busy, lambda r: r["progress"].get("batch", 0) >= 3)
+    swap = inproc.rt.scheduler.fall_back("v0001", "a class the specialist never saw")
+    assert swap is not None and swap.version_after == "v0001"
+    record = inproc.cycle(busy)
+    assert record["state"] == "aborted" and "traffic changed" in record["reason"], record
+    assert record["cost"]["actual"]["complete"] is False and record["cost"]["actual"]["phases"]["retrain"] > 0
+    assert inproc.client.get("/status").json()["model"]["version"] == "v0001"
