@@ -5,7 +5,9 @@ a cycle configured at the largest batch would profile (`profile_batches`), and p
 and duration of one `train()` run at each batch size of the sweep. Then, per batch size, another fresh
 process (so its memory is clean) runs that `train()` for real and measures its peak memory (VmHWM,
 reset just before, as the worker does) and its time. With `--mode worker` each cell is instead one
-fresh process doing what the cycle worker does: profile, predict, reset the peak mark, run. Times are the process's CPU time, in the profile
+fresh process doing what the cycle worker does: profile, predict, reset the peak mark, run; with `--mode cycle`
+the same for a whole `run_cycle` (profile_cycle: the model and a copy pruned at --level), with a second table
+of each phase's predicted and measured seconds. Times are the process's CPU time, in the profile
 and in the run alike: on cores shared with other jobs wall time measures the neighbours; with
 OMP_NUM_THREADS=1 on an idle core the two are the same (the wall time is printed beside it). Data: synthetic uint8 images and labels,
 distilling from a copy of the model, as a cycle does.
@@ -100,25 +102,34 @@ def worker_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, ba
     return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
 
 
-def cycle_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, batch: int) -> dict:
-    """A whole cycle (`run_cycle`: fine-tune 1 epoch, l1 ranking, prune to 0.5, retrain) in one fresh
-    process, as the worker runs it: profile, predict, reset the peak mark, run."""
+def cycle_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, batch: int, level: str) -> dict:
+    """A whole cycle (`run_cycle`: fine-tune 1 epoch, l1 ranking, prune to `level`, retrain) in one fresh
+    process, as the worker runs it: profile (the model and a pruned copy), predict, reset the peak mark,
+    run, with its phases timed on the same clock."""
+    from dataclasses import asdict
+
     import torch
 
-    from prune_core.cost import CyclePlan, PeakMeter, estimate, profile, profile_batches
+    from prune_core.cost import CyclePlan, PeakMeter, PhaseClock, estimate, profile_batches, profile_cycle
     from prune_core.cycle import CycleConfig, run_cycle
     from prune_core.model_format import ModelCard
 
     model, train_set, held_set = _setup(arch, size, train_n, held_n)
-    config = CycleConfig(level=0.5, criterion="l1", finetune_before=1, train=_config(batch, epochs))
-    prof = profile(model, train_set, held_set, MEAN, STD, config.train, profile_batches(batch), clock=time.process_time)
+    config = CycleConfig(level=level if level == "auto" else float(level), criterion="l1", finetune_before=1,
+                         train=_config(batch, epochs))
+    profile_started = time.process_time()
+    prof = profile_cycle(model, train_set, held_set, MEAN, STD, config, size, profile_batches(batch), clock=time.process_time)
+    profile_s = time.process_time() - profile_started
     est = estimate(prof, CyclePlan.of_cycle(config, train_n, held_n), batch)
     card = ModelCard(arch=arch, num_classes=10, input_size=size, class_names=[str(i) for i in range(10)], mean=MEAN, std=STD)
     meter = PeakMeter(torch.device(prof.device))
+    clock = PhaseClock(time.process_time)
     meter.reset()
     t0, wall = time.process_time(), time.perf_counter()
-    run_cycle(model, card, train_set, held_set, config)
-    return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0, "wall_s": time.perf_counter() - wall}
+    result = run_cycle(model, card, train_set, held_set, config, clock=clock)
+    return {"estimate": est.to_dict(), "peak_mb": meter.peak_mb(), "duration_s": time.process_time() - t0,
+            "wall_s": time.perf_counter() - wall, "phases": asdict(clock.phases()), "profile_cpu_s": profile_s,
+            "probes": len(result.summary["probes"]), "params_after": result.summary["params_after"]}
 
 
 def _child(*args: str) -> dict:
@@ -137,6 +148,7 @@ def main() -> None:
     p.add_argument("--train", type=int, default=384, help="training samples (one epoch)")
     p.add_argument("--held", type=int, default=128, help="held-out samples (evaluated before and after the epoch)")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--level", default="0.5", help="--mode cycle: the cycle's pruning level (or auto)")
     p.add_argument("--mode", choices=("fresh", "worker", "cycle"), default="fresh",
                    help="fresh: predict in one process, run each batch size in another, clean one; worker: per cell one process"
                    " that profiles, predicts, resets the peak mark and runs, as the cycle worker does; cycle: the same for a"
@@ -154,13 +166,13 @@ def main() -> None:
         print(json.dumps(worker_cell(a.arch, a.size, a.train, a.held, a.epochs, batch, max_batch)))
         return
     if a.child == "cycle":
-        print(json.dumps(cycle_cell(a.arch, a.size, a.train, a.held, a.epochs, batches[0])))
+        print(json.dumps(cycle_cell(a.arch, a.size, a.train, a.held, a.epochs, batches[0], a.level)))
         return
     if a.child == "measure":
         print(json.dumps(measure(a.arch, a.size, a.train, a.held, a.epochs, batches[0])))
         return
     common = ["--train", str(a.train), "--held", str(a.held), "--epochs", str(a.epochs)]
-    rows, started = [], time.monotonic()
+    rows, cycles, started = [], [], time.monotonic()
     print(f"{'arch':18} {'px':>3} {'batch':>5} {'mem pred':>9} {'mem meas':>9} {'err':>7} {'s pred':>7} {'s meas':>7} {'err':>7} {'wall':>7}")
     for arch in a.archs.split(","):
         for size in (int(s) for s in a.sizes.split(",")):
@@ -175,8 +187,9 @@ def main() -> None:
                     meas = _child("--child", "cell", *where, "--batches", f"{b},{max(batches)}", *common)
                     est = meas["estimate"]
                 else:
-                    meas = _child("--child", "cycle", *where, "--batches", str(b), *common)
+                    meas = _child("--child", "cycle", *where, "--batches", str(b), "--level", a.level, *common)
                     est = meas["estimate"]
+                    cycles.append((f"{arch} {size} {b}", est, meas))
                 mem_err = est["peak_mb"] / meas["peak_mb"] - 1
                 dur_err = est["duration_s"] / meas["duration_s"] - 1
                 rows.append((mem_err, dur_err))
@@ -187,6 +200,22 @@ def main() -> None:
     print(f"\n{len(rows)} cells: memory within 15 % in {mem_ok}, duration within 25 % in {dur_ok}; "
           f"mean |error| memory {sum(abs(m) for m, _ in rows) / len(rows):.1%}, duration {sum(abs(d) for _, d in rows) / len(rows):.1%}; "
           f"{time.monotonic() - started:.0f} s")
+    if cycles:
+        _phase_table(cycles)
+
+
+PHASES = ("finetune", "ranking", "prune", "fade", "retrain", "validation")
+
+
+def _phase_table(cycles: list) -> None:
+    """Per cycle and phase: predicted / measured seconds; "other" is the measured time no phase claims
+    (copies, parameter counts, the summary); the profile's own CPU seconds beside them."""
+    print(f"\n{'cycle':26} " + " ".join(f"{p:>15}" for p in (*PHASES, "other")) + f" {'pruned params':>14} {'probes':>6} {'profile s':>9}")
+    for name, est, meas in cycles:
+        pred, got = est["phases"], meas["phases"]
+        cells = [f"{pred[p]:6.2f}/{got[p]:<8.2f}" for p in PHASES] + [f"{'':6} {meas['duration_s'] - sum(got.values()):<8.2f}"]
+        print(f"{name:26} " + " ".join(f"{c:>15}" for c in cells)
+              + f" {est['pruned_params']:>7}/{meas['params_after']:<6} {meas['probes']:>6} {meas['profile_cpu_s']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""The worker's cost step: before a cycle's heavy work, profile a few training steps (prune_core.cost),
-predict the cycle's peak memory and duration, and choose the largest batch size ≤ cycle_batch_size
-whose predicted peak fits cycle_memory_budget_mb; refuse the cycle when none does. After the cycle,
-measure the actual values over the span the prediction covers (from the end of the profile)."""
+"""The worker's cost step: before a cycle's heavy work, profile a few training steps of the model and of
+a copy pruned at the cycle's level (prune_core.cost.profile_cycle), predict the cycle's peak memory and
+duration per phase, and choose the largest batch size ≤ cycle_batch_size whose predicted peak fits
+cycle_memory_budget_mb; refuse the cycle when none does. After the cycle, or where it failed or was
+aborted, measure the actual values over the span the prediction covers (from the end of the profile)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable
+
+from prune_core.cost import PhaseClock  # no torch
 
 from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
 
@@ -56,24 +59,35 @@ def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: "CycleJob", po
 
 @dataclass
 class CostWatch:
-    """Measures the actual peak memory and duration from its start."""
+    """Measures the actual peak memory and duration from its start; `clock` times the phases (pass it to
+    run_cycle)."""
 
     meter: "PeakMeter | None"
     started: float
+    clock: PhaseClock = field(default_factory=PhaseClock)
 
-    def measured(self) -> CostMeasuredEvent:
-        from prune_core.cost import MeasuredCost
+    def paused(self, seconds: float) -> None:
+        """Leave time the cycle spent paused out of its duration: the prediction is of the work."""
+        self.started += seconds
+        self.clock.discount(seconds)
 
-        peak = self.meter.peak_mb() if self.meter is not None else float("nan")
+    def measured(self, complete: bool = True) -> CostMeasuredEvent:
+        """What was spent so far: the whole cycle's cost, or (`complete` False) a failed or aborted one's."""
+        from prune_core.cost import CostError, MeasuredCost
+
+        try:
+            peak = self.meter.peak_mb() if self.meter is not None else float("nan")
+        except CostError:
+            peak = float("nan")
         source = self.meter.source if self.meter is not None else None
-        return CostMeasuredEvent(MeasuredCost(peak, time.monotonic() - self.started, source))
+        return CostMeasuredEvent(MeasuredCost(peak, time.monotonic() - self.started, source, self.clock.phases(), complete))
 
 
 def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, extra_models: int, post: Callable):
     """(`config` with the chosen retraining scope and batch size, a CostWatch started now). `extra_models`:
     copies of the model the caller holds beside run_cycle's. Without a budget, a cost that cannot be
     measured here is noted and the cycle goes on; with one, the cycle is refused."""
-    from prune_core.cost import CostError, CyclePlan, PeakMeter, profile, profile_batches
+    from prune_core.cost import CostError, CyclePlan, PeakMeter, profile_batches, profile_cycle
 
     batch_sizes = profile_batches(job.batch_size)
     scopes = fallback_scopes(config.train.scope.value) if job.memory_budget_mb is not None else [config.train.scope.value]
@@ -81,9 +95,10 @@ def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, ex
     def profiles():
         for scope in scopes:
             post(StepEvent("profile", {"batch_sizes": list(batch_sizes), "retrain_scope": scope}))
-            yield profile(teacher, train_set, held_set, card.mean, card.std, replace(config.train, scope=scope), batch_sizes)
+            scoped = replace(config, train=replace(config.train, scope=scope))
+            yield profile_cycle(teacher, train_set, held_set, card.mean, card.std, scoped, card.input_size, batch_sizes)
 
-    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models)
+    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models, len(train_set) - train_set.labelled)
     try:
         chosen = choose(profiles(), plan, job, post)
         meter = PeakMeter(next(teacher.parameters()).device)

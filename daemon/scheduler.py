@@ -135,9 +135,7 @@ class Scheduler:
                 return None
             busy = self.active()
             if busy is not None:
-                self.worker.abort()
-                self.worker.stop(grace_s=5)
-                self._finish(busy, CycleState.ABORTED, f"traffic changed: {why}")
+                self._abort(busy, f"traffic changed: {why}")
             now = self.clock()
             record = CycleRecord(
                 id=time.strftime("%Y%m%dT%H%M%S", time.localtime(now)) + "-" + uuid.uuid4().hex[:6],
@@ -274,14 +272,21 @@ class Scheduler:
                 self._paused_at = None
                 record.state, record.reason = CycleState.RUNNING, None
             elif now - (self._paused_at or now) > self.s.pause_timeout_s:
-                self.worker.abort()
-                self.worker.kill(grace_s=5)
-                self._finish(record, CycleState.ABORTED,
-                             f"paused longer than pause_timeout_s ({self.s.pause_timeout_s:g}s): {'; '.join(gate.reasons)}")
+                self._abort(record, f"paused longer than pause_timeout_s ({self.s.pause_timeout_s:g}s): {'; '.join(gate.reasons)}")
                 return
             else:
                 record.reason = "; ".join(gate.reasons)
         self.cycles.save(record)
+
+    def _abort(self, record: CycleRecord, reason: str) -> None:
+        """Tell the worker to abort and give it a moment to report what it spent (its cost so far) before
+        it is killed and the record ends."""
+        started = self.worker.started
+        self.worker.abort()
+        self.worker.kill(grace_s=5)
+        if started:
+            self._apply(record, self.worker.drain(wait_s=0.2))
+        self._finish(record, CycleState.ABORTED, reason)
 
     def _conclude(self, record: CycleRecord, event: FinalEvent) -> None:
         self._final_event = event

@@ -129,13 +129,21 @@ def run_worker(job: CycleJob, control, events) -> None:
     curve = LossCurve()  # sent with the final event, for the cycle report
 
     post = events.put
+    watch = None  # the cycle's cost, measured from the end of its profile: also for a failed or aborted cycle
     post(StepEvent("start"))  # starts the queue's feeder thread before the memory limit applies
     _limit_memory(job.memory_limit_mb)
 
     def check() -> None:
         if os.getppid() != parent:  # the daemon is gone (where PR_SET_PDEATHSIG is unavailable)
             os._exit(1)
-        obey(control)
+        if control.value == Control.RUN:
+            return
+        waited = time.monotonic()
+        try:
+            obey(control)
+        finally:
+            if watch is not None:
+                watch.paused(time.monotonic() - waited)
 
     try:
         import torch
@@ -185,12 +193,14 @@ def run_worker(job: CycleJob, control, events) -> None:
             ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
-        config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, 1 + teacher.corrected, post)
+        # beside run_cycle's copies, the served model is held where the teacher is its corrected twin
+        config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, int(teacher.corrected), post)
         result = run_cycle(
             teacher.model, teacher.student_card, train_set, held_set, config, should_continue=should_continue,
-            on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version,
+            on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version, clock=watch.clock,
         )
         post(watch.measured())
+        watch = None
         result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note,
                                      "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()
@@ -207,11 +217,15 @@ def run_worker(job: CycleJob, control, events) -> None:
         post(ResultEvent(accepted, reason, result.summary, time.monotonic() - started, curve.points,
                          channels_kept(card.channel_plan, channel_plan(result.model)), engines))
     except Aborted:
+        if watch is not None:
+            post(watch.measured(complete=False))
         post(AbortedEvent("aborted while running", curve.points))
     except Exception as exc:  # reported, never raised: the server records the failure
         reason = f"{type(exc).__name__}: {exc}"
         if _out_of_memory(exc):
             reason = f"out of memory (cycle_memory_limit_mb={job.memory_limit_mb}): {reason}"
+        if watch is not None:
+            post(watch.measured(complete=False))
         post(FailedEvent(reason, traceback.format_exc(limit=8), curve.points))
 
 

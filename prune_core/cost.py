@@ -6,15 +6,20 @@ two or more batch sizes, and lines are fitted:
 
     peak memory = fixed + per_sample × batch        step time = overhead + per_sample × batch
 
-plus one timed evaluation pass at the cycle's evaluation batch (what it adds to the memory counts too:
-at a small training batch it can be the larger peak). A cycle's duration is the sum of its phases (fine-tuning,
-ranking, level-search probes, validation), each a count of training steps and evaluated images
-times the measured times. It is the longest path: no early stop, the most probes a level search
-can take, and pruned models costed as the unpruned one (they are smaller and faster). The prune
-itself (Torch-Pruning's dependency graph, MAC counts) is not profiled.
+plus one timed evaluation pass (what it adds to the memory counts too: at a small training batch it
+can be the larger peak). For a cycle (`profile_cycle`) a throwaway copy is also pruned at the cycle's
+level (l1, the cycle's first allocation: the cheapest criterion, and the level fixes the size), the
+prune and its MAC count are timed and what the prune adds to memory (the bisection's copies) measured,
+and the pruned copy is profiled the same way: the probes' retraining and scoring are costed at the
+pruned model's own step and evaluation times.
+
+A cycle's duration is the sum of its phases (`Phases`), each a count of training steps, evaluated
+images and prunes times the measured times. It is the longest path: no early stop, and under
+level="auto" the most probes a binary search over the grid can take, each costed as the model pruned
+to the grid's middle level (the first probe; the later ones go both ways from it).
 
 Memory is what the process holds, measured where it is spent: on CPU the resident set's high-water
-mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs); on CUDA the caching allocator's
+mark (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs after trimming the heap); on CUDA the caching allocator's
 max_memory_allocated. `fixed` therefore includes everything the process holds when profiled (the
 libraries, the data, the models); the copies of the model a cycle keeps beside the training pair are
 added per copy (`CyclePlan.extra_models`).
@@ -29,6 +34,7 @@ import math
 import re
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
     from .data import ImageSet
     from .retrain import TrainConfig
 
-EVAL_BATCH = 256  # the batch run_cycle and train evaluate the held-out split at
+EVAL_IMAGES = 256  # held-out images the profile evaluates (at the training batch size, as run_cycle does)
 MIN_BATCH = 2  # batch norm cannot train on one sample
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -71,10 +77,66 @@ class MemorySource(str, Enum):
 
 
 class Phase(str, Enum):
-    FINETUNE = "finetune"  # ADaPT fine-tuning, or the ceiling the level search compares against
-    RANKING = "ranking"  # data-aware criteria's calibration passes
-    PROBES = "probes"  # per level tried: (fade,) retrain and score, for each criterion × allocation
-    VALIDATION = "validation"  # the cycle's own held-out evaluations
+    """The parts of a cycle (prune_core.cycle.run_cycle) whose cost is predicted and measured."""
+
+    FINETUNE = "finetune"  # the unpruned model's training: ADaPT fine-tuning, or the level search's ceiling
+    RANKING = "ranking"  # the criteria's scoring (data-aware ones: calibration passes)
+    PRUNE = "prune"  # per try: the dependency graph's prune to the level, and the MAC counts
+    FADE = "fade"  # per try: fading the doomed channels out of the unpruned model
+    RETRAIN = "retrain"  # per try: retraining the pruned model
+    VALIDATION = "validation"  # held-out evaluations outside train(): before, each try's score, after, agreement
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Seconds per phase of a cycle."""
+
+    finetune: float = 0.0
+    ranking: float = 0.0
+    prune: float = 0.0
+    fade: float = 0.0
+    retrain: float = 0.0
+    validation: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+    def __getitem__(self, phase: Phase) -> float:
+        return getattr(self, phase.value)
+
+
+class PhaseClock:
+    """Accumulates the seconds a cycle spends in each Phase (`with clock.timing(Phase.PRUNE): ...`);
+    `phases()` includes the section under way, so a cycle stopped midway reports what it spent."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._spent = {phase: 0.0 for phase in Phase}
+        self._open: tuple[Phase, float] | None = None
+
+    @contextmanager
+    def timing(self, phase: Phase):
+        if self._open is not None:  # nested: the outer phase keeps counting
+            yield
+            return
+        self._open = phase, self.clock()
+        try:
+            yield
+        finally:
+            self._spent[phase] += self.clock() - self._open[1]
+            self._open = None
+
+    def discount(self, seconds: float) -> None:
+        """Leave `seconds` out of the phase under way (time the cycle spent paused)."""
+        if self._open is not None:
+            self._open = self._open[0], self._open[1] + seconds
+
+    def phases(self) -> Phases:
+        spent = dict(self._spent)
+        if self._open is not None:
+            spent[self._open[0]] += self.clock() - self._open[1]
+        return Phases(**{phase.value: seconds for phase, seconds in spent.items()})
 
 
 @dataclass(frozen=True)
@@ -126,6 +188,12 @@ class Profile:
     device: str
     seconds: float  # what the profile itself took
     scope: str = "full"  # the retraining scope (TrainConfig.scope) the steps ran with
+    params: int = 0  # the profiled model's parameters
+    pruned: "Profile | None" = None  # the same, of a copy pruned at the cycle's level (None: costed as this one)
+    level: float = 0.0  # the level that copy was pruned to
+    prune_s: float = 0.0  # one prune to that level (dependency graph, bisection on copies)
+    prune_extra_mb: float = 0.0  # what that prune adds to what the process held when it began
+    macs_s: float = 0.0  # one MAC count of the pruned model
 
     @property
     def memory(self) -> Line:
@@ -157,19 +225,27 @@ class CyclePlan:
     epochs: int  # retraining epochs per try
     min_steps: int = 0
     finetune_epochs: int = 0  # ADaPT fine-tuning, or the ceiling's fine-tuning under level="auto"
+    finetune_distils: bool = True  # the fine-tuning asks the teacher on every batch (else only where a row is unlabelled)
+    unlabelled_share: float = 0.0  # of the training samples
     fade_epochs: int = 0
     probes: int = 1  # levels tried
     tries: int = 1  # criterion × allocation pairs per level
     forward_rankings: int = 0  # data-aware criteria that rank by forward passes
     backward_rankings: int = 0  # ... and by gradients
     calibration_batches: int = 32
-    validation_passes: int = 4  # evaluate before, after, and agreement (two models)
-    extra_models: int = 1  # model copies held beside the teacher, the student and its best state
+    unpruned_evals: int = 2  # held-out passes of the unpruned model outside train(): before, agreement's teacher side
+    pruned_evals: int = 2  # ... of the kept pruned model: after, agreement (each try's score is counted per try)
+    mac_counts: int = 2  # MAC counts outside the probes: the summary's before and after
+    extra_models: int = 1  # unpruned copies held beside the teacher, the student and its best state
+    pruned_copies: int = 0  # pruned copies held beside them (the level search's best so far)
+    auto: bool = False  # level="auto": the probes are a bound, each costed at the profiled level
 
     @classmethod
-    def of_cycle(cls, config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 1) -> "CyclePlan":
-        """The plan of `run_cycle(config)` on these sample counts; `extra_models`: copies its caller holds
-        beyond run_cycle's own (the served model, its prior-corrected twin)."""
+    def of_cycle(cls, config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 0,
+                 unlabelled: int = 0) -> "CyclePlan":
+        """The plan of `run_cycle(config)` on these sample counts (`unlabelled` of the training samples);
+        `extra_models`: copies of the model its caller holds beyond run_cycle's own (the served model
+        beside its prior-corrected twin)."""
         from .criteria import get_criterion, parse_criteria
         from .level_search import DEFAULT_GRID
         from .surgery import parse_allocations
@@ -180,21 +256,26 @@ class CyclePlan:
             train_samples=train_samples, held_samples=held_samples, epochs=config.train.epochs,
             min_steps=config.train.min_steps,
             finetune_epochs=config.finetune_before or (config.train.epochs if auto else 0),
+            finetune_distils=False,  # cycle.adaptation: cross-entropy on labelled samples
+            unlabelled_share=unlabelled / train_samples if train_samples else 0.0,
             fade_epochs=config.fade_epochs,
             probes=math.ceil(math.log2(len(DEFAULT_GRID) + 1)) if auto else 1,  # a binary search's deepest path
             tries=len(criteria) * len(parse_allocations(config.allocation)),
             forward_rankings=sum(c.data_aware and not c.backward for c in criteria),
             backward_rankings=sum(c.data_aware and c.backward for c in criteria),
             calibration_batches=config.calibration_batches,
-            validation_passes=4 + (1 if auto else 0),
-            extra_models=extra_models,
+            unpruned_evals=2 + (1 if auto else 0),  # and the ceiling's score
+            # run_cycle's own copies: `base`, and the fine-tuned reference or the ceiling
+            extra_models=extra_models + 1 + (1 if config.finetune_before or auto else 0),
+            pruned_copies=1 if auto else 0,
+            auto=auto,
         )
 
     @classmethod
     def of_retrain(cls, config: "TrainConfig", train_samples: int, held_samples: int) -> "CyclePlan":
-        """The plan of one `train()` run (what bench/cost_bench.py measures)."""
+        """The plan of one `train()` run of the unpruned model (what bench/cost_bench.py measures)."""
         return cls(train_samples, held_samples, config.epochs, min_steps=config.min_steps, probes=0, tries=0,
-                   validation_passes=0, extra_models=0, finetune_epochs=config.epochs)
+                   unpruned_evals=0, pruned_evals=0, mac_counts=0, extra_models=0, finetune_epochs=config.epochs)
 
 
 @dataclass(frozen=True)
@@ -204,7 +285,7 @@ class CostEstimate:
     batch_size: int
     peak_mb: float
     duration_s: float
-    phases: dict  # Phase value → seconds
+    phases: Phases
     train_peak_mb: float  # the training steps' peak, model copies included
     eval_peak_mb: float  # the evaluation passes' peak, model copies included
     source: MemorySource
@@ -212,6 +293,10 @@ class CostEstimate:
     profile_batches: tuple[int, ...]
     profile_s: float
     scope: str = "full"  # the retraining scope it is for
+    params: int = 0  # the unpruned model's parameters
+    pruned_params: int = 0  # the parameters of the copy the probes are costed at (params: none was pruned)
+    pruned_level: float = 0.0  # the level that copy was pruned to
+    prune_peak_mb: float = 0.0  # the prunes' peak (the bisection's copies, the graph), model copies included; 0: not profiled
     method: str = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
 
     def to_dict(self) -> dict:
@@ -223,14 +308,18 @@ class CostEstimate:
 
 @dataclass(frozen=True)
 class MeasuredCost:
-    """A cycle's actual cost, measured over the span the estimate predicts."""
+    """A cycle's actual cost, measured over the span the estimate predicts, or (`complete` False: it
+    failed or was aborted) up to where it stopped."""
 
     peak_mb: float
     duration_s: float
     source: MemorySource | None  # None: the peak could not be measured here
+    phases: Phases | None = None  # None: not timed per phase
+    complete: bool = True
 
     def to_dict(self) -> dict:
-        return {"peak_mb": self.peak_mb, "duration_s": self.duration_s, "source": self.source.value if self.source else None}
+        return {"peak_mb": self.peak_mb, "duration_s": self.duration_s, "source": self.source.value if self.source else None,
+                "phases": asdict(self.phases) if self.phases is not None else None, "complete": self.complete}
 
 
 def _train_run_s(plan: CyclePlan, epochs: int, batch: int, step_s: float, overhead_s: float, eval_pass_s: float, judged: bool) -> float:
@@ -244,34 +333,58 @@ def _train_run_s(plan: CyclePlan, epochs: int, batch: int, step_s: float, overhe
 
 
 def estimate(profile: Profile, plan: CyclePlan, batch_size: int) -> CostEstimate:
-    """The cost of `plan` at `batch_size` from `profile`'s lines."""
-    step_s = profile.step.at(batch_size)
+    """The cost of `plan` at `batch_size` from `profile`'s lines; the probes' retraining and scoring
+    from `profile.pruned`'s where it has one (else the unpruned model's: an upper bound)."""
+    pruned = profile.pruned or profile
+    step_s, pruned_step_s = profile.step.at(batch_size), pruned.step.at(batch_size)
     image_s = profile.eval_image_s
-    eval_pass_s = plan.held_samples * image_s
-    # a run of the last stages first re-estimates its frozen front's statistics (prune_core.front): one
-    # pass without a graph over the training samples, costed as the whole model's evaluation
-    overhead_s = profile.run_overhead_s + (plan.train_samples * image_s if profile.scope == RetrainScope.LAST.value else 0.0)
-    retrain = _train_run_s(plan, plan.epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=True)
-    fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=False)
-    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, step_s, overhead_s, eval_pass_s, judged=True)
+    eval_pass_s, pruned_pass_s = plan.held_samples * image_s, plan.held_samples * pruned.eval_image_s
+
+    def overhead_s(p: Profile) -> float:
+        # a run of the last stages first re-estimates its frozen front's statistics (prune_core.front):
+        # one pass without a graph over the training samples, costed as the model's evaluation
+        return p.run_overhead_s + (plan.train_samples * p.eval_image_s if p.scope == RetrainScope.LAST.value else 0.0)
+
+    retrain = _train_run_s(plan, plan.epochs, batch_size, pruned_step_s, overhead_s(pruned), pruned_pass_s, judged=True)
+    fade = _train_run_s(plan, plan.fade_epochs, batch_size, step_s, overhead_s(profile), eval_pass_s, judged=False)
+    # the profiled step includes the teacher's forward pass (about an evaluation's per-image time per sample);
+    # fine-tuning without distillation asks it only for batches with an unlabelled row
+    asks = 1.0 if plan.finetune_distils else 1.0 - (1.0 - plan.unlabelled_share) ** batch_size
+    finetune_step_s = max(step_s - (1.0 - asks) * batch_size * image_s, 0.0)
+    finetune = _train_run_s(plan, plan.finetune_epochs, batch_size, finetune_step_s, overhead_s(profile), eval_pass_s, judged=True)
     calibration = min(plan.calibration_batches, math.ceil(plan.train_samples / batch_size)) if plan.train_samples else 0
-    phases = {
-        Phase.FINETUNE.value: finetune,
-        Phase.RANKING.value: calibration * (plan.forward_rankings * batch_size * image_s + plan.backward_rankings * step_s),
-        Phase.PROBES.value: plan.probes * plan.tries * (fade + retrain + eval_pass_s),
-        Phase.VALIDATION.value: plan.validation_passes * eval_pass_s,
-    }
-    copies = plan.extra_models * profile.model_mb
-    train_peak = profile.memory.at(batch_size) + copies
-    # Evaluated while the training state is held. The resident set also keeps the heap that the training
-    # steps' activations freed (glibc does not hand it back), so there the two add up; CUDA's allocated
-    # bytes count live tensors only.
-    base = profile.memory.at(batch_size) if profile.source is MemorySource.RSS else profile.memory.fixed
+    tries = plan.probes * plan.tries
+    phases = Phases(
+        finetune=finetune,
+        ranking=calibration * (plan.forward_rankings * batch_size * image_s + plan.backward_rankings * step_s),
+        prune=tries * (profile.prune_s + profile.macs_s) + plan.mac_counts * profile.macs_s,
+        fade=tries * fade,
+        retrain=tries * retrain,
+        validation=plan.unpruned_evals * eval_pass_s + (plan.pruned_evals + tries) * pruned_pass_s,
+    )
+    copies = plan.extra_models * profile.model_mb + plan.pruned_copies * pruned.model_mb
+    # the unpruned model trains where the cycle fine-tunes, fades or ranks by gradients; the pruned one in every try
+    trains_unpruned = plan.finetune_epochs > 0 or plan.fade_epochs > 0 or plan.backward_rankings > 0 or tries == 0
+    lines = [profile.memory] * trains_unpruned + [pruned.memory] * (tries > 0)
+    train_line = max(lines, key=lambda line: line.at(batch_size))
+    train_peak = train_line.at(batch_size) + copies
+    # Evaluated and pruned while the training state is held. The resident set also keeps the heap that the
+    # training steps' activations freed (glibc does not hand it back), so there they add up; CUDA's
+    # allocated bytes count live tensors only.
+    base = train_line.at(batch_size) if profile.source is MemorySource.RSS else train_line.fixed
     eval_peak = base + profile.eval_extra_mb + copies
+    prune_peak = base + profile.prune_extra_mb + copies if tries > 0 and profile.pruned is not None else 0.0
+    method = "micro-profile: real training steps at the profile batch sizes, extrapolated linearly"
+    if profile.pruned is not None:
+        method += f"; the probes at a copy pruned to {profile.level:g} (l1)"
+    if plan.auto:
+        method += f"; level auto: {plan.probes} probes (a binary search's deepest path), each costed at that copy"
     return CostEstimate(
-        batch_size=batch_size, peak_mb=max(train_peak, eval_peak), duration_s=sum(phases.values()), phases=phases,
+        batch_size=batch_size, peak_mb=max(train_peak, eval_peak, prune_peak), duration_s=phases.total, phases=phases,
         train_peak_mb=train_peak, eval_peak_mb=eval_peak, source=profile.source, device=profile.device,
         profile_batches=tuple(s.batch_size for s in profile.samples), profile_s=profile.seconds, scope=profile.scope,
+        params=profile.params, pruned_params=pruned.params, pruned_level=profile.level if profile.pruned else 0.0,
+        prune_peak_mb=prune_peak, method=method,
     )
 
 
@@ -285,6 +398,10 @@ def fit_budget(profile: Profile, plan: CyclePlan, max_batch: int, budget_mb: flo
         if chosen.peak_mb <= budget_mb:
             return chosen
     smallest = estimate(profile, plan, MIN_BATCH)
+    if smallest.prune_peak_mb > max(smallest.train_peak_mb, smallest.eval_peak_mb):
+        raise DoesNotFit(f"predicted peak {smallest.prune_peak_mb:.0f} MiB of the prune (the dependency graph and the "
+                         f"bisection's copies) is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size "
+                         f"({MIN_BATCH})", smallest)
     if smallest.eval_peak_mb > smallest.train_peak_mb:
         raise DoesNotFit(f"predicted peak {smallest.eval_peak_mb:.0f} MiB of the held-out evaluation (batch {profile.eval_batch}) "
                          f"is over cycle_memory_budget_mb={budget_mb:g} even at the smallest batch size ({MIN_BATCH})", smallest)
@@ -298,6 +415,17 @@ def profile_batches(batch_size: int) -> tuple[int, int]:
     the activations outgrow the caches, which tiny batches do not show."""
     low = max(MIN_BATCH, batch_size // 4)
     return low, max(2 * MIN_BATCH, batch_size // 2, low + 2)
+
+
+def _trim_heap() -> None:
+    """glibc: hand the heap's free pages back (malloc_trim). Without it the resident set keeps what earlier
+    steps freed, and a peak measured from it misses what a later step adds on top of live memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class PeakMeter:
@@ -314,6 +442,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _trim_heap()  # so the mark starts at what is live, and what comes after is measured from there
         try:
             CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS
         except OSError as exc:
@@ -381,14 +510,17 @@ def profile(
     batch_sizes: Sequence[int],
     steps: int = 5,
     clock: Callable[[], float] = time.perf_counter,
+    student: "nn.Module | None" = None,
 ) -> Profile:
-    """Run `steps` training steps of a copy of `teacher` (distilling from it, as a cycle does) at each of
-    `batch_sizes`, smallest first, and one held-out evaluation pass; `teacher` is not changed. `clock`
-    times them (a benchmark on shared cores passes time.process_time)."""
+    """Run `steps` training steps of `student`, distilling from `teacher` as a cycle does, at each of
+    `batch_sizes`, smallest first, after one held-out evaluation pass of it at the configured batch size
+    (run_cycle and train evaluate at the training batch). `student`: a throwaway model, trained in place
+    (default: a copy of `teacher`, which is not changed). `clock` times them (a benchmark on shared cores
+    passes time.process_time)."""
     import torch
 
     from .data import batches
-    from .measure import evaluate
+    from .measure import count_params, evaluate
     from .retrain import train
 
     if len(set(batch_sizes)) < 2:
@@ -398,15 +530,16 @@ def profile(
     started = time.monotonic()
     device = next(teacher.parameters()).device
     meter = PeakMeter(device)
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher) if student is None else student
     # the evaluation first: in a cycle it comes first too, before training has grown the heap
-    held = held_set.subset(torch.arange(min(EVAL_BATCH, len(held_set))))
+    held = held_set.subset(torch.arange(min(EVAL_IMAGES, len(held_set))))
+    eval_batch = config.batch_size
     meter.reset()
     held_before = meter.peak_mb()  # the mark starts at what the process holds now
-    evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))  # warm-up, and the memory
+    evaluate(student, batches(held, eval_batch, mean, std, device=device))  # warm-up, and the memory
     eval_extra = meter.peak_mb() - held_before
     t0 = clock()
-    evaluate(teacher, batches(held, EVAL_BATCH, mean, std, device=device))
+    evaluate(student, batches(held, eval_batch, mean, std, device=device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eval_image_s = (clock() - t0) / len(held)
@@ -423,13 +556,63 @@ def profile(
         step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         x, y = next(iter(batches(part, batch, mean, std, device=device)))
         samples.append(ProfileSample(batch, peak, step_s, saved_mb(student, teacher, x, y, config), total - steps * step_s))
-    size = model_mb(teacher)
+    size, params = model_mb(student), count_params(student)
     del student
-    return Profile(tuple(samples), EVAL_BATCH, eval_extra, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
-                   config.scope.value)
+    return Profile(tuple(samples), eval_batch, eval_extra, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
+                   config.scope.value, params)
+
+
+def profile_level(level: "float | str") -> float:
+    """The level a cycle's pruned copy is profiled at: the cycle's, or under "auto" the level search's
+    first probe (the grid's middle)."""
+    from .level_search import DEFAULT_GRID
+
+    return DEFAULT_GRID[len(DEFAULT_GRID) // 2] if level == "auto" else float(level)
+
+
+def profile_cycle(
+    teacher: "nn.Module",
+    train_set: "ImageSet",
+    held_set: "ImageSet",
+    mean: Sequence[float],
+    std: Sequence[float],
+    config: "CycleConfig",
+    input_size: int,
+    batch_sizes: Sequence[int],
+    steps: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Profile:
+    """`profile` of the unpruned model, and of a throwaway copy pruned (l1, the cycle's first allocation)
+    at `profile_level(config.level)`, with that prune (its time and the memory it adds) and one MAC count
+    of its result measured."""
+    from .criteria import get_criterion
+    from .measure import count_macs
+    from .surgery import PruneSpec, parse_allocations, prune_to_level
+
+    started = time.monotonic()
+    unpruned = profile(teacher, train_set, held_set, mean, std, config.train, batch_sizes, steps, clock)
+    level = profile_level(config.level)
+    spec = PruneSpec(level, parse_allocations(config.allocation)[0], config.round_to, config.protect_stem,
+                     config.protect_classifier, config.max_layer_ratio)
+    l1 = get_criterion("l1")
+    scores = l1.score(teacher)
+    meter = PeakMeter(next(teacher.parameters()).device)
+    meter.reset()
+    held_before = meter.peak_mb()
+    t0 = clock()
+    copy_ = prune_to_level(teacher, scores, spec, input_size, l1.prefer_norm_layers).model
+    t1 = clock()
+    prune_extra = meter.peak_mb() - held_before
+    count_macs(copy_, input_size)
+    t2 = clock()
+    pruned = profile(teacher, train_set, held_set, mean, std, config.train, batch_sizes, steps, clock, student=copy_)
+    del copy_
+    return replace(unpruned, pruned=pruned, level=level, prune_s=t1 - t0, macs_s=t2 - t1, prune_extra_mb=prune_extra,
+                   seconds=time.monotonic() - started)
 
 
 __all__ = [
     "CostError", "CostEstimate", "CyclePlan", "DoesNotFit", "Line", "MeasuredCost", "MemorySource", "PeakMeter",
-    "Phase", "Profile", "ProfileSample", "estimate", "fit_budget", "model_mb", "profile", "profile_batches",
+    "Phase", "PhaseClock", "Phases", "Profile", "ProfileSample", "estimate", "fit_budget", "model_mb", "profile",
+    "profile_batches", "profile_cycle", "profile_level",
 ]

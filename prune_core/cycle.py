@@ -17,6 +17,7 @@ from typing import Callable, Literal
 
 from torch import nn
 
+from .cost import Phase, PhaseClock
 from .criteria import get_criterion, parse_criteria
 from .data import ImageSet, batches
 from .fade import ChannelFade
@@ -86,11 +87,14 @@ def run_cycle(
     on_probe: Callable[[Probe], None] | None = None,
     progress: bool = False,
     parent: str | None = None,
+    clock: PhaseClock | None = None,
 ) -> CycleResult:
     """Produce a pruned, retrained model and a JSON-able summary; `model` is not modified.
 
-    `parent` names the source model in the new card's lineage (a path or a daemon version).
+    `parent` names the source model in the new card's lineage (a path or a daemon version); `clock`
+    times the cycle's phases (prune_core.cost.Phase), for the cost predicted beside the actual.
     """
+    timing = (clock or PhaseClock()).timing
     started = time.monotonic()
     device = next(model.parameters()).device
     mean, std = card.mean, card.std
@@ -98,7 +102,8 @@ def run_cycle(
     # evaluated at the training batch size, so judging never needs more memory than retraining
     held = lambda: batches(held_set, config.train.batch_size, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
-    acc_before = evaluate(base, held())
+    with timing(Phase.VALIDATION):
+        acc_before = evaluate(base, held())
     evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT
 
     def score(candidate: nn.Module) -> float:
@@ -110,14 +115,16 @@ def run_cycle(
     if config.finetune_before > 0:
         reference = copy.deepcopy(base)
         ft = adaptation(config.train, config.finetune_before)
-        train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
+        with timing(Phase.FINETUNE):
+            train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
 
     allocations = parse_allocations(config.allocation)
     rankings = []
     for name in parse_criteria(config.criterion):
         criterion = get_criterion(name, seed=config.train.seed, max_batches=config.calibration_batches)
         calibration = batches(train_set, config.train.batch_size, mean, std, shuffle=True, seed=config.train.seed, device=device)
-        rankings.append((name, criterion, criterion.score(reference, calibration if criterion.data_aware else None)))
+        with timing(Phase.RANKING):
+            rankings.append((name, criterion, criterion.score(reference, calibration if criterion.data_aware else None)))
 
     def prune_and_retrain(level: float) -> tuple[Probe, nn.Module]:
         """Prune and retrain with each criterion and allocation at `level`; the model best on the held-out split
@@ -137,21 +144,31 @@ def run_cycle(
     def prune_and_retrain_one(level: float, name: str, criterion, scores, allocation: str) -> tuple[Probe, nn.Module]:
         t0 = time.monotonic()
         spec = PruneSpec(level, allocation, config.round_to, config.protect_stem, config.protect_classifier, config.max_layer_ratio)
-        outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
+        with timing(Phase.PRUNE):
+            outcome = prune_to_level(reference, scores, spec, card.input_size, criterion.prefer_norm_layers)
         pruned = outcome.model
         if config.fade_epochs > 0 and not state["stopped"]:
-            fading = copy.deepcopy(reference)
-            fade = ChannelFade(fading, removed_channels(reference, outcome.history, card.input_size))
-            # no held-out selection here: an earlier epoch is a half-faded network, not a better one
-            fade_cfg = replace(config.train, epochs=config.fade_epochs)
-            train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule)
-            fade.apply(0.0)
-            pruned = replay(fading, outcome.history, card.input_size)
+            with timing(Phase.FADE):
+                fading = copy.deepcopy(reference)
+                fade = ChannelFade(fading, removed_channels(reference, outcome.history, card.input_size))
+                # no held-out selection here: an earlier epoch is a half-faded network, not a better one
+                fade_cfg = replace(config.train, epochs=config.fade_epochs)
+                train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress,
+                      on_step=fade.schedule)
+                fade.apply(0.0)
+            with timing(Phase.PRUNE):
+                pruned = replay(fading, outcome.history, card.input_size)
         retrained = TrainResult()
         if not state["stopped"]:
-            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
+            with timing(Phase.RETRAIN):
+                retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard,
+                                  progress=progress)
+        with timing(Phase.VALIDATION):
+            accuracy = score(pruned)
+        with timing(Phase.PRUNE):
+            macs = count_macs(pruned, card.input_size)
         probe = Probe(
-            level, outcome.achieved_level, score(pruned), outcome.params_after, count_macs(pruned, card.input_size),
+            level, outcome.achieved_level, accuracy, outcome.params_after, macs,
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
             kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch, retrain_front=retrained.front,
         )
@@ -164,8 +181,10 @@ def run_cycle(
         if config.finetune_before == 0:  # the ceiling: the unpruned model fine-tuned with the same budget
             ceiling_model = copy.deepcopy(base)
             ft = adaptation(config.train, config.train.epochs)
-            train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
-        ceiling = score(ceiling_model)
+            with timing(Phase.FINETUNE):
+                train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
+        with timing(Phase.VALIDATION):
+            ceiling = score(ceiling_model)
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes, level, kept = found.probes, found.level, found.best_probe
         pruned = found.best if found.best is not None else ceiling_model
@@ -177,7 +196,11 @@ def run_cycle(
             on_probe(kept)
     used, allocation_used = (kept.criterion, kept.allocation) if kept is not None else (None, None)
 
-    acc_after = evaluate(pruned, held())
+    with timing(Phase.VALIDATION):
+        acc_after = evaluate(pruned, held())
+        agreed = agreement(pruned, base, held())
+    with timing(Phase.PRUNE):
+        macs_before, macs_after = count_macs(base, card.input_size), count_macs(pruned, card.input_size)
     params_before, params_after = count_params(base), count_params(pruned)
     summary = {
         "criterion": config.criterion,
@@ -193,13 +216,13 @@ def run_cycle(
         "level_achieved": 1 - params_after / params_before,
         "params_before": params_before,
         "params_after": params_after,
-        "macs_before": count_macs(base, card.input_size),
-        "macs_after": count_macs(pruned, card.input_size),
+        "macs_before": macs_before,
+        "macs_after": macs_after,
         "top1_before": acc_before.top1,
         "top1_after": acc_after.top1,
         "top1_ceiling": ceiling,  # on the evidence below: top-1, or agreement with the teacher
         "evidence": evidence.value,
-        "agreement_with_before": agreement(pruned, base, held()),
+        "agreement_with_before": agreed,
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),
         "held_out_labelled": held_set.labelled,

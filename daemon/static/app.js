@@ -190,8 +190,17 @@ function costLine(cost) {
   const pr = cost.predicted, ac = cost.actual;
   let text = pr ? "predicted " + bytes(pr.peak_mb * 1048576) + " peak, " + duration(pr.duration_s) + " (batch " + pr.batch_size + ", " + pr.scope + ")" : cost.note;
   if (pr && cost.budget_mb) text += " of " + cost.budget_mb + " MiB budget";
-  if (ac) text += " · actual " + bytes(ac.peak_mb * 1048576) + ", " + duration(ac.duration_s);
+  if (ac) text += " · " + (ac.complete === false ? "spent before it stopped " : "actual ")
+    + (num(ac.peak_mb) ? bytes(ac.peak_mb * 1048576) + ", " : "") + duration(ac.duration_s);
   return text;
+}
+
+// "retrain 3 min 2 s → 2 min 50 s · prune 4 s → 5 s · ...": predicted → actual per phase of the cycle
+function phaseLine(cost) {
+  const pr = cost && cost.predicted && cost.predicted.phases, ac = cost && cost.actual && cost.actual.phases;
+  if (!pr && !ac) return null;
+  const names = Object.keys(pr || ac).filter((k) => (pr && pr[k] > 0) || (ac && ac[k] > 0));
+  return names.map((k) => k + " " + (pr ? duration(pr[k]) : "–") + (ac ? " → " + duration(ac[k]) : "")).join(" · ") || null;
 }
 
 function renderCycle(cycle) {
@@ -211,6 +220,8 @@ function renderCycle(cycle) {
   }
   const cost = costLine(cycle.cost);
   if (cost) rows.push(["cost", cost]);
+  const phases = phaseLine(cycle.cost);
+  if (phases) rows.push(["cost by phase", phases]);
   if (cycle.reason) rows.push([running ? "waiting on" : "reason", cycle.reason]);
   box.replaceChildren(el("dl", {}, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
   if (running && num(p.batch) && num(p.batches_per_epoch)) box.append(bar("epoch " + p.epoch, p.batch, p.batches_per_epoch, p.batch + "/" + p.batches_per_epoch));

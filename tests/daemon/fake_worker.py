@@ -17,7 +17,7 @@ from daemon.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
 from daemon.acceptance import Acceptance, decide
 from daemon.worker import Aborted, CycleJob, obey
-from prune_core.cost import CyclePlan, MemorySource, Profile, ProfileSample
+from prune_core.cost import CyclePlan, MemorySource, Phase, Profile, ProfileSample
 
 BATCH_S = 0.002
 PARAMS = 100_000
@@ -46,14 +46,16 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
     curve = []
     try:
         batches = itertools.count(1) if job.epochs >= FOREVER else range(1, job.epochs + 1)
-        for batch in batches:
-            obey(control, poll_s=0.005)
-            loss = 1.0 / batch
-            curve.append([batch, 1, 1, loss])
-            events.put(ProgressEvent(1, batch, job.epochs, loss))
-            time.sleep(BATCH_S)
+        with watch.clock.timing(Phase.RETRAIN):
+            for batch in batches:
+                obey(control, poll_s=0.005)
+                loss = 1.0 / batch
+                curve.append([batch, 1, 1, loss])
+                events.put(ProgressEvent(1, batch, job.epochs, loss))
+                time.sleep(BATCH_S)
         obey(control, poll_s=0.005)
     except Aborted:
+        events.put(watch.measured(complete=False))  # what the real worker reports of an aborted cycle
         events.put(AbortedEvent("aborted while running", curve))
         return
     level = 0.5 if job.level == "auto" else float(job.level)

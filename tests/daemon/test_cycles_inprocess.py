@@ -216,8 +216,27 @@ def test_the_cycle_record_has_the_predicted_cost_beside_the_actual(inproc):
     record = inproc.run_until(cycle_id, final)
     assert record["state"] == "accepted", record
     shown = inproc.client.get(f"/cycles/{cycle_id}").json()["cost"]
-    assert shown["predicted"]["batch_size"] == 64 and set(shown["predicted"]["phases"]) == {"finetune", "ranking", "probes", "validation"}
-    assert shown["actual"]["duration_s"] >= 0 and "peak_mb" in shown["actual"]
+    phases = {"finetune", "ranking", "prune", "fade", "retrain", "validation"}
+    assert shown["predicted"]["batch_size"] == 64 and set(shown["predicted"]["phases"]) == phases
+    assert shown["actual"]["duration_s"] >= 0 and "peak_mb" in shown["actual"] and shown["actual"]["complete"] is True
+    assert set(shown["actual"]["phases"]) == phases and shown["actual"]["phases"]["retrain"] > 0
+
+
+def test_an_aborted_cycle_records_what_it_spent(make_inproc):
+    d = make_inproc(pause_timeout_s=60)
+    seed(d, 12)
+    cycle_id = d.client.post("/prune", json={"force": True, "epochs": FOREVER}).json()["cycle_id"]
+    d.run_until(cycle_id, lambda r: r["progress"].get("batch", 0) >= 3)
+    d.set_telemetry(temperature_c=95.0)
+    d.tick()
+    d.clock.advance(61)
+    d.tick()
+    record = d.cycle(cycle_id)
+    assert record["state"] == "aborted", record
+    actual = record["cost"]["actual"]
+    assert actual["complete"] is False and actual["duration_s"] > 0, record["cost"]
+    assert actual["phases"]["retrain"] > 0 and actual["phases"]["prune"] == 0  # where it was when stopped
+    assert record["cost"]["predicted"]["batch_size"] == 64  # the prediction stays beside it
 
 
 def test_a_tight_budget_picks_a_smaller_batch(make_inproc):
@@ -254,3 +273,19 @@ def test_a_budget_nothing_fits_refuses_the_cycle_with_the_figures(make_inproc):
         assert f"retraining scope {scope}:" in record["reason"]
     assert record["cost"]["predicted"]["batch_size"] == 2 and record["cost"]["note"].startswith("refused:")
     assert d.client.get("/status").json()["model"]["version"] == "v0001"
+
+
+def test_falling_back_to_the_generalist_aborts_a_running_cycle_with_its_cost(inproc):
+    """Traffic changed (the drift watch's fall_back): the running cycle is aborted first, and what it
+    spent is recorded beside its prediction."""
+    seed(inproc, 12)
+    first = inproc.client.post("/prune", json={"force": True, "level": 0.5, "epochs": 3}).json()["cycle_id"]
+    assert inproc.run_until(first, final)["version_after"] == "v0002"
+    busy = inproc.client.post("/prune", json={"force": True, "epochs": FOREVER}).json()["cycle_id"]
+    inproc.run_until(busy, lambda r: r["progress"].get("batch", 0) >= 3)
+    swap = inproc.rt.scheduler.fall_back("v0001", "a class the specialist never saw")
+    assert swap is not None and swap.version_after == "v0001"
+    record = inproc.cycle(busy)
+    assert record["state"] == "aborted" and "traffic changed" in record["reason"], record
+    assert record["cost"]["actual"]["complete"] is False and record["cost"]["actual"]["phases"]["retrain"] > 0
+    assert inproc.client.get("/status").json()["model"]["version"] == "v0001"

@@ -66,7 +66,11 @@ def test_cycle_waits_pauses_resumes_on_temperature(make_daemon, device_images):
     cost = final["cost"]
     assert cost["predicted"]["batch_size"] == 64 and cost["predicted"]["source"] == "rss_hwm", cost
     assert cost["predicted"]["peak_mb"] > 0 and cost["predicted"]["duration_s"] > 0
-    assert cost["actual"]["peak_mb"] > 0 and cost["actual"]["duration_s"] > 0
+    assert cost["actual"]["peak_mb"] > 0 and cost["actual"]["duration_s"] > 0 and cost["actual"]["complete"] is True
+    # each phase predicted (the probes at a copy pruned at the cycle's level) and timed
+    assert 0 < cost["predicted"]["pruned_params"] < cost["predicted"]["params"], cost
+    assert cost["actual"]["phases"]["retrain"] > 0 and cost["actual"]["phases"]["prune"] > 0
+    assert cost["predicted"]["phases"]["retrain"] > 0 and cost["predicted"]["phases"]["prune"] > 0
 
 
 def test_sustained_spike_aborts(make_daemon, device_images):
@@ -74,10 +78,16 @@ def test_sustained_spike_aborts(make_daemon, device_images):
     _seed(d, device_images, 90)
     cycle_id = d.client.post("/prune", json={"force": True}).json()["cycle_id"]
     _wait_state(d, cycle_id, "running")
+    deadline = time.monotonic() + 120  # training, so the cost's profile is behind it
+    while not d.client.get(f"/cycles/{cycle_id}").json()["progress"].get("batch") and time.monotonic() < deadline:
+        time.sleep(0.1)
     d.set_telemetry(temperature_c=95.0)
     _wait_state(d, cycle_id, "paused", timeout=30)
     record = _wait_state(d, cycle_id, "aborted", timeout=60)
     assert "pause_timeout_s" in record["reason"]
+    actual = record["cost"]["actual"]  # what the aborted cycle spent, beside the prediction
+    assert actual["complete"] is False and actual["peak_mb"] > 0 and actual["duration_s"] > 0, record["cost"]
+    assert sum(actual["phases"].values()) > 0 and record["cost"]["predicted"]["duration_s"] > 0
     assert d.client.get("/status").json()["model"]["version"] == "v0001"
     metrics = d.client.get("/metrics").text
     assert 'edgetune_cycles_total{outcome="aborted"} 1.0' in metrics
