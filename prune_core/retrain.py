@@ -55,7 +55,7 @@ class TrainConfig:
     flip: bool = True  # horizontal flips (off for digits and text)
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
     scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
-    last_share: float = 0.25  # share of the weight layers, at the end, that the last-stages scopes train
+    last_share: float = 0.4  # share of the weight layers, at the end, that the last-stages scopes train
     front_chunks: int = 4  # micro-batches a frozen front runs in (scope last; 1: with the rest, at the whole batch)
 
     def __post_init__(self):

@@ -160,7 +160,7 @@ def test_last_stages_on_a_pruned_a_timm_and_a_users_model(digits, arch, kwargs):
     front = [name for name, p in net.named_parameters() if name in plan.frozen]
     assert front and plan.trainable
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    train(net, digits.subset(range(32)), None, MEAN, STD, config("last"))
+    train(net, digits.subset(range(32)), None, MEAN, STD, config("last", last_share=0.25))
     moved = changed(before, net)
     # no frozen parameter moved; not every trainable one need (timm zero-initialises each block's last
     # batch-norm scale, so the block's other parameters get no gradient in the first steps)
@@ -181,7 +181,7 @@ def test_last_stages_on_a_pruned_a_timm_and_a_users_model(digits, arch, kwargs):
 def test_a_cycle_records_its_scope(digits, tmp_path):
     net = model()
     card = ModelCard("cifar_small", 4, list("0123"), 32, mean=MEAN, std=STD)
-    cfg = CycleConfig(level=0.5, criterion="l1", train=config(RetrainScope.LAST))
+    cfg = CycleConfig(level=0.5, criterion="l1", train=config(RetrainScope.LAST, last_share=0.25))
     result = run_cycle(net, card, digits.subset(range(32)), digits.subset(range(32, 48)), cfg)
     assert result.summary["retrain_scope"] == "last"
     plan = result.summary["retrain_plan"]
@@ -296,7 +296,7 @@ def test_training_the_last_stages_recalibrates_the_front_then_keeps_it(digits):
     net = pruned_model()
     data = digits.subset(range(32))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = train(net, data, None, MEAN, STD, config("last", front_chunks=4))
+    result = train(net, data, None, MEAN, STD, config("last", last_share=0.25, front_chunks=4))
     assert result.front == "front up to 'layer3.0' in micro-batches of 4"
     assert changed(before, net) == set(result.plan.trainable)
     x = torch.cat([x for x, _ in batches(data, 16, MEAN, STD)])
