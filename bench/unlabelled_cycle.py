@@ -57,7 +57,7 @@ from prune_core.data import ImageSet, batches, holdout_mask
 from prune_core.jsonsafe import finite
 from prune_core.label_shift import PriorTracker, correct, total_variation
 from prune_core.measure import count_params
-from prune_core.options import parse_level
+from prune_core.options import UnlabelledObjective, parse_level
 from prune_core.teacher import corrected_teacher
 
 sys.path.insert(0, str(REPO))
@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ceiling", action="store_true", help="skip the fully labelled ceiling")
     p.add_argument("--kd-temperature", type=float, default=None,
                    help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
+    p.add_argument("--unlabelled", default=UnlabelledObjective.DISTILL.value, choices=[o.value for o in UnlabelledObjective],
+                   help="what retraining learns from unlabelled samples (TrainConfig.unlabelled)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -102,9 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, unlabelled: str | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
+    if unlabelled is not None:
+        cfg = replace(cfg, unlabelled=UnlabelledObjective(unlabelled))
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
     return CycleConfig(
@@ -186,13 +190,14 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
-    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature))
+    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature, args.unlabelled))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
-            "evidence", "agreement_with_before", "criterion_used", "train_samples", "held_out_samples")
+            "evidence", "agreement_with_before", "criterion_used", "train_samples", "held_out_samples",
+            "unlabelled_objective", "present_classes", "confident_agreement")
     return {
         "rate": rate, "level": level, "labelled_train": train_set.labelled, "labelled_held": held_set.labelled,
         "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "accepted": accepted, "reason": reason,
@@ -253,6 +258,8 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         for rate in args.label_rates:
             for level in args.levels:
                 kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
+                if args.unlabelled != UnlabelledObjective.DISTILL.value:
+                    kd += f"_{args.unlabelled}"
                 path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Callable, Literal
 
+import torch
 from torch import nn
 
 from .criteria import get_criterion, parse_criteria
@@ -25,6 +26,7 @@ from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, TrainResult, train
 from .scope import plan_scope
+from .self_training import confident_agreement, present_classes
 from .surgery import PruneSpec, parse_allocations, prune_to_level, removed_channels, replay
 
 
@@ -49,6 +51,7 @@ class CycleConfig:
     protect_classifier: bool = True
     calibration_batches: int = 32  # batches the data-aware criteria see
     train: TrainConfig = field(default_factory=TrainConfig)  # retraining (n_r = train.epochs)
+    present_share: float = 0.05  # self-training: classes below this share of the card's prior are absent (prune_core.self_training)
 
 
 @dataclass
@@ -95,6 +98,8 @@ def run_cycle(
     device = next(model.parameters()).device
     mean, std = card.mean, card.std
     guard, state = _progress_guard(should_continue)
+    # the card's prior is the traffic's estimate where the teacher was corrected (prune_core.teacher)
+    present = present_classes(card.prior(), config.present_share)
     # evaluated at the training batch size, so judging never needs more memory than retraining
     held = lambda: batches(held_set, config.train.batch_size, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
@@ -110,7 +115,7 @@ def run_cycle(
     if config.finetune_before > 0:
         reference = copy.deepcopy(base)
         ft = adaptation(config.train, config.finetune_before)
-        train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
+        train(reference, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress, present=present)
 
     allocations = parse_allocations(config.allocation)
     rankings = []
@@ -144,12 +149,12 @@ def run_cycle(
             fade = ChannelFade(fading, removed_channels(reference, outcome.history, card.input_size))
             # no held-out selection here: an earlier epoch is a half-faded network, not a better one
             fade_cfg = replace(config.train, epochs=config.fade_epochs)
-            train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule)
+            train(fading, train_set, None, mean, std, fade_cfg, teacher=reference, should_continue=guard, progress=progress, on_step=fade.schedule, present=present)
             fade.apply(0.0)
             pruned = replay(fading, outcome.history, card.input_size)
         retrained = TrainResult()
         if not state["stopped"]:
-            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress)
+            retrained = train(pruned, train_set, held_set, mean, std, config.train, teacher=reference, should_continue=guard, progress=progress, present=present)
         probe = Probe(
             level, outcome.achieved_level, score(pruned), outcome.params_after, count_macs(pruned, card.input_size),
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
@@ -164,7 +169,7 @@ def run_cycle(
         if config.finetune_before == 0:  # the ceiling: the unpruned model fine-tuned with the same budget
             ceiling_model = copy.deepcopy(base)
             ft = adaptation(config.train, config.train.epochs)
-            train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress)
+            train(ceiling_model, train_set, held_set, mean, std, ft, teacher=base, should_continue=guard, progress=progress, present=present)
         ceiling = score(ceiling_model)
         found = search_level(prune_and_retrain, ceiling, config.tolerance, on_probe=on_probe)
         probes, level, kept = found.probes, found.level, found.best_probe
@@ -186,6 +191,8 @@ def run_cycle(
         "allocation_used": allocation_used,  # uniform falls back to global where it cannot reach the level
         "finetune_before": config.finetune_before,
         "retrain_scope": config.train.scope.value,
+        "unlabelled_objective": config.train.unlabelled.value,
+        "present_classes": [card.class_names[i] for i in torch.nonzero(present).flatten().tolist()],
         "retrain_plan": plan_scope(pruned, config.train.scope, config.train.last_share).to_dict(),
         "fade_epochs": config.fade_epochs,
         "level_requested": config.level,
@@ -200,6 +207,8 @@ def run_cycle(
         "top1_ceiling": ceiling,  # on the evidence below: top-1, or agreement with the teacher
         "evidence": evidence.value,
         "agreement_with_before": agreement(pruned, base, held()),
+        # where the restricted teacher is confident (what self-training learnt from): agreement and that share
+        "confident_agreement": asdict(confident_agreement(pruned, base, held(), present, config.train.confidence)),
         "train_samples": len(train_set),
         "held_out_samples": len(held_set),
         "held_out_labelled": held_set.labelled,

@@ -45,6 +45,32 @@ def parse_scope(value: object) -> RetrainScope:
         raise ValueError(f"retrain scope must be one of {', '.join(s.value for s in RetrainScope)}, got {value!r}") from None
 
 
+class UnlabelledObjective(str, Enum):
+    """What retraining learns from a sample without a label (labelled samples keep cross-entropy).
+
+    distill: the teacher's softened distribution (knowledge distillation); the student is bounded
+        by its teacher.
+    self_train: FixMatch / Noisy-Student style self-training (prune_core.self_training): the
+        teacher's answer on the plain view, restricted to the classes the traffic's prior holds, is
+        a hard pseudo-label where confident, learnt on a strongly augmented view; the rest are
+        distilled from that restricted answer.
+    """
+
+    DISTILL = "distill"
+    SELF_TRAIN = "self_train"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_unlabelled(value: object) -> UnlabelledObjective:
+    """An UnlabelledObjective from itself or its name; ValueError naming the choices otherwise."""
+    try:
+        return UnlabelledObjective(value)
+    except ValueError:
+        raise ValueError(f"unlabelled objective must be one of {', '.join(o.value for o in UnlabelledObjective)}, got {value!r}") from None
+
+
 def parse_level(value: object) -> Level:
     """'auto', or a fraction strictly between 0 and 1 (a number or its text); ValueError otherwise."""
     if value == AUTO:

@@ -14,6 +14,10 @@ weights so far restored); blocking in it pauses.
 
 `TrainConfig.scope` says which parameters train (prune_core.scope): all of them, or the last stages
 and/or the cheap ones, with no graph kept for a frozen front.
+
+`TrainConfig.unlabelled` says what an unlabelled sample teaches: the teacher's distribution
+(distillation), or self-training (prune_core.self_training) on the teacher's confident answers
+restricted to the classes `train(present=...)` names, learnt on a strongly augmented view.
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
-from .options import RetrainScope, parse_scope
+from .options import RetrainScope, UnlabelledObjective, parse_scope, parse_unlabelled
 from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
+from .self_training import pseudo_labels, restrict, strong_augment
 
 
 @dataclass
@@ -52,6 +57,8 @@ class TrainConfig:
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
     scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
     last_share: float = 0.25  # share of the weight layers, at the end, that the last-stages scopes train
+    unlabelled: UnlabelledObjective = UnlabelledObjective.DISTILL  # what an unlabelled sample teaches (prune_core.self_training)
+    confidence: float = 0.8  # self_train: the restricted teacher's probability a pseudo-label needs (below: distilled)
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -63,6 +70,9 @@ class TrainConfig:
         self.scope = parse_scope(self.scope)
         if not 0.0 < self.last_share <= 1.0:
             raise ValueError("last_share must be in (0, 1]")
+        self.unlabelled = parse_unlabelled(self.unlabelled)
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError("confidence must be in [0, 1]")
 
 
 @dataclass
@@ -95,9 +105,14 @@ class TrainResult:
 
 
 def distillation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig,
+    strong_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(1−α)·CE on labelled rows + α·T²·KL(teacher‖student) on them; T²·KL alone on unlabelled rows."""
+    """The training objective per row, averaged: (1−α)·CE + α·T²·KL(teacher‖student) on labelled rows;
+    T²·KL alone on unlabelled rows, and under self-training, where the teacher is confident
+    (`config.confidence`), plus cross-entropy on its pseudo-label for the student's answer on the strong
+    view (`strong_logits`, row-aligned, only unlabelled rows read; the plain view's logits without it).
+    Self-training expects `teacher_logits` already restricted (prune_core.self_training.restrict)."""
     labelled = labels >= 0
     per_row = torch.zeros(logits.shape[0], device=logits.device)
     if teacher_logits is not None:
@@ -106,6 +121,11 @@ def distillation_loss(
             F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="none", log_target=True
         ).sum(1) * (t * t)
         per_row = per_row + torch.where(labelled, config.distill_weight * kd, kd)
+        if config.unlabelled is UnlabelledObjective.SELF_TRAIN:
+            pseudo = pseudo_labels(teacher_logits, config.confidence)
+            hard = ~labelled & pseudo.confident
+            ce = F.cross_entropy(strong_logits if strong_logits is not None else logits, pseudo.labels, reduction="none")
+            per_row = per_row + torch.where(hard, ce, torch.zeros_like(ce))
         ce_weight = 1.0 - config.distill_weight
     else:
         ce_weight = 1.0
@@ -165,8 +185,12 @@ def train(
     should_continue: Callable[[TrainProgress], bool] | None = None,
     progress: bool = False,
     on_step: Callable[[float], None] | None = None,
+    present: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train `model` in place; returns the history. Deterministic on CPU for a given seed."""
+    """Train `model` in place; returns the history. Deterministic on CPU for a given seed.
+
+    `present` (a bool mask over the classes, prune_core.self_training.present_classes) restricts the
+    teacher's answers under self-training; None: every class."""
     if teacher is None and train_set.labelled == 0:
         raise ValueError("training needs labelled samples or a teacher model to distil from")
     device = next(model.parameters()).device
@@ -177,6 +201,12 @@ def train(
         return result
     if teacher is not None:
         teacher.eval()
+    self_train = teacher is not None and config.unlabelled is UnlabelledObjective.SELF_TRAIN
+    restricted = present if self_train else None
+
+    def ask_teacher(x: torch.Tensor) -> torch.Tensor:
+        return restrict(teacher(x), restricted)
+
     result.plan = plan_scope(model, config.scope, config.last_share)
     trainable = set(result.plan.trainable)
     params = [p for name, p in model.named_parameters() if name in trainable]
@@ -199,7 +229,7 @@ def train(
     teacher_logits = None  # the teacher is fixed: its held-out answers are computed once, where they count
     if judged and teacher is not None and (config.distill_weight > 0 or val_set.labelled < len(val_set)):
         with torch.no_grad():
-            teacher_logits = [teacher(x) for x, _ in val_batches()]
+            teacher_logits = [ask_teacher(x) for x, _ in val_batches()]
     best_state = _changing_state(model, trainable)
     best, lowest_loss = _held_out(model, teacher_logits, val_batches, config) if judged else (float("-inf"), float("inf"))
     result.best_score, since_best = best, 0
@@ -217,14 +247,24 @@ def train(
                 train_set, config.batch_size, mean, std, shuffle=True, augment=config.augment,
                 flip=config.flip, seed=config.seed * 1000 + epoch, device=device,
             )
+            strong = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)  # the strong views' draws
             for i, (x, y) in enumerate(stream):
                 if x.shape[0] < 2:  # batch norm cannot train on a single sample
                     continue
                 # the teacher is only asked where its answer counts: unlabelled rows, or any row when distilling labelled ones
                 ask = teacher is not None and (config.distill_weight > 0 or bool((y < 0).any()))
                 with torch.no_grad():
-                    t_logits = teacher(x) if ask else None
-                loss = distillation_loss(model(x), y, t_logits, config)
+                    t_logits = ask_teacher(x) if ask else None
+                unlabelled = torch.nonzero(y < 0).flatten()
+                if self_train and config.augment and len(unlabelled):
+                    # distilled on the plain view, the teacher's confident answer learnt on a strong one too
+                    # (one forward: batch norm sees both views, as FixMatch's interleaved batch does)
+                    views = strong_augment(x[unlabelled], mean, std, strong, flip=config.flip)
+                    out = model(torch.cat([x, views]))
+                    logits = out[: x.shape[0]]
+                    loss = distillation_loss(logits, y, t_logits, config, logits.index_copy(0, unlabelled, out[x.shape[0]:]))
+                else:
+                    loss = distillation_loss(model(x), y, t_logits, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
