@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
     p.add_argument("--unlabelled", default=UnlabelledObjective.DISTILL.value, choices=[o.value for o in UnlabelledObjective],
                    help="what retraining learns from unlabelled samples (TrainConfig.unlabelled)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="self_train: the pseudo-label threshold instead of TrainConfig's default (1: restricted distillation only)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -104,11 +106,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, unlabelled: str | None = None) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, unlabelled: str | None = None,
+                 confidence: float | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
     if unlabelled is not None:
         cfg = replace(cfg, unlabelled=UnlabelledObjective(unlabelled))
+    if confidence is not None:
+        cfg = replace(cfg, confidence=confidence)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
     return CycleConfig(
@@ -190,7 +195,7 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
-    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature, args.unlabelled))
+    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature, args.unlabelled, args.confidence))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
@@ -260,6 +265,8 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
                 kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
                 if args.unlabelled != UnlabelledObjective.DISTILL.value:
                     kd += f"_{args.unlabelled}"
+                if args.confidence is not None:
+                    kd += f"_c{args.confidence:g}"
                 path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")

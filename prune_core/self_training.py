@@ -8,7 +8,11 @@
   probability reaches a threshold.
 - A strong view of the same image for the student to learn them on: translation with padding, flip,
   brightness/contrast/saturation jitter and cutout, torch ops on the normalised batch. Agreeing with
-  a confident teacher on a view the teacher never saw is what lets the student outgrow it.
+  a confident teacher on a view the teacher never saw is how FixMatch's student outgrows its labels;
+  whether a pruned student outgrows its teacher this way is measured in bench/RESULTS.md.
+
+retrain.train distils the restricted teacher on the plain view of every unlabelled sample and adds the
+pseudo-label's cross-entropy on the strong view, both views in one forward pass.
 """
 from __future__ import annotations
 
