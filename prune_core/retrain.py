@@ -16,8 +16,9 @@ weights so far restored); blocking in it pauses.
 and/or the cheap ones, with no graph kept for a frozen front.
 
 `TrainConfig.unlabelled` says what an unlabelled sample teaches: the teacher's distribution
-(distillation), or self-training (prune_core.self_training) on the teacher's confident answers
-restricted to the classes `train(present=...)` names, learnt on a strongly augmented view.
+(distillation), or self-training (prune_core.self_training): the teacher restricted to the classes
+`train(present=...)` names, distilled, and its confident answers as pseudo-labels learnt on a strongly
+augmented view as well.
 """
 from __future__ import annotations
 
