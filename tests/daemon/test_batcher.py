@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -58,6 +58,17 @@ class Held:
         return self.run(served, batch)
 
 
+def held_batcher(served, first_image: np.ndarray, **settings) -> tuple[Batcher, Held, Future]:
+    """A started Batcher whose first forward pass (of `first_image`) is held: what is submitted
+    next queues behind it."""
+    held = Held()
+    b = Batcher(BatchSettings(**settings), run=held)
+    b.start()
+    first = b.submit(served, lambda: first_image)
+    assert held.entered.wait(30)
+    return b, held, first
+
+
 def same(a, b) -> None:
     """Two answers to one image: the same classes, scores equal up to float rounding."""
     assert [i for i, _ in a.top] == [i for i, _ in b.top] and a.raw_pred == b.raw_pred
@@ -91,12 +102,8 @@ def test_predict_errors_reach_every_waiting_request_and_the_thread_lives_on(two_
     good, _ = two_models
 
     bad = dataclasses.replace(good, version="v0009", engine=Broken())
-    held = Held()
-    b = Batcher(BatchSettings(max_batch=8), run=held)
-    b.start()
+    b, held, first = held_batcher(bad, images(1)[0], max_batch=8)
     try:
-        first = b.submit(bad, lambda: images(1)[0])
-        assert held.entered.wait(30)
         failing = [first] + [b.submit(bad, lambda x=x: x) for x in images(5, seed=1)]
         fine = b.submit(good, lambda: images(1, seed=2)[0])
         wait_for(lambda: b.waiting == 6)
@@ -127,11 +134,7 @@ def test_max_batch_1_is_one_forward_pass_per_request(two_models):
 
 def test_stop_answers_what_was_submitted_and_refuses_the_rest(two_models):
     m1, _ = two_models
-    held = Held()
-    b = Batcher(BatchSettings(max_batch=8), run=held)
-    b.start()
-    first = b.submit(m1, lambda: images(1)[0])
-    assert held.entered.wait(30)
+    b, held, first = held_batcher(m1, images(1)[0], max_batch=8)
     queued = [b.submit(m1, lambda x=x: x) for x in images(3, seed=1)]
     wait_for(lambda: b.waiting == 3)
     undecodable = b.submit(m1, lambda: (_ for _ in ()).throw(ValueError("not an image")))
@@ -148,12 +151,8 @@ def test_a_request_given_up_on_cannot_break_its_batch(two_models):
     """A request whose caller gives up (a cancelled future, as when the awaiting task is cancelled)
     once it is queued stays answerable, so the rest of its batch is answered."""
     m1, _ = two_models
-    held = Held()
-    b = Batcher(BatchSettings(max_batch=8), run=held)
-    b.start()
+    b, held, first = held_batcher(m1, images(1)[0], max_batch=8)
     try:
-        first = b.submit(m1, lambda: images(1)[0])
-        assert held.entered.wait(30)
         queued = [b.submit(m1, lambda x=x: x) for x in images(3, seed=1)]
         wait_for(lambda: b.waiting == 3)
         assert not queued[0].cancel()  # running: the batch will set its result
