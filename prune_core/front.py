@@ -37,7 +37,7 @@ from torch import nn
 from .options import RetrainScope
 from .scope import ScopePlan
 
-__all__ = ["FrontSplit", "split_front"]
+__all__ = ["FrontSplit", "split_front", "whole_because"]
 
 PROBE_IMAGES = 4  # images the probe runs, in micro-batches of 2
 
@@ -198,14 +198,22 @@ def _probe(model: nn.Module, cut_name: str, x: torch.Tensor, chunk: int) -> Fron
     return split
 
 
-def split_front(model: nn.Module, plan: ScopePlan, probe: torch.Tensor, chunks: int) -> FrontSplit | str:
-    """How `model`, frozen by `plan` (applied), runs its front apart in `chunks` micro-batches of a
-    batch the size of `probe`: a FrontSplit, or the reason it runs whole (the probe's first few images
-    check the split; the model is left in its mode)."""
+def whole_because(plan: ScopePlan, chunks: int) -> str:
+    """Why `plan` runs its front with the rest without even probing a split ("" where it may split)."""
     if plan.scope is not RetrainScope.LAST or plan.first_trained_layer is None:
         return f"scope '{plan.scope.value}' has no frozen front to run apart"
     if chunks <= 1:
         return "one micro-batch: the front runs with the rest"
+    return ""
+
+
+def split_front(model: nn.Module, plan: ScopePlan, probe: torch.Tensor, chunks: int) -> FrontSplit | str:
+    """How `model`, frozen by `plan` (applied), runs its front apart in `chunks` micro-batches of a
+    batch the size of `probe`: a FrontSplit, or the reason it runs whole (the probe's first few images
+    check the split; the model is left in its mode)."""
+    why_not = whole_because(plan, chunks)
+    if why_not:
+        return why_not
     candidates = _cut_candidates(plan)
     was_training = model.training
     model.eval()

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
-from .front import FrontSplit, split_front
+from .front import FrontSplit, split_front, whole_because
 from .options import RetrainScope, parse_scope
 from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
@@ -132,6 +132,9 @@ def _chunked(model: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def _front(model: nn.Module, plan: ScopePlan, train_set: ImageSet, mean, std, config: TrainConfig, device) -> FrontSplit | str:
     """The frozen front run apart (its batch-norm statistics re-estimated on `train_set`), or why not."""
+    why_not = whole_because(plan, config.front_chunks)
+    if why_not:  # no batch to decode, no probe: a full run pays nothing here
+        return why_not
     frozen = Frozen(model, plan)
     try:
         stream = lambda: (x for x, _ in batches(train_set, config.batch_size, mean, std, device=device))  # noqa: E731
