@@ -52,6 +52,7 @@ class _Interrupted(BaseException):
 
 
 def _guarded(between: Optional[Between]) -> Between:
+    """`between` with what it raises wrapped in _Interrupted, so no `except Exception` on the way up takes it."""
     def step() -> None:
         if between is not None:
             try:
@@ -59,6 +60,14 @@ def _guarded(between: Optional[Between]) -> Between:
             except Exception as exc:
                 raise _Interrupted(exc) from None
     return step
+
+
+def _unwrapping(run: Callable[[], Any]) -> Any:
+    """`run()`, with an interruption raised as what `between` raised."""
+    try:
+        return run()
+    except _Interrupted as stop:
+        raise stop.raised from None
 
 
 def _write_engines(version_dir: Path, update: Callable[[Dict[Backend, EngineInfo]], Any]) -> None:
@@ -133,11 +142,8 @@ def build_engine(
     EngineBuildError with the reason when the backend is missing, the build fails or the engine
     answers unlike torch; the version's previous record for `backend` is dropped first, so a
     failed rebuild never leaves a stale engine to load. `between`: see the module's docstring."""
-    try:
-        return _build_engine(model, card, version_dir, backend, verify_images, precision, threads, max_batch, tolerance,
-                             _guarded(between))
-    except _Interrupted as stop:
-        raise stop.raised from None
+    return _unwrapping(lambda: _build_engine(model, card, version_dir, backend, verify_images, precision, threads,
+                                             max_batch, tolerance, _guarded(between)))
 
 
 def _build_engine(model: nn.Module, card: Any, version_dir: Union[str, Path], backend: Union[Backend, str],
@@ -192,36 +198,31 @@ def _build_engine(model: nn.Module, card: Any, version_dir: Union[str, Path], ba
 
 def build_engines(model: nn.Module, card: Any, version_dir: Union[str, Path], verify_images: Union[np.ndarray, torch.Tensor],
                   backends: Iterable[Backend] = BUILT_BACKENDS, between: Optional[Between] = None,
-                  **options: Any) -> List[BuildOutcome]:
+                  precision: Optional[Precision] = None, threads: Optional[int] = None, max_batch: int = MAX_BATCH,
+                  tolerance: Optional[Tolerance] = None) -> List[BuildOutcome]:
     """Build every backend in `backends` that is installed here, one after the other, verified on
     the first VERIFY_IMAGES of `verify_images`. Raises only what `between` raises (see the module's
     docstring): an engine is optional (torch serves without one), so a missing runtime, a failed
     build or any other error becomes an outcome with its reason (for the cycle record)."""
     verify_images = verify_images[:VERIFY_IMAGES]
-    stopped: List[BaseException] = []
+    step = _guarded(between)
 
-    def noted() -> None:
-        try:
-            if between is not None:
-                between()
-        except Exception as exc:
-            stopped.append(exc)
-            raise
+    def build_all() -> List[BuildOutcome]:
+        outcomes = []
+        for backend in backends:
+            step()
+            backend = Backend(backend)
+            ok, why = available(backend)
+            if not ok:
+                outcomes.append(BuildOutcome(backend, reason=f"not installed: {why}"))
+                continue
+            try:
+                info = _build_engine(model, card, version_dir, backend, verify_images, precision, threads, max_batch,
+                                     tolerance, step)
+                outcomes.append(BuildOutcome(backend, info=info))
+            except Exception as exc:  # _Interrupted is not an Exception: a pause or abort passes through
+                reason = str(exc) if isinstance(exc, EngineBuildError) else f"{backend.value}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+                outcomes.append(BuildOutcome(backend, reason=reason))  # e.g. engine.json not writable: still only "serve torch"
+        return outcomes
 
-    outcomes = []
-    for backend in backends:
-        noted()
-        backend = Backend(backend)
-        ok, why = available(backend)
-        if not ok:
-            outcomes.append(BuildOutcome(backend, reason=f"not installed: {why}"))
-            continue
-        try:
-            outcomes.append(BuildOutcome(backend, info=build_engine(model, card, version_dir, backend, verify_images,
-                                                                    between=noted, **options)))
-        except Exception as exc:
-            if stopped:  # the caller's pause or abort, not a failed build
-                raise
-            reason = str(exc) if isinstance(exc, EngineBuildError) else f"{backend.value}: {type(exc).__name__}: {str(exc).strip()[:300]}"
-            outcomes.append(BuildOutcome(backend, reason=reason))  # e.g. engine.json not writable: still only "serve torch"
-    return outcomes
+    return _unwrapping(build_all)
