@@ -60,8 +60,9 @@ def log(msg: str) -> None:
     print(f"[label_shift {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Label-shift estimation and prior correction on CIFAR-10 class subsets (issue 20).")
+def parse_args(argv=None, extend=None, description: str | None = None) -> argparse.Namespace:
+    """This script's arguments; `extend(parser)` adds a caller's own (bench/feature_adapt.py)."""
+    p = argparse.ArgumentParser(description=description or "Label-shift estimation and prior correction on CIFAR-10 class subsets (issue 20).")
     p.add_argument("--networks", default="resnet18", help="comma-separated architectures, served at 32x32 (default resnet18)")
     p.add_argument("--base-per-class", type=int, default=1000, help="base-model images per class, 20%% of them held out")
     p.add_argument("--stream-per-class", type=int, default=500, help="unlabelled stream images per class of a subset")
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tarball is unpacked (once)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    if extend is not None:
+        extend(p)
     args = p.parse_args(argv)
     args.networks = csv_list(args.networks, str)
     args.subset_sizes = csv_list(args.subset_sizes, int)
