@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ceiling", action="store_true", help="skip the fully labelled ceiling")
     p.add_argument("--kd-temperature", type=float, default=None,
                    help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
+    p.add_argument("--epochs", type=int, default=None, help="an ablation: cycle_epochs instead of the daemon's default")
+    p.add_argument("--min-steps", type=int, default=None, help="an ablation: cycle_min_steps instead of the daemon's default")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -327,7 +329,8 @@ def write(out: Path, args, results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    s = Settings(state_dir=Path("/nonexistent"))  # the daemon's defaults (no config file, no environment)
+    budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps)) if v is not None}
+    s = Settings(state_dir=Path("/nonexistent"), **budget)  # the daemon's defaults (no config file, no environment)
     started = time.monotonic()
     out, pools = prepare(args)
     results: list[dict] = []

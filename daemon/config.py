@@ -92,6 +92,9 @@ class Settings(BaseSettings):
         options.RetrainScope.FULL, description="which parameters retraining updates: full (all), last (the last stages;"
         " no graph kept for the frozen front), last_bn (the last stages and every normalisation layer), bias (biases,"
         " normalisation layers and the classifier, as TinyTL); the cheaper scopes save memory and time (docs/architecture.md)")
+    cycle_retrain_last_share: float = Field(
+        options.DEFAULT_LAST_SHARE, gt=0, le=1, description="share of the weight layers, at the end, that the last and last_bn"
+        " scopes retrain; a smaller share saves more memory and time and costs more accuracy (bench/RESULTS.md)")
     cycle_hflip: bool = Field(True, description="horizontal-flip augmentation while retraining; off for digits, text, anything a mirror changes")
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")

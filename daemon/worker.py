@@ -19,7 +19,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_core.options import RetrainScope
+from prune_core.options import DEFAULT_LAST_SHARE, RetrainScope
 
 from .acceptance import Acceptance, decide
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
@@ -74,6 +74,7 @@ class CycleJob:
     prior_floor: float = 1e-3
     memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
     retrain_scope: RetrainScope = RetrainScope.FULL
+    retrain_last_share: float = DEFAULT_LAST_SHARE
     engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
     serving_threads: int | None = None
 
@@ -189,7 +190,7 @@ def run_worker(job: CycleJob, control, events) -> None:
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
             tolerance=job.tolerance, train=TrainConfig(
                 epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
-                scope=job.retrain_scope,
+                scope=job.retrain_scope, last_share=job.retrain_last_share,
             ),
         )
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)

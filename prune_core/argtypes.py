@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any, Callable, Dict, TypeVar
 
-from .options import Level, parse_allocations, parse_criteria, parse_level
+from .options import Level, parse_allocations, parse_criteria, parse_last_share, parse_level
 
 T = TypeVar("T")
 
@@ -52,6 +52,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 level: Callable[[str], Level] = converted_by(parse_level)  # 'auto' or a fraction strictly between 0 and 1
 criteria = checked_by(parse_criteria)  # 'l1', or several comma-separated
 allocations = checked_by(parse_allocations)  # 'uniform', 'global' or 'uniform,global'
+last_share: Callable[[str], float] = converted_by(parse_last_share)
 non_negative_int = _at_least(0)
 positive_int = _at_least(1)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from . import argtypes
 from .errors import UsageError
 from .jsonsafe import finite
-from .options import RetrainScope
+from .options import DEFAULT_LAST_SHARE, RetrainScope
 
 if TYPE_CHECKING:
     from .data import ImageSet
@@ -132,7 +132,7 @@ def _train_config(args) -> TrainConfig:
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, flip=not args.no_flip,
-        scope=args.retrain_scope,
+        scope=args.retrain_scope, last_share=args.last_share,
     )
 
 
@@ -273,6 +273,8 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, training: bool = 
         p.add_argument("--retrain-scope", default=RetrainScope.FULL.value, choices=[s.value for s in RetrainScope],
                        help="which parameters train: all, the last stages (last), and every normalisation layer (last_bn),"
                             " or biases, normalisation layers and the classifier (bias)")
+        p.add_argument("--last-share", type=argtypes.last_share, default=DEFAULT_LAST_SHARE,
+                       help="share of the weight layers, at the end, that the last and last_bn scopes train")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     if data or training:
         p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")

@@ -16,6 +16,22 @@ ALLOCATIONS = ("uniform", "global")
 Level = Union[float, str]  # a fraction of parameters to remove, or "auto" (the level search)
 
 
+# The share of the weight layers, at the end, that the last-stages scopes (last, last_bn) train:
+# the default of TrainConfig, the CLI and the daemon's cycle_retrain_last_share (bench/RESULTS.md).
+DEFAULT_LAST_SHARE = 0.4
+
+
+def parse_last_share(value: Union[str, float]) -> float:
+    """A last-stages share: a fraction in (0, 1] (1 trains every weight layer)."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"last_share must be a fraction in (0, 1], got '{value}'") from None
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"last_share must be a fraction in (0, 1], got {share:g}")
+    return share
+
+
 class RetrainScope(str, Enum):
     """Which parameters a (re)training run updates; the rest are frozen (prune_core.scope says how).
 

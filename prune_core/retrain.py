@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageSet, batches
 from .front import FrontSplit, split_front, whole_because
-from .options import RetrainScope, parse_scope
+from .options import DEFAULT_LAST_SHARE, RetrainScope, parse_last_share, parse_scope
 from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
 
@@ -55,7 +55,7 @@ class TrainConfig:
     flip: bool = True  # horizontal flips (off for digits and text)
     min_steps: int = 0  # run more epochs than `epochs` if needed to take at least this many SGD steps
     scope: RetrainScope = RetrainScope.FULL  # which parameters train (prune_core.scope)
-    last_share: float = 0.4  # share of the weight layers, at the end, that the last-stages scopes train
+    last_share: float = DEFAULT_LAST_SHARE  # share of the weight layers, at the end, that the last-stages scopes train
     front_chunks: int = 4  # micro-batches a frozen front runs in (scope last; 1: with the rest, at the whole batch)
 
     def __post_init__(self):
@@ -66,8 +66,7 @@ class TrainConfig:
         if not 0.0 <= self.cooldown <= 1.0:
             raise ValueError("cooldown must be in [0, 1]")
         self.scope = parse_scope(self.scope)
-        if not 0.0 < self.last_share <= 1.0:
-            raise ValueError("last_share must be in (0, 1]")
+        self.last_share = parse_last_share(self.last_share)
         if self.front_chunks < 1:
             raise ValueError("front_chunks must be >= 1")
 

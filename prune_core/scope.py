@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .architectures import classifier_module
-from .options import RetrainScope, parse_scope
+from .options import RetrainScope, parse_last_share, parse_scope
 
 __all__ = ["RetrainScope", "ScopePlan", "Frozen", "plan_scope", "weight_layers"]
 
@@ -58,11 +58,13 @@ class ScopePlan:
     first_trained_layer: str | None  # the first weight layer of the last stages (last, last_bn), else None
     trainable_params: int  # elements
     params: int
+    last_share: float | None = None  # the share of the weight layers the last stages hold (last, last_bn)
 
     def to_dict(self) -> dict:
         return {
             "scope": self.scope.value,
             "first_trained_layer": self.first_trained_layer,
+            "last_share": self.last_share,
             "trainable_params": self.trainable_params,
             "trainable_share": self.trainable_params / self.params if self.params else 0.0,
         }
@@ -82,11 +84,10 @@ def plan_scope(model: nn.Module, scope: RetrainScope | str, last_share: float) -
     """Which of `model`'s parameters (those that require grad now) a run with `scope` trains.
 
     `last_share` (0 < share ≤ 1) is the share of the weight layers the last stages hold (last, last_bn)."""
-    scope = parse_scope(scope)
-    if not 0 < last_share <= 1:
-        raise ValueError(f"last_share must be in (0, 1], got {last_share}")
+    scope, last_share = parse_scope(scope), parse_last_share(last_share)
+    staged = scope in (RetrainScope.LAST, RetrainScope.LAST_BN)
     stages, first = (set(), None)
-    if scope in (RetrainScope.LAST, RetrainScope.LAST_BN):
+    if staged:
         stages, first = _last_stage_modules(model, last_share)
     classifier = classifier_module(model) if scope is RetrainScope.BIAS else None
     trainable, frozen, count, total = [], [], 0, 0
@@ -113,7 +114,7 @@ def plan_scope(model: nn.Module, scope: RetrainScope | str, last_share: float) -
                 frozen.append(name)
     if not trainable:
         raise ValueError(f"retrain scope '{scope.value}' leaves no parameter of {type(model).__name__} to train")
-    return ScopePlan(scope, tuple(trainable), tuple(frozen), first, count, total)
+    return ScopePlan(scope, tuple(trainable), tuple(frozen), first, count, total, last_share if staged else None)
 
 
 class Frozen:

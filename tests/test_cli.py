@@ -110,6 +110,8 @@ ERROR_CASES = {
                                                "--out", w["root"] / "o3"], "prune", ["--criterion", "unknown criterion 'magic'"]),
     "unknown_allocation": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--allocation", "uniform,even",
                                       "--out", w["root"] / "o4"], "prune", ["--allocation", "unknown allocation 'even'"]),
+    "last_share_zero": (lambda w: ["prune", w["model"], "--data", w["subset"], "--level", "0.5", "--retrain-scope", "last",
+                                   "--last-share", "0", "--out", w["root"] / "o5"], "prune", ["--last-share", "(0, 1]"]),
     "missing_model_dir": (lambda w: ["eval", w["root"] / "no_model", "--data", w["subset"]], "eval", ["no_model", "not found"]),
     "corrupted_model_json": (lambda w: ["info", w["broken"]], "info", ["model.json", "not valid JSON"]),
     # initial weights that cannot be read are a user error too, not a traceback
@@ -147,7 +149,7 @@ def flow(tmp_path_factory, mnist_folder, work, edgetune, side_runs) -> dict:
     out["train"] = ok(run_edgetune("train", base, "--data", mnist_folder, "--epochs", "1", "--no-flip", "--quiet"))
     out["prune"] = ok(run_edgetune(
         "prune", base, "--data", mnist_folder, "--level", "0.5", "--criterion", "activation", "--allocation", "global", "--epochs", "1",
-        "--fade", "1", "--retrain-scope", "last_bn", "--no-flip", "--quiet", "--out", pruned,
+        "--fade", "1", "--retrain-scope", "last_bn", "--last-share", "0.6", "--no-flip", "--quiet", "--out", pruned,
     ))
     with ThreadPoolExecutor(max_workers=2) as pool:  # read-only commands on the pruned model
         later = {
@@ -188,6 +190,7 @@ def test_prune_summary(flow):
     s = flow["prune"]
     assert s["criterion"] == "activation" and s["level"] == 0.5 and s["level_requested"] == 0.5 and s["fade_epochs"] == 1
     assert s["retrain_scope"] == s["retrain_plan"]["scope"] == "last_bn" and 0 < s["retrain_plan"]["trainable_share"] < 1
+    assert s["retrain_plan"]["last_share"] == 0.6
     assert s["allocation"] == s["allocation_used"] == s["probes"][0]["allocation"] == "global"
     for key in ("params_before", "params_after", "macs_before", "macs_after", "top1_before", "top1_after", "seconds", "peak_rss_mb"):
         assert key in s, key

@@ -62,7 +62,8 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
     summary = {"params_before": PARAMS, "params_after": int(PARAMS * (1 - level)), "macs_before": 10 * PARAMS,
                "macs_after": int(10 * PARAMS * (1 - level)), "top1_before": 0.9, "top1_after": 0.9,
                "top1_ceiling": float("nan"), "agreement_with_before": 1.0, "level": level,
-               "retrain_scope": job.retrain_scope.value}
+               "retrain_scope": job.retrain_scope.value,
+               "retrain_plan": {"scope": job.retrain_scope.value, "last_share": job.retrain_last_share}}
     accepted, reason = decide(summary, Acceptance.of(job))
     events.put(watch.measured())
     if accepted:

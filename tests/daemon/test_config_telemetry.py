@@ -36,6 +36,7 @@ def test_toml_then_env_then_arguments(tmp_path, monkeypatch):
         ("cycle_allocation = 'global,global'\n", {}, "cycle_allocation"),
         ("", {"EDGETUNE_MIN_SAMPLES": "0"}, "min_samples"),
         ("cycle_retrain_scope = 'everything'\n", {}, "cycle_retrain_scope"),
+        ("", {"EDGETUNE_CYCLE_RETRAIN_LAST_SHARE": "0"}, "cycle_retrain_last_share"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, monkeypatch, toml, env, field):

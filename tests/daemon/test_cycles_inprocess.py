@@ -48,13 +48,13 @@ def test_full_cycle_is_accepted_and_installed(inproc):
     assert re.search(r"^edgetune_swaps_total 2\.0$", c.get("/metrics").text, re.M)
 
 
-def test_the_retrain_scope_setting_reaches_the_cycle(make_inproc):
-    d = make_inproc(cycle_retrain_scope="last")
+def test_the_retrain_scope_settings_reach_the_cycle(make_inproc):
+    d = make_inproc(cycle_retrain_scope="last", cycle_retrain_last_share=0.6)
     seed(d, 12)
     cycle_id = d.client.post("/prune", json={"level": 0.5, "epochs": 2}).json()["cycle_id"]
     d.tick()
     record = d.run_until(cycle_id, final)
-    assert record["metrics"]["retrain_scope"] == "last"
+    assert record["metrics"]["retrain_scope"] == "last" and record["metrics"]["retrain_plan"]["last_share"] == 0.6
 
 
 def test_rejected_cycle_changes_nothing(make_inproc):
