@@ -56,15 +56,7 @@ def features_of(model, data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cached_features(model, pools, model_dir: Path) -> dict:
-    path = model_dir / "features.pt"
-    keys = {name: getattr(pools, name).keys for name in ("held", "stream", "score")}
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("keys") == keys:
-            return cached["data"]
-    data = {name: features_of(model, getattr(pools, name)) for name in keys}
-    torch.save({"keys": keys, "data": data}, path)
-    return data
+    return ls.cached_per_pool(model_dir / "features.pt", pools, lambda data: features_of(model, data))
 
 
 def top1(scores: torch.Tensor, y: torch.Tensor) -> float:

@@ -157,16 +157,20 @@ def logits_of(model, data: ImageSet) -> torch.Tensor:
     return torch.cat([model(x) for x, _ in batches(data, 256, CIFAR_MEAN, CIFAR_STD)]).double()
 
 
-def cached_logits(model, pools: Pools, model_dir: Path) -> dict[str, torch.Tensor]:
-    path = model_dir / "logits.pt"
+def cached_per_pool(path: Path, pools: Pools, compute) -> dict:
+    """`compute(images)` for the held-out, stream and scored pools, cached at `path` for these very images."""
     keys = {name: getattr(pools, name).keys for name in ("held", "stream", "score")}
     if path.is_file():
         cached = torch.load(path, weights_only=True)
         if cached.get("keys") == keys:
-            return cached["logits"]
-    out = {name: logits_of(model, getattr(pools, name)) for name in keys}
-    torch.save({"keys": keys, "logits": out}, path)
+            return cached["data"]
+    out = {name: compute(getattr(pools, name)) for name in keys}
+    torch.save({"keys": keys, "data": out}, path)
     return out
+
+
+def cached_logits(model, pools: Pools, model_dir: Path) -> dict[str, torch.Tensor]:
+    return cached_per_pool(model_dir / "logits.pt", pools, lambda data: logits_of(model, data))
 
 
 def nll_ece(probs, labels: torch.Tensor, bins: int = 15) -> tuple[float, float]:
