@@ -12,7 +12,8 @@ held-out split as `edgetune train`/`calibrate` does (prune_core.calibrate.calibr
   prior        what daemon/prior_adapter.py holds after the stream: EM over the last 1024 temperature-calibrated
                outputs, re-estimated every 10 samples; the cycle's target prior only past the 0.2 gate (total
                variation from the model's prior), as scheduler.py passes `served.prior.target()`;
-  cycle        daemon/worker.py's steps: corrected_teacher(model, card, target prior, floor), run_cycle with the
+  cycle        daemon/worker.py's steps: corrected_teacher(model, card, target prior, floor), the held-out samples
+               split into choosing and judging ones (split_judging, cycle_judge_share), run_cycle with the
                daemon's default settings (daemon/config.py) but the level from `--levels`, decide() with its
                defaults.
 
@@ -53,7 +54,7 @@ from protocol.data import CLASSES, DEFAULT_CACHE, DEFAULT_DATA, REPO, make_subse
 from prune_core import CycleConfig, TrainConfig, load_model, run_cycle, train
 from prune_core.calibrate import calibrated_card
 from prune_core.cycle import adaptation
-from prune_core.data import ImageSet, batches, holdout_mask
+from prune_core.data import ImageSet, batches, holdout_mask, split_judging
 from prune_core.jsonsafe import finite
 from prune_core.label_shift import PriorTracker, correct, total_variation
 from prune_core.measure import count_params
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an ablation: distil at this temperature instead of TrainConfig's default (the daemon's)")
     p.add_argument("--epochs", type=int, default=None, help="an ablation: cycle_epochs instead of the daemon's default")
     p.add_argument("--min-steps", type=int, default=None, help="an ablation: cycle_min_steps instead of the daemon's default")
+    p.add_argument("--judge-share", type=float, default=None, help="an ablation: cycle_judge_share instead of the daemon's default")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -188,13 +190,16 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
-    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, cycle_config(s, level, args.seed, args.kd_temperature))
+    choosing, judging = split_judging(held_set, s.cycle_judge_share)
+    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing, cycle_config(s, level, args.seed, args.kd_temperature),
+                       judge_set=judging)
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
-            "evidence", "agreement_with_before", "criterion_used", "train_samples", "held_out_samples")
+            "evidence", "chosen_by", "agreement_with_before", "criterion_used", "train_samples", "choosing_samples",
+            "held_out_samples", "held_out_labelled")
     return {
         "rate": rate, "level": level, "labelled_train": train_set.labelled, "labelled_held": held_set.labelled,
         "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "accepted": accepted, "reason": reason,
@@ -329,7 +334,8 @@ def write(out: Path, args, results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps)) if v is not None}
+    budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps),
+                                ("cycle_judge_share", args.judge_share)) if v is not None}
     s = Settings(state_dir=Path("/nonexistent"), **budget)  # the daemon's defaults (no config file, no environment)
     started = time.monotonic()
     out, pools = prepare(args)

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
         options.RetrainScope.FULL, description="which parameters retraining updates: full (all), last (the last stages;"
         " no graph kept for the frozen front), last_bn (the last stages and every normalisation layer), bias (biases,"
         " normalisation layers and the classifier, as TinyTL); the cheaper scopes save memory and time (docs/architecture.md)")
+    cycle_judge_share: float = Field(
+        options.DEFAULT_JUDGE_SHARE, ge=0, lt=1, description="share of the held-out samples a cycle keeps apart from its choices (early stopping, the"
+        " level search, the criterion) and judges its candidate on alone; 0 judges on the samples that chose, which"
+        " flatters the candidate (bench/RESULTS.md)")
     cycle_retrain_last_share: float = Field(
         options.DEFAULT_LAST_SHARE, gt=0, le=1, description="share of the weight layers, at the end, that the last and last_bn"
         " scopes retrain; a smaller share saves more memory and time and costs more accuracy (bench/RESULTS.md)")

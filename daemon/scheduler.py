@@ -213,7 +213,7 @@ class Scheduler:
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
             memory_budget_mb=s.cycle_memory_budget_mb,
             min_agreement=s.min_agreement, min_label_evidence=s.min_label_evidence, target_prior=served.prior.target(), prior_floor=s.prior_floor,
-            retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share,
+            retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share, judge_share=s.cycle_judge_share,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
         )
         self.worker.start(job)

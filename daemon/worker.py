@@ -19,7 +19,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_core.options import DEFAULT_LAST_SHARE, RetrainScope
+from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, RetrainScope
 
 from .acceptance import Acceptance, decide
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
@@ -70,6 +70,7 @@ class CycleJob:
     seed: int = 0
     min_agreement: float = 0.99
     min_label_evidence: int = 200
+    judge_share: float = DEFAULT_JUDGE_SHARE  # share of the held-out samples kept to judge the candidate only (data.split_judging)
     target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
     prior_floor: float = 1e-3
     memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
@@ -149,7 +150,9 @@ def run_worker(job: CycleJob, control, events) -> None:
     try:
         import torch
 
-        from prune_core import CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model
+        from prune_core import (
+            CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model, split_judging,
+        )
         from prune_core.model_format import channel_plan
         from prune_core.teacher import corrected_teacher
 
@@ -177,6 +180,7 @@ def run_worker(job: CycleJob, control, events) -> None:
             return ImageSet(torch.stack(p[0]), torch.tensor(p[1], dtype=torch.long), p[2])
 
         train_set, held_set = as_set(train_parts), as_set(held_parts)
+        choosing, judging = split_judging(held_set, job.judge_share)
         post(StepEvent("rank", {"train_samples": len(train_set), "held_out_samples": len(held_set)}))
         check()
 
@@ -197,8 +201,8 @@ def run_worker(job: CycleJob, control, events) -> None:
         # beside run_cycle's copies, the served model is held where the teacher is its corrected twin
         config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, int(teacher.corrected), post)
         result = run_cycle(
-            teacher.model, teacher.student_card, train_set, held_set, config, should_continue=should_continue,
-            on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version, clock=watch.clock,
+            teacher.model, teacher.student_card, train_set, choosing, config, should_continue=should_continue,
+            on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version, clock=watch.clock, judge_set=judging,
         )
         post(watch.measured())
         watch = None

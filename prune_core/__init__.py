@@ -18,7 +18,7 @@ _EXPORTS = {
     "architectures": ("ARCHS", "build_model"),
     "criteria": ("CRITERIA", "Criterion", "get_criterion", "parse_criteria", "register"),
     "cycle": ("CycleConfig", "CycleResult", "adaptation", "run_cycle"),
-    "data": ("DataError", "ImageSet", "batches", "decode_image", "load_image_folder", "split_holdout"),
+    "data": ("DataError", "ImageSet", "batches", "decode_image", "load_image_folder", "split_holdout", "split_judging"),
     "device": ("pick_device",),
     "level_search": ("Probe", "search_level"),
     "measure": ("Accuracy", "agreement", "count_macs", "count_params", "evaluate"),

@@ -88,9 +88,13 @@ def run_cycle(
     progress: bool = False,
     parent: str | None = None,
     clock: PhaseClock | None = None,
+    judge_set: ImageSet | None = None,
 ) -> CycleResult:
     """Produce a pruned, retrained model and a JSON-able summary; `model` is not modified.
 
+    `held_set` makes the cycle's choices (early stopping, the level search, the criterion); the
+    summary's verdict (top1_before/after, agreement_with_before, per class) is measured on
+    `judge_set` where given (data.split_judging), else on `held_set` too, where it is optimistic.
     `parent` names the source model in the new card's lineage (a path or a daemon version); `clock`
     times the cycle's phases (prune_core.cost.Phase), for the cost predicted beside the actual.
     """
@@ -101,10 +105,13 @@ def run_cycle(
     guard, state = _progress_guard(should_continue)
     # evaluated at the training batch size, so judging never needs more memory than retraining
     held = lambda: batches(held_set, config.train.batch_size, mean, std, device=device)  # noqa: E731
+    judged_on = held_set if judge_set is None else judge_set
+    judging = lambda: batches(judged_on, config.train.batch_size, mean, std, device=device)  # noqa: E731
     base = copy.deepcopy(model).eval()
     with timing(Phase.VALIDATION):
-        acc_before = evaluate(base, held())
-    evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT
+        acc_before = evaluate(base, judging())
+    evidence = Evidence.LABELS if held_set.labelled > 0 else Evidence.AGREEMENT  # what the choices go by
+    verdict = Evidence.LABELS if judged_on.labelled > 0 else Evidence.AGREEMENT  # what the summary's verdict rests on
 
     def score(candidate: nn.Module) -> float:
         """What the level search and the choice between criteria judge by: held-out top-1 where
@@ -197,8 +204,8 @@ def run_cycle(
     used, allocation_used = (kept.criterion, kept.allocation) if kept is not None else (None, None)
 
     with timing(Phase.VALIDATION):
-        acc_after = evaluate(pruned, held())
-        agreed = agreement(pruned, base, held())
+        acc_after = evaluate(pruned, judging())
+        agreed = agreement(pruned, base, judging())
     with timing(Phase.PRUNE):
         macs_before, macs_after = count_macs(base, card.input_size), count_macs(pruned, card.input_size)
     params_before, params_after = count_params(base), count_params(pruned)
@@ -220,12 +227,14 @@ def run_cycle(
         "macs_after": macs_after,
         "top1_before": acc_before.top1,
         "top1_after": acc_after.top1,
-        "top1_ceiling": ceiling,  # on the evidence below: top-1, or agreement with the teacher
-        "evidence": evidence.value,
+        "top1_ceiling": ceiling,  # on the choosing samples' evidence: top-1, or agreement with the teacher
+        "chosen_by": evidence.value,
+        "evidence": verdict.value,  # top1_before/after and agreement_with_before are on the judging samples
         "agreement_with_before": agreed,
         "train_samples": len(train_set),
-        "held_out_samples": len(held_set),
-        "held_out_labelled": held_set.labelled,
+        "choosing_samples": len(held_set),  # early stopping, the level search, the choice between criteria
+        "held_out_samples": len(judged_on),  # the judging samples: the choosing ones unless `judge_set` was given
+        "held_out_labelled": judged_on.labelled,
         "held_out_per_class": acc_after.to_dict(card.class_names)["per_class"],
         "probes": [p.to_dict() for p in probes],
         "stopped": state["stopped"],

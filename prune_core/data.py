@@ -141,6 +141,22 @@ def split_holdout(data: ImageSet, fraction: float = 0.2, salt: str = "edgetune")
     return data.subset(torch.nonzero(~mask).flatten()), data.subset(torch.nonzero(mask).flatten())
 
 
+JUDGE_SALT = "edgetune-judge"
+
+
+def split_judging(held: ImageSet, share: float) -> tuple[ImageSet, ImageSet | None]:
+    """(the held-out samples a cycle chooses by, those kept to judge its candidate): `share` of `held`,
+    by a hash of the key, takes no part in early stopping, the level search or the choice between
+    criteria, so the verdict is not the optimistic score of the very samples that chose. (held, None)
+    when `share` is 0 or either part would be empty: then the choosing samples judge too."""
+    if share <= 0:
+        return held, None
+    choose, judge = split_holdout(held, share, salt=JUDGE_SALT)
+    if len(choose) == 0 or len(judge) == 0:
+        return held, None
+    return choose, judge
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding and optional horizontal flip on a uint8 batch."""
     n, _, h, w = x.shape

@@ -19,6 +19,9 @@ Level = Union[float, str]  # a fraction of parameters to remove, or "auto" (the 
 # The share of the weight layers, at the end, that the last-stages scopes (last, last_bn) train:
 # the default of TrainConfig, the CLI and the daemon's cycle_retrain_last_share (bench/RESULTS.md).
 DEFAULT_LAST_SHARE = 0.4
+# The share of a cycle's held-out samples kept to judge its candidate only (data.split_judging): the
+# default of the daemon's cycle_judge_share.
+DEFAULT_JUDGE_SHARE = 0.5
 
 
 def parse_last_share(value: Union[str, float]) -> float:

@@ -121,3 +121,37 @@ def test_max_layer_ratio_caps_what_any_layer_loses(digits):
         assert abs(result.summary["level_achieved"] - 0.7) <= 0.03
         lost[cap] = max(1 - w / full[n] for n, w in widths(result.model).items())
     assert lost[0.5] <= 0.5 < lost[0.9]
+
+
+def test_split_judging_keeps_a_stable_disjoint_share_apart(digits):
+    from prune_core import split_judging
+
+    _, held = digits
+    choose, judge = split_judging(held, 0.5)
+    again = split_judging(held, 0.5)
+    assert judge is not None and sorted(choose.keys + judge.keys) == sorted(held.keys)
+    assert not set(choose.keys) & set(judge.keys) and 0 < len(judge) < len(held)
+    assert (again[0].keys, again[1].keys) == (choose.keys, judge.keys)
+    assert split_judging(held, 0.0) == (held, None)
+    one = held.subset([0])
+    assert split_judging(one, 0.5) == (one, None)  # a part would be empty: the choosing samples judge too
+
+
+def test_the_verdict_is_measured_on_the_judging_samples_alone(digits):
+    """The samples that chose the epoch are not the ones that judge: the summary's top-1, agreement and
+    per-class counts come from `judge_set`; with no labels there, the verdict rests on agreement."""
+    from prune_core import batches, evaluate, split_judging
+
+    train, held = digits
+    choose, judge = split_judging(held, 0.5)
+    model, card = _model()
+    s = run_cycle(model, card, train, choose, _config(), judge_set=judge).summary
+    assert (s["choosing_samples"], s["held_out_samples"], s["held_out_labelled"]) == (len(choose), len(judge), len(judge))
+    assert s["chosen_by"] == s["evidence"] == "labels"
+    assert sum(c["total"] for c in s["held_out_per_class"].values()) == len(judge)
+    assert s["top1_before"] == evaluate(model, batches(judge, 32, MEAN, STD)).top1
+    unlabelled = judge.subset(range(len(judge)))
+    unlabelled.labels[:] = -1
+    s = run_cycle(model, card, train, choose, _config(), judge_set=unlabelled).summary
+    assert s["chosen_by"] == "labels" and s["evidence"] == "agreement" and s["held_out_labelled"] == 0
+    assert s["top1_before"] != s["top1_before"] and 0.0 <= s["agreement_with_before"] <= 1.0  # NaN: no labels to judge by

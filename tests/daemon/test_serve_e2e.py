@@ -35,7 +35,10 @@ def test_cycle_is_accepted_and_swapped_in(make_daemon, device_images):
     assert d.client.post("/prune").status_code == 409  # one cycle at a time
     record = d.wait_cycle(cycle_id, ("accepted", "rejected", "failed", "aborted"))
     assert record["state"] == "accepted", record
-    assert record["metrics"]["params_after"] < record["metrics"]["params_before"]
+    m = record["metrics"]
+    assert m["params_after"] < m["params_before"]
+    # the worker judged on held-out samples that chose nothing (cycle_judge_share)
+    assert m["chosen_by"] == m["evidence"] == "labels" and 0 < m["held_out_samples"] and 0 < m["choosing_samples"], m
     assert record["version_before"] == "v0001" and record["version_after"] == "v0002"
     # the worker built and verified the candidate's onnxruntime engine; the swap loaded it
     engines = {e["backend"]: e for e in record["engines"]}
