@@ -162,7 +162,7 @@ def cached_per_pool(path: Path, pools: Pools, compute) -> dict:
     keys = {name: getattr(pools, name).keys for name in ("held", "stream", "score")}
     if path.is_file():
         cached = torch.load(path, weights_only=True)
-        if cached.get("keys") == keys:
+        if cached.get("keys") == keys and "data" in cached:  # an older cache of other keys is recomputed
             return cached["data"]
     out = {name: compute(getattr(pools, name)) for name in keys}
     torch.save({"keys": keys, "data": out}, path)
