@@ -181,6 +181,7 @@ def cmd_train(args) -> dict:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "early_stop_epoch": result.early_stop_epoch,  # null: ran its whole schedule
+        "clipped_steps": result.clipped_steps,  # steps whose gradient was scaled down to the clip norm
         "held_out_top1": result.best_score,
         "history": [vars(h) for h in result.history],
         "train_samples": len(train_set),

@@ -178,6 +178,7 @@ def run_cycle(
             level, outcome.achieved_level, accuracy, outcome.params_after, macs,
             time.monotonic() - t0, criterion=name, allocation=outcome.allocation, retrain_epochs=len(retrained.history),
             kept_epoch=retrained.best_epoch, early_stop_epoch=retrained.early_stop_epoch, retrain_front=retrained.front,
+            clipped_steps=retrained.clipped_steps,
         )
         return probe, pruned
 

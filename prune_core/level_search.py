@@ -28,6 +28,7 @@ class Probe:
     kept_epoch: int = 0  # the retraining epoch whose weights were kept (0: none beat the freshly pruned model)
     early_stop_epoch: int | None = None  # where early stopping fired; None: the schedule ran out
     retrain_front: str = ""  # how retraining ran a frozen front: apart (its cut), or whole and why (TrainResult.front)
+    clipped_steps: int = 0  # retraining steps whose gradient was clipped (TrainConfig.max_grad_norm)
 
     def to_dict(self) -> dict:
         return asdict(self)

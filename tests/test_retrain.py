@@ -357,3 +357,21 @@ def test_no_labels_no_teacher_is_zero_and_differentiable():
     assert loss.item() == 0.0
     loss.backward()
     assert z.grad is not None and z.grad.abs().sum() == 0
+
+
+def test_each_step_gradient_is_clipped_to_max_grad_norm(splits):
+    """A step never moves the weights by more than its clipped gradient allows: with nesterov momentum m,
+    one step's update is at most lr·(1+m)/(1−m)·max_grad_norm; the run counts the steps it clipped."""
+    train_set, _ = splits
+    model = fresh_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = config(epochs=1, weight_decay=0.0, max_grad_norm=1e-3)
+    result = train(model, train_set, None, MEAN, STD, cfg)
+    steps = 2  # 64 samples at batch 32
+    assert result.clipped_steps == steps
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert 0 < moved <= steps * cfg.lr * (1 + cfg.momentum) / (1 - cfg.momentum) * 1e-3 * 1.001
+    unclipped = train(fresh_model(), train_set, None, MEAN, STD, config(epochs=1, weight_decay=0.0, max_grad_norm=None))
+    assert unclipped.clipped_steps == 0
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=0.0)
