@@ -205,7 +205,7 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
         "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "accepted": accepted, "reason": reason,
         "daemon_top1": cycle_top1 if accepted else sub.top1["prior"],
         "summary": {k: result.summary[k] for k in keep},
-        "probes": [{k: p.get(k) for k in ("level", "achieved_level", "accuracy", "params", "feasible", "seconds")} for p in result.summary["probes"]],
+        "probes": [{k: p.get(k) for k in ("level", "achieved_level", "accuracy", "params", "feasible", "seconds", "clipped_steps")} for p in result.summary["probes"]],
         "teacher": result.summary["teacher"], "seconds": time.monotonic() - started,
     }
 
@@ -218,7 +218,7 @@ def run_ceiling(model, card, sub: Subset, args, s: Settings) -> dict:
     ft = adaptation(cycle_config(s, 0.5, args.seed).train, s.cycle_epochs)
     result = train(tuned, train_set, held_set, card.mean, card.std, ft)
     return {"top1": acc(argmax_of(tuned, sub.score, card), sub.y), "epochs_run": len(result.history),
-            "held_out_top1": result.best_score, "seconds": time.monotonic() - started}
+            "held_out_top1": result.best_score, "clipped_steps": result.clipped_steps, "seconds": time.monotonic() - started}
 
 
 def cached(path: Path, compute) -> dict:
