@@ -109,5 +109,5 @@ def fake_worker_engine_build_fails(job: CycleJob, control, events) -> None:
     def refuse(*args, **kwargs):
         raise EngineBuildError("forced by the test: the builder refuses")
 
-    build.build_engine = refuse
+    build._build_engine = refuse  # the one builder build_engine and build_engines both call
     fake_worker(job, control, events, engines=_build_engines)
