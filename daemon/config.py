@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     keep_versions: int = Field(5, ge=1, description="model versions kept on disk; the first one (the generalist) is always among them")
     min_agreement: float = Field(
         0.99, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
-        " served model on at least this share of them; disagreement bounds the accuracy it can lose against it")
+        " served model on at least this share of them (disagreement bounds the accuracy it can lose against it), or lose"
+        " at most max_accuracy_drop as that model's calibrated probabilities expect, at 95 % (daemon/acceptance.py)")
     min_label_evidence: int = Field(
         200, ge=0, description="with fewer labelled held-out samples than this (and under half of them labelled) and a prior-corrected"
         " teacher, a candidate must pass the agreement test as well as the labels: a few dozen labels cannot tell a point of top-1 apart")

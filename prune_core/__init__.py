@@ -21,7 +21,7 @@ _EXPORTS = {
     "data": ("DataError", "ImageSet", "batches", "decode_image", "load_image_folder", "split_holdout", "split_judging"),
     "device": ("pick_device",),
     "level_search": ("Probe", "search_level"),
-    "measure": ("Accuracy", "agreement", "count_macs", "count_params", "evaluate"),
+    "measure": ("Accuracy", "Comparison", "agreement", "compare", "count_macs", "count_params", "evaluate"),
     "model_format": ("Lineage", "ModelCard", "ModelFormatError", "load_model", "read_card", "save_model"),
     "retrain": ("TrainConfig", "TrainResult", "train"),
     "surgery": ("ALLOCATIONS", "PruneOutcome", "PruneSpec", "parse_allocations", "prune_to_level"),

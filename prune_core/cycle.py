@@ -22,7 +22,7 @@ from .criteria import get_criterion, parse_criteria
 from .data import ImageSet, batches
 from .fade import ChannelFade
 from .level_search import Probe, search_level
-from .measure import agreement, count_macs, count_params, evaluate, peak_rss_mb
+from .measure import agreement, compare, count_macs, count_params, evaluate, peak_rss_mb
 from .model_format import Lineage, ModelCard
 from .retrain import TrainConfig, TrainProgress, TrainResult, train
 from .scope import plan_scope
@@ -206,7 +206,7 @@ def run_cycle(
 
     with timing(Phase.VALIDATION):
         acc_after = evaluate(pruned, judging())
-        agreed = agreement(pruned, base, judging())
+        against = compare(pruned, base, judging())
     with timing(Phase.PRUNE):
         macs_before, macs_after = count_macs(base, card.input_size), count_macs(pruned, card.input_size)
     params_before, params_after = count_params(base), count_params(pruned)
@@ -231,7 +231,11 @@ def run_cycle(
         "top1_ceiling": ceiling,  # on the choosing samples' evidence: top-1, or agreement with the teacher
         "chosen_by": evidence.value,
         "evidence": verdict.value,  # top1_before/after and agreement_with_before are on the judging samples
-        "agreement_with_before": agreed,
+        "agreement_with_before": against.agreement,
+        # the top-1 lost against the model before, as its probabilities see it (measure.Comparison): an
+        # estimate without labels where that model is calibrated (a prior-corrected teacher)
+        "expected_loss": against.expected_loss,
+        "expected_loss_se": against.expected_loss_se,
         "train_samples": len(train_set),
         "choosing_samples": len(held_set),  # early stopping, the level search, the choice between criteria
         "held_out_samples": len(judged_on),  # the judging samples: the choosing ones unless `judge_set` was given

@@ -80,19 +80,44 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return acc
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """`model` against `reference` on the same samples, labelled or not.
+
+    `expected_loss` is the top-1 `model` loses against `reference` as `reference`'s own probabilities
+    p see it: the mean of p(reference's answer) − p(model's answer). Where p is calibrated (a
+    prior-corrected, temperature-scaled teacher) it estimates the true loss without a label; a
+    disagreement counts only as much as the reference believes in its own answer over the model's."""
+
+    agreement: float  # share of samples answered alike
+    expected_loss: float
+    expected_loss_se: float  # its standard error (the per-sample terms' spread / sqrt(n))
+    samples: int
+
+
 @torch.no_grad()
-def agreement(model: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Fraction of samples (labelled or not) on which `model` predicts what `reference` predicts."""
+def compare(model: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Comparison:
     states = (model.training, reference.training)
     model.eval()
     reference.eval()
-    same = total = 0
+    same, terms = 0, []
     for x, _ in batches:
-        same += int((model(x).argmax(1) == reference(x).argmax(1)).sum())
-        total += x.shape[0]
+        mine, p = model(x).argmax(1), torch.softmax(reference(x).double(), 1)
+        theirs = p.argmax(1)
+        same += int((mine == theirs).sum())
+        terms.append(p.gather(1, theirs[:, None]).squeeze(1) - p.gather(1, mine[:, None]).squeeze(1))
     model.train(states[0])
     reference.train(states[1])
-    return same / total if total else float("nan")
+    if not terms:
+        return Comparison(float("nan"), float("nan"), float("nan"), 0)
+    d = torch.cat(terms)
+    se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("nan")
+    return Comparison(same / len(d), float(d.mean()), se, len(d))
+
+
+def agreement(model: nn.Module, reference: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Fraction of samples (labelled or not) on which `model` predicts what `reference` predicts."""
+    return compare(model, reference, batches).agreement
 
 
 @torch.no_grad()

@@ -52,3 +52,21 @@ def test_the_rule_reads_settings_and_jobs_alike():
     from daemon.config import Settings
     s = Settings()
     assert Acceptance.of(s) == Acceptance(s.max_accuracy_drop, s.min_size_gain, s.min_agreement, s.min_label_evidence)
+
+
+def test_a_calibrated_teachers_expected_loss_can_show_closeness_without_agreement():
+    """Agreement bounds the loss by every disagreement; a prior-corrected teacher's own probabilities
+    estimate it, and a candidate whose estimate is within max_drop at 95 % is close enough."""
+    unlabelled = dict(evidence="agreement", top1_before=NAN, top1_after=NAN, teacher={"corrected": True}, agreement_with_before=0.95)
+    ok, why = decide(_summary(expected_loss=0.004, expected_loss_se=0.002, **unlabelled), RULE)
+    assert ok and why.startswith("no labels: expected top-1 loss 0.0040 (95 % bound 0.0073; agreement 0.9500)")
+    ok, why = decide(_summary(expected_loss=0.004, expected_loss_se=0.005, **unlabelled), RULE)
+    assert not ok and "below min_agreement 0.99" in why and "95 % bound 0.0122) above max_accuracy_drop 0.01" in why
+    # an uncorrected teacher's probabilities are not trusted to be calibrated: agreement alone
+    ok, why = decide(_summary(expected_loss=0.0, expected_loss_se=0.0, **{**unlabelled, "teacher": {"corrected": False}}), RULE)
+    assert not ok and why == "no labels: against the served model: agreement 0.9500 below min_agreement 0.99"
+    # a summary without the estimate (an older record) falls back to agreement
+    assert not decide(_summary(**unlabelled), RULE)[0]
+    # with sparse labels the same closeness applies beside the labels
+    few = dict(held_out_labelled=27, held_out_samples=270, teacher={"corrected": True}, agreement_with_before=0.93)
+    assert decide(_summary(top1_after=0.85, expected_loss=0.003, expected_loss_se=0.001, **few), RULE)[0]
