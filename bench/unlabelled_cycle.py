@@ -198,8 +198,8 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
-            "evidence", "chosen_by", "agreement_with_before", "criterion_used", "train_samples", "choosing_samples",
-            "held_out_samples", "held_out_labelled")
+            "evidence", "chosen_by", "agreement_with_before", "expected_loss", "expected_loss_se", "criterion_used",
+            "train_samples", "choosing_samples", "held_out_samples", "held_out_labelled")
     return {
         "rate": rate, "level": level, "labelled_train": train_set.labelled, "labelled_held": held_set.labelled,
         "cycle_top1": cycle_top1, "teacher_top1": teacher_top1, "accepted": accepted, "reason": reason,
