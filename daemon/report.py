@@ -63,7 +63,7 @@ def build_report(record: dict, evidence: dict) -> dict:
         "version_before": record.get("version_before"), "version_after": record.get("version_after"),
         "created": record.get("created"), "started": started, "finished": finished,
         "duration_s": finished - started if started and finished else None,
-        "accuracy": {k: m.get(k) for k in ("top1_before", "top1_after", "top1_ceiling", "agreement_with_before")},
+        "accuracy": {k: m.get(k) for k in ("top1_before", "top1_after", "top1_ceiling", "agreement_with_before", "expected_loss")},
         "size": {k: m.get(k) for k in ("params_before", "params_after", "macs_before", "macs_after")},
         "level": m.get("level"), "probes": m.get("probes", record.get("probes", [])),
         "cost": record.get("cost") or {},  # predicted beside actual

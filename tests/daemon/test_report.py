@@ -53,6 +53,8 @@ def test_every_finished_cycle_gets_a_report(make_daemon, device_images):
     assert report["version_before"] == "v0001"
     assert report["size"]["params_after"] < report["size"]["params_before"]
     assert 0 <= report["accuracy"]["top1_after"] <= 1 and 0 <= report["accuracy"]["agreement_with_before"] <= 1
+    # the teacher's answer is its own most probable one: the loss it expects is never negative
+    assert 0 <= report["accuracy"]["expected_loss"] <= 1 - report["accuracy"]["agreement_with_before"] + 1e-9
     channels = {c["layer"]: c for c in report["channels"]}
     assert channels and any(c["after"] < c["before"] for c in channels.values())
     assert all(0 < c["after"] <= c["before"] for c in channels.values())
