@@ -28,14 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import label_shift as ls  # noqa: E402
-from protocol.data import CIFAR_MEAN, CIFAR_STD, CLASSES, make_subsets, subset_name  # noqa: E402
-from prune_core import batches  # noqa: E402
+from protocol.data import CLASSES, make_subsets, subset_name  # noqa: E402
 from prune_core.architectures import classifier_module  # noqa: E402
 from prune_core.label_shift import CalibrationMethod, class_prior, correct, em_prior, fit_calibration  # noqa: E402
 
@@ -45,11 +43,10 @@ ROWS = ("served", "teacher", "oracle", "restricted", "centroid", "centroid+t", "
 @torch.no_grad()
 def features_of(model, data) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, logits): the classifier's input (flattened) and the model's output, per image."""
-    model.eval()
     head, grabbed = classifier_module(model), []
     hook = head.register_forward_pre_hook(lambda _m, inp: grabbed.append(inp[0].flatten(1)))
     try:
-        logits = torch.cat([model(x) for x, _ in batches(data, 256, CIFAR_MEAN, CIFAR_STD)]).double()
+        logits = ls.logits_of(model, data)
     finally:
         hook.remove()
     return torch.cat(grabbed).double(), logits
@@ -88,17 +85,16 @@ def evaluate(classes, feats, logits, pools, cal, source, args, order_seed: int) 
     ps = torch.as_tensor(correct(cal.apply(ls_.numpy()), source, q.numpy(), args.floor))
     pt = torch.as_tensor(correct(cal.apply(lt.numpy()), source, q.numpy(), args.floor))
     present = torch.nonzero(q >= args.present).flatten()
-    mask = torch.full((k,), float("-inf"), dtype=torch.float64)
-    mask[sub] = 0.0
-    acc = {"served": top1(lt, y), "teacher": top1(pt, y), "oracle": top1(lt + mask, y)}
+    only_present = mask_of(present, k)
+    acc = {"served": top1(lt, y), "teacher": top1(pt, y), "oracle": top1(lt + mask_of(sub, k), y)}
     rs = torch.softmax(masked_log(ps, present), 1)  # restricted teacher on the stream
     log_rt = masked_log(pt, present)
     acc["restricted"] = top1(log_rt, y)
     c = centroids(fs, rs)
     for _ in range(args.rounds):  # hard reassignment, as SHOT's self-supervised pseudo-labelling
-        assign = (fs @ c.T + mask_of(present, k)).argmax(1)
+        assign = (fs @ c.T + only_present).argmax(1)
         c = centroids(fs, F.one_hot(assign, k).double())
-    cos = ft @ c.T + mask_of(present, k)
+    cos = ft @ c.T + only_present
     acc["centroid"] = top1(cos, y)
     acc["centroid+t"] = top1(log_rt + torch.log_softmax(cos / args.tau, 1), y)
     near = (ft @ fs.T).topk(args.k, dim=1).indices
@@ -109,6 +105,7 @@ def evaluate(classes, feats, logits, pools, cal, source, args, order_seed: int) 
 
 
 def mask_of(present: torch.Tensor, k: int) -> torch.Tensor:
+    """0 for the classes in `present`, -inf for the others (added to scores, an argmax among `present`)."""
     m = torch.full((k,), float("-inf"), dtype=torch.float64)
     m[present] = 0.0
     return m
