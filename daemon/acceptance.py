@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from prune_core.jsonsafe import is_finite_number
+
 Z_95 = 1.645  # one-sided 95 % normal quantile: the margin on an expected loss, in standard errors
 
 
@@ -38,17 +40,13 @@ def _has_labels(summary: dict) -> bool:
     return summary.get("evidence", "labels") == "labels" and not (isinstance(before, float) and math.isnan(before))
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _close_to_teacher(summary: dict, rule: Acceptance, corrected: bool) -> tuple[bool, str]:
     """Whether the candidate stays close to the teacher (see the module's docstring), and how it was shown."""
     agreement = summary["agreement_with_before"]
     if agreement >= rule.min_agreement:
         return True, f"agreement {agreement:.4f}"
     loss, se = summary.get("expected_loss"), summary.get("expected_loss_se")
-    if not (corrected and _finite(loss) and _finite(se)):
+    if not (corrected and is_finite_number(loss) and is_finite_number(se)):
         return False, f"agreement {agreement:.4f} below min_agreement {rule.min_agreement:g}"
     bound = loss + Z_95 * se
     if bound <= rule.max_drop:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_core.atomic import atomic_write
+from prune_core.jsonsafe import is_finite_number
 
 log = logging.getLogger("edgetune.report")
 REPORT_JSON = "report.json"
@@ -75,10 +76,6 @@ def build_report(record: dict, evidence: dict) -> dict:
     }
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
-
-
 def render_png(report: dict, path: str) -> None:
     """Three panels: channels kept per layer, accuracy/agreement/size before vs after, the loss curve."""
     import matplotlib
@@ -114,17 +111,17 @@ def render_png(report: dict, path: str) -> None:
     ax_acc.set_title("before → after")
     bars = [
         ("held-out top-1", acc.get("top1_before"), acc.get("top1_after")),
-        ("agreement", 1.0 if _number(acc.get("agreement_with_before")) else None, acc.get("agreement_with_before")),
+        ("agreement", 1.0 if is_finite_number(acc.get("agreement_with_before")) else None, acc.get("agreement_with_before")),
     ]
-    if _number(size.get("params_before")) and size["params_before"]:
+    if is_finite_number(size.get("params_before")) and size["params_before"]:
         bars.append(("params (rel.)", 1.0, size["params_after"] / size["params_before"]))
-    if _number(size.get("macs_before")) and size["macs_before"]:
+    if is_finite_number(size.get("macs_before")) and size["macs_before"]:
         bars.append(("MACs (rel.)", 1.0, size["macs_after"] / size["macs_before"]))
-    bars = [b for b in bars if _number(b[1]) or _number(b[2])]
+    bars = [b for b in bars if is_finite_number(b[1]) or is_finite_number(b[2])]
     if bars:
         xs = range(len(bars))
-        before = [b[1] if _number(b[1]) else 0 for b in bars]
-        after = [b[2] if _number(b[2]) else 0 for b in bars]
+        before = [b[1] if is_finite_number(b[1]) else 0 for b in bars]
+        after = [b[2] if is_finite_number(b[2]) else 0 for b in bars]
         ax_acc.bar([x - 0.2 for x in xs], before, 0.4, color="#cfd8dc", label="before")
         ax_acc.bar([x + 0.2 for x in xs], after, 0.4, color="#43a047", label="after")
         for x, v in zip(xs, after):

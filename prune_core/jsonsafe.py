@@ -6,6 +6,11 @@ import math
 from typing import Any
 
 
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is an int or a finite float (not None, NaN or infinite: a measurement that exists)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def finite(value: Any) -> Any:
     """`value` with every non-finite float (in nested dicts, lists and tuples) replaced by None;
     dict keys become strings, tuples lists."""
