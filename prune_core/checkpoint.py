@@ -13,7 +13,6 @@ does not match is refused, naming the keys.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .architectures import classifier_module
+from .state_dict import load_tensors
 
 StateDict = Dict[str, torch.Tensor]
 # Where training scripts nest the state dict in a checkpoint, most specific first.
@@ -178,10 +178,9 @@ def fit_state_dict(model: nn.Module, state: StateDict, where: str = "the state d
             parts.append(f"only {shared} of the model's {len(own)} tensors are named in the file: another architecture's weights?")
         raise WeightsError(f"{where} does not fit the model: {'; '.join(parts)}")
 
-    merged = collections.OrderedDict(own)
+    merged = dict(own)
     merged.update(state)
-    merged._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
-    model.load_state_dict(merged, strict=True)
+    load_tensors(model, merged)
     fit.loaded = len(state)
     return fit
 

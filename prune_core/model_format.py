@@ -10,7 +10,6 @@ naming the file and the problem.
 """
 from __future__ import annotations
 
-import collections
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .card import (  # noqa: F401 (re-exported: the card reads without torch, se
 )
 from .hashing import file_sha256
 from .measure import count_macs, count_params
+from .state_dict import load_tensors
 
 # Module attributes that describe a layer's channel structure (what pruning changes).
 STRUCTURE_ATTRS = (
@@ -139,12 +139,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     except ValueError as exc:
         raise ModelFormatError(f"{directory / MODEL_JSON}: {exc}") from None
     apply_channel_plan(model, card.channel_plan, shapes, str(directory / MODEL_JSON))
-    # Module versions (e.g. MNASNet's) live in state_dict metadata, which safetensors does not keep;
-    # the freshly built model's metadata describes the same code.
-    state = collections.OrderedDict(state)
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(state, strict=True)
+        load_tensors(model, state)  # with the module versions safetensors does not keep
     except RuntimeError as exc:
         raise ModelFormatError(f"{weights}: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), card

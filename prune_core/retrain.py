@@ -35,6 +35,7 @@ from .front import FrontSplit, split_front, whole_because
 from .options import DEFAULT_LAST_SHARE, RetrainScope, parse_last_share, parse_scope
 from .schedule import schedule
 from .scope import Frozen, ScopePlan, plan_scope
+from .state_dict import load_tensors
 
 
 @dataclass
@@ -317,7 +318,7 @@ def train(
     finally:
         frozen.release()
         bar.close()
-    model.load_state_dict(best_state, strict=False)  # what it lacks, the frozen parameters, did not change
+    load_tensors(model, best_state, strict=False)  # what it lacks, the frozen parameters, did not change
     model.eval()
     result.seconds = time.monotonic() - started
     return result
