@@ -110,7 +110,8 @@ def cycle_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, bat
 
     import torch
 
-    from prune_core.cost import CyclePlan, PeakMeter, PhaseClock, estimate, profile_batches, profile_cycle
+    from prune_core.cost import PeakMeter, plan_cycle, profile_cycle
+    from prune_core.cost_records import PhaseClock, estimate, profile_batches
     from prune_core.cycle import CycleConfig, run_cycle
     from prune_core.model_format import ModelCard
 
@@ -120,7 +121,7 @@ def cycle_cell(arch: str, size: int, train_n: int, held_n: int, epochs: int, bat
     profile_started = time.process_time()
     prof = profile_cycle(model, train_set, held_set, MEAN, STD, config, size, profile_batches(batch), clock=time.process_time)
     profile_s = time.process_time() - profile_started
-    est = estimate(prof, CyclePlan.of_cycle(config, train_n, held_n), batch)
+    est = estimate(prof, plan_cycle(config, train_n, held_n), batch)
     card = ModelCard(arch=arch, num_classes=10, input_size=size, class_names=[str(i) for i in range(10)], mean=MEAN, std=STD)
     meter = PeakMeter(torch.device(prof.device))
     clock = PhaseClock(time.process_time)

@@ -7,16 +7,29 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Protocol
 
-from prune_core.cost import PhaseClock  # no torch
+from prune_core.cost_records import PhaseClock
 
 from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
 
 if TYPE_CHECKING:
-    from prune_core.cost import CostEstimate, CyclePlan, PeakMeter, Profile
+    from prune_core.cost import PeakMeter
+    from prune_core.cost_records import CostEstimate, CyclePlan, Profile
 
-    from .worker import CycleJob
+
+class CostLimits(Protocol):
+    """What the cost step reads of a cycle's job (daemon.worker.CycleJob has these fields): named here
+    so this module does not import the worker that imports it."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def memory_budget_mb(self) -> Optional[int]: ...
+
+    @property
+    def retrain_scope(self) -> str: ...
 
 
 class CycleRefused(Exception):
@@ -32,11 +45,11 @@ def fallback_scopes(configured: str) -> list[str]:
     return [s.value for s in order[order.index(RetrainScope(configured)):]]
 
 
-def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: "CycleJob", post: Callable) -> "CostEstimate":
+def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: CostLimits, post: Callable) -> "CostEstimate":
     """The estimate at the retraining scope and batch size the cycle will use, posted. `profiles`: one
     per scope of `fallback_scopes`, measured lazily (the next only when the previous does not fit; no
     budget, only the first). CycleRefused, naming each scope's figures, when nothing fits."""
-    from prune_core.cost import DoesNotFit, fit_budget
+    from prune_core.cost_records import DoesNotFit, fit_budget
     from prune_core.options import RetrainScope
 
     refusals, last = [], None
@@ -73,7 +86,7 @@ class CostWatch:
 
     def measured(self, complete: bool = True) -> CostMeasuredEvent:
         """What was spent so far: the whole cycle's cost, or (`complete` False) a failed or aborted one's."""
-        from prune_core.cost import CostError, MeasuredCost
+        from prune_core.cost_records import CostError, MeasuredCost
 
         try:
             peak = self.meter.peak_mb() if self.meter is not None else float("nan")
@@ -83,11 +96,12 @@ class CostWatch:
         return CostMeasuredEvent(MeasuredCost(peak, time.monotonic() - self.started, source, self.clock.phases(), complete))
 
 
-def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, extra_models: int, post: Callable):
+def predict_cost(job: CostLimits, teacher, card, train_set, held_set, config, extra_models: int, post: Callable):
     """(`config` with the chosen retraining scope and batch size, a CostWatch started now). `extra_models`:
     copies of the model the caller holds beside run_cycle's. Without a budget, a cost that cannot be
     measured here is noted and the cycle goes on; with one, the cycle is refused."""
-    from prune_core.cost import CostError, CyclePlan, PeakMeter, profile_batches, profile_cycle
+    from prune_core.cost import PeakMeter, plan_cycle, profile_cycle
+    from prune_core.cost_records import CostError, profile_batches
 
     batch_sizes = profile_batches(job.batch_size)
     scopes = fallback_scopes(config.train.scope.value) if job.memory_budget_mb is not None else [config.train.scope.value]
@@ -98,7 +112,7 @@ def predict_cost(job: "CycleJob", teacher, card, train_set, held_set, config, ex
             scoped = replace(config, train=replace(config.train, scope=scope))
             yield profile_cycle(teacher, train_set, held_set, card.mean, card.std, scoped, card.input_size, batch_sizes)
 
-    plan = CyclePlan.of_cycle(config, len(train_set), len(held_set), extra_models, len(train_set) - train_set.labelled)
+    plan = plan_cycle(config, len(train_set), len(held_set), extra_models, len(train_set) - train_set.labelled)
     try:
         chosen = choose(profiles(), plan, job, post)
         meter = PeakMeter(next(teacher.parameters()).device)

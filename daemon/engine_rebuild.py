@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import queue
 import threading
 from collections import deque
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from .child_process import start_child
 from .engines import Backend, BuildOutcome
 
 if TYPE_CHECKING:
@@ -84,13 +84,7 @@ def verification_images(buffer_path: Path, card: Any, limit: int) -> tuple[np.nd
 
 def run_rebuild(job: RebuildJob, results) -> None:
     """Process entry point (spawned): build `job.backends` for the version, put a RebuildResult."""
-    from .worker import _die_with_parent
-
-    _die_with_parent()
-    try:
-        os.nice(job.nice)
-    except OSError:
-        pass
+    start_child(job.nice)
     backends = [Backend(b) for b in job.backends]
     try:
         from prune_core.model_format import load_model

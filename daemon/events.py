@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
-from prune_core.cost import CostEstimate, MeasuredCost  # plain records: no torch
+from prune_core.cost_records import CostEstimate, MeasuredCost
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from .engines import Backend, ServingBackend
 from .metrics import Metrics
@@ -16,10 +16,16 @@ from .model_store import ModelStore
 from .prior_adapter import PriorSettings
 from .serving import ModelHolder, Served, load_served
 
-if TYPE_CHECKING:
-    from .engine_rebuild import EngineRebuilder
-
 log = logging.getLogger("edgetune.installer")
+
+
+class Rebuilder(Protocol):
+    """What the installer asks of the engine rebuilder (daemon/engine_rebuild.EngineRebuilder, which
+    calls back `upgrade`): named by its two calls, so neither module imports the other's class."""
+
+    def request(self, version: str, backends: Iterable[Backend]) -> bool: ...
+
+    def mark_tried(self, version: str, backends: Iterable[Backend]) -> None: ...
 
 
 class Installer:
@@ -32,7 +38,7 @@ class Installer:
         self.device = device
         self.backend = ServingBackend(backend)
         self.threads = threads
-        self.rebuilder: EngineRebuilder | None = None  # set by the runtime; without one, nothing is rebuilt
+        self.rebuilder: Rebuilder | None = None  # set by the runtime; without one, nothing is rebuilt
         self._lock = threading.Lock()  # one install at a time
 
     def install(self, version: str, *, pointer_optional: bool = False) -> Served:

@@ -22,7 +22,9 @@ from typing import Any, Callable
 from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, RetrainScope
 
 from .acceptance import Acceptance, decide
+from .child_process import start_child
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
+from .report import LossCurve, channels_kept
 
 
 class Control(IntEnum):
@@ -93,18 +95,6 @@ def build_candidate_engines(model, card, staging_dir: str, held_out_images, job:
                          between=between, threads=job.serving_threads)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the daemon dies (even by SIGKILL), so a restart
-    never finds an orphan still training and writing into a staging directory."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _limit_memory(megabytes: int | None) -> None:
     if megabytes is not None:
         limit = megabytes * 2**20
@@ -119,14 +109,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def run_worker(job: CycleJob, control, events) -> None:
     """Process entry point (spawned): runs `job`, obeys `control`, puts events on `events`."""
-    from .report import LossCurve, channels_kept  # imports torch: only here, so a job unpickles cheaply
-
     parent = os.getppid()
-    _die_with_parent()
-    try:
-        os.nice(job.nice)
-    except OSError:
-        pass
+    start_child(job.nice)  # a restart never finds an orphan still training into a staging directory
     started = time.monotonic()
     curve = LossCurve()  # sent with the final event, for the cycle report
 

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 
 from torch import nn
 
-from .cost import Phase, PhaseClock
+from .cost_records import Phase, PhaseClock
 from .criteria import get_criterion, parse_criteria
 from .data import ImageSet, batches
 from .fade import ChannelFade

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from prune_core.architectures import build_model
-from prune_core.cost import (
+from prune_core.cost import plan_cycle, profile, profile_cycle, profile_level, saved_mb
+from prune_core.cost_records import (
     CyclePlan, DoesNotFit, Line, MemorySource, Phase, PhaseClock, Phases, Profile, ProfileSample, estimate, fit_budget,
-    profile, profile_batches, profile_cycle, profile_level, saved_mb,
+    profile_batches,
 )
 from prune_core.cycle import CycleConfig, run_cycle
 from prune_core.measure import count_params
@@ -77,7 +78,7 @@ def test_min_steps_and_a_last_batch_of_one_count_as_train_does():
 def test_a_cycle_plan_counts_probes_tries_rankings_and_copies():
     config = CycleConfig(level="auto", criterion="activation,taylor", allocation="uniform,global", finetune_before=0,
                          train=TrainConfig(epochs=3, batch_size=16))
-    plan = CyclePlan.of_cycle(config, 160, 40, extra_models=2)
+    plan = plan_cycle(config, 160, 40, extra_models=2)
     assert (plan.probes, plan.tries, plan.forward_rankings, plan.backward_rankings) == (5, 4, 1, 1)
     assert plan.finetune_epochs == 3  # the ceiling is fine-tuned with the retraining budget
     assert (plan.extra_models, plan.pruned_copies, plan.auto) == (2 + 2, 1, True)  # base and the ceiling; the best so far
@@ -91,16 +92,16 @@ def test_a_cycle_plan_counts_probes_tries_rankings_and_copies():
     assert math.isclose(est.phases.ranking, 10 * (16 * 0.001 + step))
     # fine-tuning on labelled samples does not ask the teacher: its forward (an evaluation's per-image time) is left out
     assert math.isclose(est.phases.finetune, retrain - 3 * 10 * 16 * 0.001) and est.phases.fade == 0
-    unlabelled = estimate(p, CyclePlan.of_cycle(config, 160, 40, extra_models=2, unlabelled=160), 16)
+    unlabelled = estimate(p, plan_cycle(config, 160, 40, extra_models=2, unlabelled=160), 16)
     assert math.isclose(unlabelled.phases.finetune, retrain)  # every batch has unlabelled rows: it asks every time
-    assert est.phases.finetune < estimate(p, CyclePlan.of_cycle(config, 160, 40, unlabelled=8), 16).phases.finetune < retrain
+    assert est.phases.finetune < estimate(p, plan_cycle(config, 160, 40, unlabelled=8), 16).phases.finetune < retrain
     assert math.isclose(est.duration_s, est.phases.total)
     assert est.train_peak_mb == 500 + 2 * 16 + 7 + 4 * 10 + 10  # four more unpruned copies, one pruned
     assert "5 probes" in est.method
-    fixed = CyclePlan.of_cycle(CycleConfig(level=0.5, criterion="l1"), 160, 40)
+    fixed = plan_cycle(CycleConfig(level=0.5, criterion="l1"), 160, 40)
     assert (fixed.probes, fixed.tries, fixed.forward_rankings, fixed.finetune_epochs) == (1, 1, 0, 0)
     assert (fixed.extra_models, fixed.pruned_copies) == (1, 0)  # base
-    assert CyclePlan.of_cycle(CycleConfig(level=0.5, finetune_before=1), 160, 40).extra_models == 2  # and the fine-tuned one
+    assert plan_cycle(CycleConfig(level=0.5, finetune_before=1), 160, 40).extra_models == 2  # and the fine-tuned one
 
 
 def pruned_profile(**kw) -> Profile:
@@ -115,7 +116,7 @@ def pruned_profile(**kw) -> Profile:
 def test_the_probes_are_costed_at_the_pruned_copy():
     p = fake_profile(params=1000, pruned=pruned_profile(), level=0.75, prune_s=0.5)
     one = TrainConfig(epochs=1, batch_size=32, min_steps=0)
-    plan = CyclePlan.of_cycle(CycleConfig(level=0.75, criterion="l1", train=one), 320, 100)
+    plan = plan_cycle(CycleConfig(level=0.75, criterion="l1", train=one), 320, 100)
     est, unpruned = estimate(p, plan, 32), estimate(replace(p, pruned=None), plan, 32)
     assert (est.params, est.pruned_params, est.pruned_level) == (1000, 250, 0.75)
     run = 1.0 + 10 * (0.05 + 0.005 * 32) + 3 * 100 * 0.0005  # one epoch of 10 steps, judged
@@ -124,7 +125,7 @@ def test_the_probes_are_costed_at_the_pruned_copy():
     assert est.phases.prune == unpruned.phases.prune == 0.5
     # the unpruned model never trains at a fixed level without fine-tuning: the pruned copy's line sets the peak
     assert est.train_peak_mb == 200 + 32 + 7 + 10 and est.train_peak_mb < unpruned.train_peak_mb
-    tuned = estimate(p, CyclePlan.of_cycle(CycleConfig(level=0.75, finetune_before=1, train=one), 320, 100), 32)
+    tuned = estimate(p, plan_cycle(CycleConfig(level=0.75, finetune_before=1, train=one), 320, 100), 32)
     assert tuned.train_peak_mb == 500 + 2 * 32 + 7 + 2 * 10  # fine-tuning the unpruned model is the larger
     assert tuned.phases.finetune > est.phases.finetune == 0
 
@@ -132,7 +133,7 @@ def test_the_probes_are_costed_at_the_pruned_copy():
 def test_the_prunes_memory_counts_and_can_refuse_a_cycle():
     """The bisection's copies and the dependency graph: batch-independent, so no batch size helps."""
     one = TrainConfig(epochs=1, batch_size=32, min_steps=0)
-    plan = CyclePlan.of_cycle(CycleConfig(level=0.5, criterion="l1", train=one), 320, 100)
+    plan = plan_cycle(CycleConfig(level=0.5, criterion="l1", train=one), 320, 100)
     p = fake_profile(pruned=pruned_profile(), level=0.5, prune_extra_mb=300.0)
     est = estimate(p, plan, 32)
     assert est.prune_peak_mb == 200 + 32 + 7 + 300 + 10 == est.peak_mb  # on the heap the training left, with base
@@ -272,7 +273,7 @@ def test_a_cycle_profile_prunes_a_throwaway_copy_and_costs_the_probes_at_it():
     assert 0.3 * p.params < p.pruned.params < 0.7 * p.params  # about half the parameters removed
     assert p.pruned.model_mb < p.model_mb and p.prune_s > 0 and p.macs_s > 0 and p.pruned.memory.per_sample > 0
     assert p.prune_extra_mb >= 0
-    est = estimate(p, CyclePlan.of_cycle(config, 40, 12), 8)
+    est = estimate(p, plan_cycle(config, 40, 12), 8)
     assert est.pruned_params == p.pruned.params < est.params
     assert all(getattr(est.phases, f) >= 0 for f in ("finetune", "ranking", "prune", "fade", "retrain", "validation"))
     assert est.phases.finetune > 0 and est.phases.retrain > 0 and est.phases.prune > 0 and est.phases.fade == 0

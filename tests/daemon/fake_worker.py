@@ -17,7 +17,7 @@ from daemon.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
 from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
 from daemon.acceptance import Acceptance, decide
 from daemon.worker import Aborted, CycleJob, obey
-from prune_core.cost import CyclePlan, MemorySource, Phase, Profile, ProfileSample
+from prune_core.cost_records import CyclePlan, MemorySource, Phase, Profile, ProfileSample
 
 BATCH_S = 0.002
 PARAMS = 100_000

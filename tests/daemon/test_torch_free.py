@@ -25,7 +25,7 @@ TORCH_FREE = [
     "prune_core.options",
     "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines", "daemon.serving", "daemon.batcher",
     "daemon.installer", "daemon.recovery", "daemon.scheduler", "daemon.status_view", "daemon.runtime",
-    "daemon.api.app", "daemon.service",
+    "daemon.api.app", "daemon.service", "prune_core.cost_records", "daemon.events", "daemon.cycle_cost", "daemon.child_process",
 ]
 # Records which import first pulled torch or torchvision in, then lets it load.
 PROBE = """
