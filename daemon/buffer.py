@@ -308,17 +308,6 @@ class SampleBuffer:
             "queued": self.queued,
         }
 
-    def get(self, sample_id: int) -> dict | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, created, media_type, sha256, bytes, label, pred, confidence, model_version, holdout, source"
-                " FROM samples WHERE id = ?", [sample_id]
-            ).fetchone()
-        if row is None:
-            return None
-        keys = ("id", "created", "media_type", "sha256", "bytes", "label", "pred", "confidence", "model_version", "holdout", "source")
-        return dict(zip(keys, row))
-
 
 def read_snapshot(path: Path, max_id: int, batch: int = 256) -> Iterator[tuple[int, bytes, int | None, int | None, bool]]:
     """Stream (id, image, label, pred, holdout) of rows up to `max_id` through a read-only connection

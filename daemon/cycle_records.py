@@ -11,7 +11,7 @@ from pathlib import Path
 from prune_core.jsonsafe import finite
 from prune_core.atomic import atomic_write
 
-from .cycle_state import CycleState
+from .cycle_state import CycleState, CycleTrigger
 
 log = logging.getLogger("edgetune.cycles")
 
@@ -23,7 +23,7 @@ class CycleRecord:
     created: float
     request: dict
     forced: bool = False
-    trigger: str = "api"  # "api" or "periodic"
+    trigger: CycleTrigger = CycleTrigger.API
     reason: str | None = None
     started: float | None = None
     finished: float | None = None
@@ -39,12 +39,14 @@ class CycleRecord:
     cost: dict = field(default_factory=dict)  # predicted (and budget, note) before the heavy work; actual after it
 
     def __post_init__(self) -> None:
-        self.state = CycleState(self.state)  # records on disk carry the plain value
+        self.state = CycleState(self.state)  # records on disk carry the plain values
+        self.trigger = CycleTrigger(self.trigger)
 
     def to_dict(self) -> dict:
         """Strict JSON (NaN/inf as null), the state as its plain value."""
         data = finite(asdict(self))
         data["state"] = self.state.value
+        data["trigger"] = self.trigger.value
         return data
 
 

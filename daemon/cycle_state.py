@@ -1,4 +1,5 @@
-"""The states a cycle goes through, shared by the supervisor, the API, the status CLI and the demo.
+"""The states a cycle goes through, and what started it, shared by the supervisor, the API, the status
+CLI and the demo.
 
 A `str` enum: records and API responses carry the plain value ("running"), so JSON and older
 records on disk are unchanged."""
@@ -31,3 +32,14 @@ class CycleState(str, Enum):
 
 
 FINAL_STATES = frozenset({CycleState.ACCEPTED, CycleState.REJECTED, CycleState.FAILED, CycleState.ABORTED})
+
+
+class CycleTrigger(str, Enum):
+    """What started a cycle (CycleRecord.trigger); a `str` enum for the same reason as CycleState."""
+
+    API = "api"  # POST /cycles
+    PERIODIC = "periodic"  # the scheduler's own, once new_samples_per_cycle samples are buffered and the gate opens
+    DRIFT = "drift"  # not a training cycle: the swap back to the generalist, recorded in the history
+
+    def __str__(self) -> str:
+        return self.value

@@ -6,10 +6,11 @@ import math
 import shutil
 import time
 
+import pytest
 from conftest import InProcess
 
 from daemon.cycle_records import CycleRecord, CycleStore
-from daemon.cycle_state import CycleState
+from daemon.cycle_state import CycleState, CycleTrigger
 
 
 def test_records_round_trip_as_strict_json_and_old_records_load(tmp_path):
@@ -37,6 +38,17 @@ def test_records_round_trip_as_strict_json_and_old_records_load(tmp_path):
     assert reloaded.get("c1").state is CycleState.RUNNING
     assert reloaded.list(limit=1)[0].id == "c1" and reloaded.get("nope") is None
     assert not (tmp_path / "cycles" / "c1" / ".cycle.json.tmp").exists()
+
+
+def test_every_trigger_round_trips_and_an_unknown_one_is_refused(tmp_path):
+    store = CycleStore(tmp_path / "cycles")
+    for trigger in ("api", "periodic", "drift"):  # as the scheduler passes them, plain strings
+        store.save(CycleRecord(id=trigger, state=CycleState.ACCEPTED, created=1.0, request={}, trigger=trigger))
+    reloaded = CycleStore(tmp_path / "cycles")
+    assert {r.id: r.trigger for r in reloaded.list()} == {t.value: t for t in CycleTrigger}
+    assert json.loads((tmp_path / "cycles" / "drift" / "cycle.json").read_text())["trigger"] == "drift"
+    with pytest.raises(ValueError, match="cron"):
+        CycleRecord(id="x", state=CycleState.QUEUED, created=1.0, request={}, trigger="cron")
 
 
 def _install_record(state_dir, cycle_id: str, version_after: str) -> None:
