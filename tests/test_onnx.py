@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from prune_core.architectures import build_model
-from prune_core.onnx_export import export_onnx
+from prune_core.onnx_export import PoolAsMatmul, export_onnx
 
 
 def check_dynamic_batch(path, model: torch.nn.Module, size: int, num_classes: int) -> None:
@@ -52,3 +53,22 @@ def test_without_verification(tmp_path):
     model = build_model("cifar_small", 3).eval()
     assert export_onnx(model, 32, tmp_path / "m.onnx", verify=False) is None
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+
+
+@pytest.mark.parametrize("in_size,out_size", [((1, 1), (6, 6)), ((2, 2), (7, 7)), ((5, 3), (7, 2)), ((13, 13), (6, 6)), ((3, 9), (1, 1))])
+def test_an_adaptive_pool_as_matrix_products_averages_the_same_windows(in_size, out_size):
+    x = torch.randn(2, 4, *in_size, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.AdaptiveAvgPool2d(out_size)(x)
+    torch.testing.assert_close(PoolAsMatmul(in_size, out_size)(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_pool_the_exporter_refuses_is_exported_as_matrix_products(tmp_path):
+    """vgg's 7×7 adaptive pool behind a 32-pixel input's 1×1 feature map: torch.onnx refuses it
+    (output not a factor of the input); exported through PoolAsMatmul, onnxruntime matches torch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d((7, 7)), torch.nn.Flatten(), torch.nn.Linear(8 * 49, 3),
+    ).eval()
+    assert export_onnx(model, 9, tmp_path / "m.onnx") <= 1e-4  # 9 pixels: a 2x2 map pooled to 7x7
+    check_dynamic_batch(tmp_path / "m.onnx", model, 9, 3)
+    assert isinstance(model[2], torch.nn.AdaptiveAvgPool2d)  # the caller's model is left as it was
