@@ -44,9 +44,8 @@ from prune_core.model_format import load_model
 
 from prune_core import argtypes
 
+from ..child_process import parent_death_signal
 from ..cycle_state import CycleState
-from ..model_store import ModelStore
-from ..telemetry import JTOP_SOCKET
 from .http import ApiClient, ApiError, Unreachable
 
 HOST = "127.0.0.1"
@@ -74,7 +73,7 @@ class DemoOptions:
 
 
 def on_jetson() -> bool:
-    return JTOP_SOCKET.exists() or Path("/etc/nv_tegra_release").exists()
+    return Path("/etc/nv_tegra_release").exists()  # every L4T (JetPack) image has it, jtop or not
 
 
 def pick_telemetry(choice: str) -> tuple[str, str]:
@@ -133,8 +132,38 @@ def pick_port(requested: int | None) -> int:
 
 
 # ---- the daemon as a child process and its API ------------------------------------------
+class Ended(BaseException):
+    """SIGTERM or SIGHUP (a process manager, a closed terminal): raised in the demo's main thread,
+    like KeyboardInterrupt for Ctrl-C, so the way out stops the daemon. The exit status is 128+signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_end_demo() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise `Ended`; once raised, further ones are ignored so the clean-up
+    (stopping the daemon) is not cut short."""
+    def end(signum: int, frame: Any) -> None:
+        for sig in ENDING_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Ended(signum)
+
+    previous = {sig: signal.signal(sig, end) for sig in ENDING_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class ServeProcess:
-    """`edgetune serve` in its own session: Ctrl-C reaches only the demo, which stops it cleanly."""
+    """`edgetune serve` in its own session: Ctrl-C reaches only the demo, which stops it cleanly.
+    It also gets SIGTERM from the kernel if the demo dies without stopping it (SIGKILL)."""
 
     def __init__(self, state_dir: Path, model_dir: Path, port: int, log: Path):
         self.cmd = [sys.executable, "-m", "daemon.cli", "serve", "--state-dir", str(state_dir), "--port", str(port), "--model", str(model_dir)]
@@ -144,7 +173,8 @@ class ServeProcess:
 
     def start(self, api: ApiClient, timeout: float = 120) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=parent_death_signal(signal.SIGTERM))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check()
@@ -178,7 +208,7 @@ class ServeProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: no waiting for the clean shutdown
             self.proc.kill()
             self.proc.wait()
             return f"killed after not stopping within {timeout:g}s"
@@ -427,16 +457,25 @@ def state_lock(state: Path) -> Iterator[None]:
         yield
 
 
-def previous_run(daemon_dir: Path) -> str | None:
-    models = daemon_dir / "models"
-    if not models.is_dir():
+LAST_RUN = "last-run.json"  # in the state dir: where the last run's cycle left the daemon, as /status said
+
+
+def note_run(state: Path, status: dict) -> None:
+    """Keep what /status said after this run's cycle, for the next run's first line (the next run
+    starts a fresh daemon state; the demo reads the daemon only through its API)."""
+    (state / LAST_RUN).write_text(json.dumps({"version": status["model"]["version"], "params": status["model"]["params"],
+                                              "cycle": status["cycle"]["state"]}))
+
+
+def previous_run(state: Path) -> str | None:
+    """The note `note_run` left, once: None where the last run ended before its cycle did."""
+    note = state / LAST_RUN
+    try:
+        last = json.loads(note.read_text())
+        note.unlink()
+        return f"the previous run left {last['version']} active ({last['params']:,} params) after its cycle was {last['cycle']}"
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    store = ModelStore(models)
-    active = store.active()
-    cycles = len(list((daemon_dir / "cycles").glob("*/cycle.json")))
-    if active is None:
-        return None
-    return f"the previous run left {active} active ({store.card(active).params:,} params) after {cycles} cycle(s)"
 
 
 def replaceable(daemon_dir: Path) -> bool:
@@ -467,7 +506,7 @@ def run_demo(opts: DemoOptions) -> int:
         stream = camera_stream(data.camera, opts.classes, opts.images_per_class)
         held = only(data.held, opts.classes)
         daemon_dir = state / "daemon"
-        if (before := previous_run(daemon_dir)) is not None:
+        if (before := previous_run(state)) is not None:
             log(f"{before}; starting again from the base model on a fresh daemon state")
         if not replaceable(daemon_dir):
             raise DemoError(f"{daemon_dir} exists but was not made by `edgetune demo`; not replacing it")
@@ -483,9 +522,9 @@ def run_demo(opts: DemoOptions) -> int:
         try:
             serve.start(api)
             return _live(opts, state, serve, api, stream, held, device, started)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Ended) as exc:
             print(flush=True)
-            log("interrupted")
+            log(f"interrupted{f' by {exc}' if isinstance(exc, Ended) else ''}")
             raise
         finally:
             api.close()
@@ -531,6 +570,7 @@ def _live(opts: DemoOptions, state: Path, serve: ServeProcess, api: ApiClient, s
             f"{m.get('params_after', 0):,} params and is not kept. Still serving {cycle['version_before']}.",
         )
     status = api.get("/status")
+    note_run(state, status)
     print("\n/status after the cycle:")
     print(json.dumps({
         "model": {k: status["model"][k] for k in ("version", "params", "macs")},
@@ -590,9 +630,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
         telemetry=args.telemetry, device=args.device, once=args.once, timeout_s=args.timeout,
     )
     try:
-        code = run_demo(opts)
+        with signals_end_demo():
+            code = run_demo(opts)
     except (DemoError, ApiError, Unreachable) as exc:
         print(f"edgetune demo: failed: {exc}", file=sys.stderr)
         code = 1
+    except Ended as end:  # run_demo stopped the daemon on the way out
+        print(f"edgetune demo: ended by {end}", file=sys.stderr)
+        code = 128 + end.signum
     if code:
         raise SystemExit(code)

@@ -1,7 +1,8 @@
 """`edgetune demo` for real, with small flags: a base model trained in the state dir, a real
 `edgetune serve` child, the camera stream through /infer, the daemon's own idle-gated cycle and
 swap, the before/after table, a clean exit with --once; then a second run on the same state dir
-that reuses the base model and is interrupted with Ctrl-C mid-stream. No daemon may survive either."""
+that reuses the base model and is interrupted with Ctrl-C mid-stream, a third ended by SIGTERM and a
+fourth by SIGKILL. No daemon may survive any of them."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -91,6 +93,65 @@ def test_demo_once_then_reuse_and_interrupt(tmp_path):
     assert weights.stat().st_mtime_ns == mtime
     assert "daemon stopped cleanly" in out2 or "interrupted" in out2
     assert_no_daemon_left(state, 2)
+
+    # SIGTERM (a process manager, `kill`) and SIGKILL end the demo without its daemon surviving:
+    # SIGTERM by the demo's own clean-up, SIGKILL by the kernel (the daemon dies with its parent)
+    for sig, code, runs in ((signal.SIGTERM, 128 + signal.SIGTERM, 3), (signal.SIGKILL, -signal.SIGKILL, 4)):
+        out3 = end_mid_stream(state, sig)
+        assert out3.returncode == code, out3.stdout[-3000:]
+        if sig == signal.SIGTERM:
+            assert "interrupted by SIGTERM" in out3.stdout and "daemon stopped cleanly" in out3.stdout, out3.stdout[-3000:]
+            assert "edgetune demo: ended by SIGTERM" in out3.stdout
+        wait_until_no_daemon_left(state, runs)
+
+
+def end_mid_stream(state: Path, sig: int) -> subprocess.CompletedProcess:
+    """A demo run on `state` sent `sig` once its camera stream has begun."""
+    proc = subprocess.Popen(edgetune("--state-dir", str(state), *SMALL), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[camera]"):
+                proc.send_signal(sig)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + rest)
+
+
+def wait_until_no_daemon_left(state: Path, runs: int, timeout_s: float = 60) -> None:
+    """`assert_no_daemon_left`, allowing a daemon told to stop by the kernel its clean shutdown."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return assert_no_daemon_left(state, runs)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_ending_signals_raise_in_the_demo(sig):
+    """In-process: the handler turns the signal into `Ended` (the demo's way out, which stops its
+    daemon), ignores a second one during the clean-up, and restores the previous handlers."""
+    from daemon.clients.demo import Ended, signals_end_demo
+
+    before = signal.getsignal(sig)
+    with pytest.raises(Ended) as ended:
+        with signals_end_demo():
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler runs at the next bytecode boundary: never reached
+            except Ended:
+                assert signal.getsignal(sig) is signal.SIG_IGN
+                os.kill(os.getpid(), sig)  # a second one, during the clean-up: ignored
+                raise
+    assert ended.value.signum == sig and str(ended.value) == signal.Signals(sig).name
+    assert signal.getsignal(sig) is before
 
 
 def test_demo_rejects_bad_classes(tmp_path):
