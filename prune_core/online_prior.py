@@ -282,14 +282,16 @@ class FlhFtl(FollowTheHistory):
 @dataclass(frozen=True)
 class SafetySettings:
     """When correcting pays. Label-free: the estimate must move at least `gate` (total variation) from the
-    served model's prior, be expected to gain at least `min_gain` accuracy under itself, and explain the
-    images that arrived after it was made at least as well as the model's prior (prequential evidence
-    ≥ 0 over the last `evidence_window` of them). Labelled spot checks overrule both ways once the answers
-    they saw differ significantly (a sign test on the requests where raw and corrected disagree, at `z`)."""
+    served model's prior, be expected to gain at least `min_gain` accuracy under itself, and the last
+    `evidence_window` images that arrived after it was made must not be `evidence_odds` times likelier under
+    the model's own prior than under it (a prequential Bayes factor: after an abrupt change a handful of new
+    images suffice). Labelled spot checks overrule both ways once the answers they saw differ significantly
+    (a sign test on the requests where raw and corrected disagree, at `z`)."""
 
     gate: float = 0.2
     min_gain: float = 0.01
     evidence_window: int = 16
+    evidence_odds: float = 20.0
     z: float = 2.0
 
 
@@ -311,8 +313,8 @@ def spot_verdict(raw_only: int, corrected_only: int, z: float) -> int:
 
 def decide(s: SafetySettings, shift: float, gain: float, evidence: float | None, spots: tuple[int, int]) -> Verdict:
     """Correct or not: `shift` the total variation of the estimate from the served model's prior, `gain` the
-    expected accuracy gain, `evidence` the mean prequential log evidence of the recent images (None while
-    none arrived after the estimate), `spots` (raw only right, corrected only right) on labelled requests."""
+    expected accuracy gain, `evidence` the prequential log Bayes factor of the recent images for the estimate
+    (None while none arrived after it), `spots` (raw only right, corrected only right) on labelled requests."""
     labels = spot_verdict(spots[0], spots[1], s.z)
     if labels > 0:
         return Verdict(True, f"labelled requests: the corrected answers were right {spots[1]} times where the uncorrected were not, against {spots[0]}")
@@ -322,7 +324,7 @@ def decide(s: SafetySettings, shift: float, gain: float, evidence: float | None,
         return Verdict(False, f"no shift: the estimate is {shift:.2f} from the model's prior (total variation; correction from {s.gate:g})")
     if gain < s.min_gain:
         return Verdict(False, f"not worth it: correcting is expected to gain {100 * gain:.1f} points (from {100 * s.min_gain:g})")
-    if evidence is not None and evidence < 0:
+    if evidence is not None and evidence < -math.log(s.evidence_odds):
         return Verdict(False, "the estimate explains the latest images worse than the model's own prior (the scene may be changing)")
     return Verdict(True, f"correcting: expected to gain {100 * gain:.1f} points")
 
@@ -335,7 +337,7 @@ class OnlineState:
     applied: bool
     reason: str
     gain: float | None  # expected accuracy gain of correcting, under the estimate
-    evidence: float | None  # mean prequential log evidence of the latest images
+    evidence: float | None  # prequential log Bayes factor of the latest images for the estimate over the model's prior
     scene: int  # rows the estimate is made over
     last_change: Change | None
     changes: int
@@ -404,16 +406,23 @@ class OnlineCorrector:
         self.state = self._decide()
         return self.state
 
+    def redecide(self, served_source: np.ndarray) -> OnlineState:
+        """Decide again for another served model (its prior changes the shift) without taking anything in."""
+        self._source = np.asarray(served_source, dtype=np.float64)
+        self.state = self._decide()
+        return self.state
+
     def _decide(self) -> OnlineState:
         t = self.tracker
         q = t.estimate()
         if q is None:
-            return OnlineState(None, False, f"estimating: {t.segment} of {t.min_samples} samples since the last change",
+            since = " since the last change" if t.changes else ""
+            return OnlineState(None, False, f"estimating: {t.segment} of {t.min_samples} samples{since}",
                                None, None, t.segment, t.last_change, t.changes)
         rows, preds = t.scene()
         rows, preds = rows[-self.gain_window:], preds[-self.gain_window:]
         gain = expected_gain(rows, preds, floored(q, self.floor))
-        evidence = float(np.mean(self._evidence)) if self._evidence else None
+        evidence = float(np.sum(self._evidence)) if self._evidence else None
         _, raw_only, corrected_only = self.spots()
         shift = 0.5 * float(np.abs(q - self._source).sum())
         verdict = decide(self.safety, shift, gain, evidence, (raw_only, corrected_only))
