@@ -154,6 +154,14 @@ class PriorAdapter:
             if state.changes != self._changes_seen:
                 self._changes_seen, self._change_time = state.changes, time.time()
 
+    def new_scene(self) -> None:
+        """Forget the current scene's estimate: the generalist is served again because classes the specialist
+        was not trained for appeared, so what the specialist's answers said about this scene is not trusted."""
+        with self._lock:
+            if self._corrector is not None:
+                self._corrector.new_scene()
+                self._changes_seen, self._change_time = self._corrector.state.changes, time.time()
+
     def spot_check(self, raw_pred: int, corrected_pred: int | None, label: int) -> None:
         """A labelled request: the uncorrected and the corrected answer (None without an estimate)."""
         with self._lock:

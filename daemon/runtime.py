@@ -155,7 +155,8 @@ class Runtime:
     def _fall_back(self, appeared: Appeared) -> None:
         """The generalist saw classes the served specialist was not trained for: serve it again."""
         if self.generalist is not None:
-            self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)")
+            if self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)") is not None:
+                self.prior.new_scene()  # the specialist's answers could not see the new classes: estimate afresh
 
     async def answer(self, model: Served, data: bytes) -> Result:
         """An uploaded image decoded to the model's input and answered, batched with concurrent

@@ -208,6 +208,12 @@ class SceneTracker:
     def estimate(self) -> np.ndarray | None:
         return self._estimate
 
+    def new_scene(self) -> None:
+        """Start a new scene now (told from outside, e.g. the traffic holds classes the last model could not see)."""
+        self._segment, self._estimate = 0, None
+        self.last_change, self.changes = Change(self.seen, 0, 0.0), self.changes + 1
+        self.detector.restart()
+
     def model_changed(self) -> None:
         """A new model answers from now on: its argmax shares differ from the old one's even on the same
         scene, so the detector starts afresh; the rows (model-free) and the estimate are kept."""
@@ -403,6 +409,16 @@ class OnlineCorrector:
         if change is not None:  # the evidence and spot checks were about the old scene's estimate
             self._evidence.clear()
             self._spots.clear()
+        self.state = self._decide()
+        return self.state
+
+    def new_scene(self) -> OnlineState:
+        """Start a new scene now: the answers not yet taken in are dropped with the old scene's estimate,
+        evidence and spot checks."""
+        self._pending = []
+        self.tracker.new_scene()
+        self._evidence.clear()
+        self._spots.clear()
         self.state = self._decide()
         return self.state
 

@@ -131,3 +131,14 @@ def test_replay_rebuilds_the_state_from_stored_answers():
     before, after = adapter.view(MODEL), again.view(MODEL)
     assert after.applied and after.samples == before.samples
     assert np.allclose(after.estimate, before.estimate, atol=1e-3)
+
+
+def test_a_generalist_fallback_starts_a_new_scene():
+    adapter = PriorAdapter()
+    _stream(adapter, _traffic(200)[0])
+    assert adapter.view(MODEL).applied
+    adapter.new_scene()
+    view = adapter.view(MODEL)
+    assert not view.applied and view.estimate is None and view.changes == 1 and view.last_change["scale"] == 0
+    _stream(adapter, _traffic(100, seed=2, classes=(2,))[0])
+    assert adapter.view(MODEL).applied and adapter.view(MODEL).estimate[2] > 0.8
