@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -37,6 +37,8 @@ class NewSample:
     confidence: float | None = None
     model_version: str | None = None
     source: str = "infer"
+    likelihood: bytes | None = None  # the answer's likelihood row (float32 K): the prior estimate is rebuilt from it at start
+    raw_pred: int | None = None  # the uncorrected argmax (`pred` is the served, maybe prior-corrected, one)
 
 
 @dataclass
@@ -97,7 +99,12 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX samples_klass_id ON samples(klass, id)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE samples ADD COLUMN likelihood BLOB")
+    db.execute("ALTER TABLE samples ADD COLUMN raw_pred INTEGER")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 def _connect(path: Path) -> sqlite_utils.Database:
@@ -246,9 +253,9 @@ class SampleBuffer:
                         klass = s.label if s.label is not None else s.pred
                         cur = conn.execute(
                             "INSERT INTO samples (created, image, media_type, sha256, bytes, label, pred, klass, confidence,"
-                            " model_version, holdout, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            " model_version, holdout, source, likelihood, raw_pred) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             [now, s.image, s.media_type, digest, len(s.image), s.label, s.pred, klass, s.confidence,
-                             s.model_version, int(is_holdout(digest, self.holdout_fraction)), s.source],
+                             s.model_version, int(is_holdout(digest, self.holdout_fraction)), s.source, s.likelihood, s.raw_pred],
                         )
                         results.append(Stored(cur.lastrowid, False))
                     self._evict(conn)
@@ -307,6 +314,15 @@ class SampleBuffer:
             "per_class": per_class, "max_rows": self.max_rows, "max_bytes": self.max_bytes, "evicted": self.evicted,
             "queued": self.queued,
         }
+
+    def recent_answers(self, limit: int) -> list[tuple[bytes, int, int | None]]:
+        """(likelihood row, uncorrected argmax, label) of the latest `limit` answered samples that have them,
+        oldest first: what the class-prior estimate is rebuilt from at start."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT likelihood, raw_pred, label FROM samples WHERE likelihood IS NOT NULL AND raw_pred IS NOT NULL"
+                " ORDER BY id DESC LIMIT ?", [limit]).fetchall()
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
 
 def read_snapshot(path: Path, max_id: int, batch: int = 256) -> Iterator[tuple[int, bytes, int | None, int | None, bool]]:

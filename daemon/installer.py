@@ -13,7 +13,7 @@ from typing import Any, Iterable, Protocol
 from .engines import Backend, ServingBackend
 from .metrics import Metrics
 from .model_store import ModelStore
-from .prior_adapter import PriorSettings
+from .prior_adapter import PriorAdapter
 from .serving import ModelHolder, Served, load_served
 
 log = logging.getLogger("edgetune.installer")
@@ -29,9 +29,9 @@ class Rebuilder(Protocol):
 
 
 class Installer:
-    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device: Any, prior: PriorSettings = PriorSettings(),
+    def __init__(self, store: ModelStore, holder: ModelHolder, metrics: Metrics, device: Any, prior: PriorAdapter | None = None,
                  backend: ServingBackend | str = ServingBackend.AUTO, threads: int | None = None):
-        self.prior = prior
+        self.prior = prior if prior is not None else PriorAdapter()  # the device's, shared by every version served
         self.store = store
         self.holder = holder
         self.metrics = metrics

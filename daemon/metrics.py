@@ -60,7 +60,10 @@ class Metrics:
         self.generalist_fallbacks = Counter("edgetune_generalist_fallbacks", "Swaps back to the generalist because a class the served model was not trained for appeared", registry=r)
         self.class_prior = Gauge("edgetune_class_prior", "Class prior: what the served model assumes (source) and the traffic's estimate (em, bbse)", ["class", "estimator"], registry=r)
         self.prior_correction = Gauge("edgetune_prior_correction_applied", "1 while answers are corrected to the estimated class prior", registry=r)
-        self.spot_checks = Gauge("edgetune_prior_spot_check", "Recent labelled requests, and how many the uncorrected / corrected answer got right", ["count"], registry=r)
+        self.prior_changes = Gauge("edgetune_prior_scene_changes", "Scene changes the class-prior change detector found since start", registry=r)
+        self.prior_scene = Gauge("edgetune_prior_scene_samples", "Answers of the current scene the class prior is estimated over", registry=r)
+        self.prior_gain = Gauge("edgetune_prior_expected_gain", "Top-1 correcting to the estimated prior is expected to gain (NaN: no estimate)", registry=r)
+        self.spot_checks = Gauge("edgetune_prior_spot_check", "Labelled requests of the current scene, and how many the uncorrected / corrected answer got right (both, whichever was served)", ["count"], registry=r)
         self.gate_condition = Gauge("edgetune_gate_condition", "Gate conditions (1 = satisfied)", ["condition"], registry=r)
 
     def set_model(self, version: str, arch: str, params: int, macs: int) -> None:
@@ -98,12 +101,15 @@ class Metrics:
         self.cycle_running.set({CycleState.RUNNING: 1, CycleState.PAUSED: 2}.get(cycle_state, 0))
 
     def observe_prior(self, view) -> None:
-        """The served model's label-shift state (a prior_adapter.PriorView)."""
+        """The device's label-shift state (a prior_adapter.PriorView)."""
         self.class_prior.clear()
         for estimator, values in (("source", view.source_prior), ("em", view.estimate), ("bbse", view.bbse)):
             for name, share in zip(view.classes, values or []):
                 self.class_prior.labels(**{"class": name, "estimator": estimator}).set(share)
         self.prior_correction.set(1 if view.applied else 0)
+        self.prior_changes.set(view.changes)
+        self.prior_scene.set(view.samples)
+        self.prior_gain.set(view.expected_gain if view.expected_gain is not None else float("nan"))
         spots = view.spot_check
         for count, value in (("labelled", spots.labelled), ("correct_raw", spots.correct_raw), ("correct_corrected", spots.correct_corrected)):
             self.spot_checks.labels(count=count).set(value)

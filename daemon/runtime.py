@@ -9,6 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prune_core.card import ModelFormatError
 from prune_core.device import device_name
 from prune_core.imagedecode import decode_array
@@ -22,7 +24,7 @@ from .gate import Gate
 from .installer import Installer
 from .metrics import Metrics
 from .model_store import ModelStore, UnknownVersion
-from .prior_adapter import PriorSettings
+from .prior_adapter import PriorAdapter, PriorSettings
 from .drift import Appeared, DriftSettings
 from .engine_rebuild import EngineRebuilder
 from .generalist import GeneralistWatch, load_logits
@@ -64,13 +66,15 @@ class Runtime:
                 raise StartupError(f"cannot import --model {import_model}: {exc}") from None
             self.store.set_active(version)
         self.holder = ModelHolder()
-        self.installer = Installer(self.store, self.holder, self.metrics, self.device, PriorSettings.from_settings(settings),
+        self.prior = PriorAdapter(PriorSettings.from_settings(settings))  # the device's traffic: outlives every swap
+        self.installer = Installer(self.store, self.holder, self.metrics, self.device, self.prior,
                                    settings.serving_backend, settings.serving_threads)
         self.rebuilder = self.installer.rebuilder = EngineRebuilder(
             self.installer, self.metrics, settings.buffer_path, settings.worker_nice, settings.serving_threads)
         self._load_first_model()
         self.buffer = SampleBuffer(settings.buffer_path, settings.buffer_max_rows, settings.buffer_max_bytes, settings.holdout_fraction,
                                    background_limit=settings.sample_queue_size)
+        self._replay_prior()
         self.batcher = Batcher(BatchSettings.from_settings(settings), on_batch=self.metrics.inference_batch.observe)
         self.provider = make_provider(settings.telemetry, settings.simulated_telemetry)
         self.gate = Gate(settings)
@@ -100,6 +104,18 @@ class Runtime:
                 log.warning("falling back to model %s (active was %s)", version, active)
             return
         raise StartupError(f"no loadable model version in {self.store.dir}")
+
+    def _replay_prior(self) -> None:
+        """Rebuild the class-prior estimate from the buffer's latest answers (a restart keeps it)."""
+        served = self.holder.current
+        if served is None:
+            return
+        k = len(served.assumes.source)
+        answers = [(np.frombuffer(row, dtype=np.float32), pred, label) for row, pred, label in self.buffer.recent_answers(self.settings.prior_window)
+                   if len(row) == 4 * k]
+        if answers:
+            self.prior.replay(served.assumes, np.stack([a[0] for a in answers]), np.asarray([a[1] for a in answers]), [a[2] for a in answers])
+            log.info("class prior rebuilt from the buffer's latest %d answers", len(answers))
 
     def start_request_path(self) -> None:
         """The threads /infer needs: the buffer's writer and the batcher."""
@@ -132,14 +148,15 @@ class Runtime:
         self.metrics.inference_latency.observe(latency_s)
         self.gate.note_request()
         if label is not None:
-            model.prior.spot_check(answer.raw_pred, answer.top[0][0], label)
+            self.prior.spot_check(answer.raw_pred, answer.corrected_pred, label)
         if self.generalist is not None:
             self.generalist.offer(model.version, model.card, image)
 
     def _fall_back(self, appeared: Appeared) -> None:
         """The generalist saw classes the served specialist was not trained for: serve it again."""
         if self.generalist is not None:
-            self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)")
+            if self.scheduler.fall_back(self.generalist.version, f"{appeared.describe()} (generalist's estimate)") is not None:
+                self.prior.new_scene()  # the specialist's answers could not see the new classes: estimate afresh
 
     async def answer(self, model: Served, data: bytes) -> Result:
         """An uploaded image decoded to the model's input and answered, batched with concurrent
@@ -245,7 +262,7 @@ class Runtime:
     # ---- status -----------------------------------------------------------------------------
     def status(self) -> dict:
         """The /status document (reads the buffer's stats: call it off the event loop)."""
-        return status_document(model=self.holder.current, buffer_stats=self.buffer.stats(), view=self.scheduler.view(),
+        return status_document(model=self.holder.current, buffer_stats=self.buffer.stats(), view=self.scheduler.view(), prior=self.prior,
                                settings=self.settings, gate=self.gate, provider_name=self.provider.name,
                                now=self.scheduler.clock(), generalist=self.generalist, rebuild=self.rebuilder.view())
 

@@ -169,8 +169,8 @@ class Scheduler:
                                   self.current.state if self.current else None)
         served = self.installer.holder.current
         if served is not None:
-            served.prior.refresh()
-            self.metrics.observe_prior(served.prior.view())
+            served.prior.refresh(served.assumes)
+            self.metrics.observe_prior(served.prior.view(served.assumes))
         with self._lock:
             current = self.active()
             if current is None:

@@ -18,7 +18,7 @@ import numpy as np
 from .engines import Backend, Engine, InputSpec, Selection, ServingBackend, select_engine
 from .engines.base import top_classes
 from .engines.select import median_latency_ms
-from .prior_adapter import PriorAdapter, PriorSettings
+from .prior_adapter import ModelPrior, PriorAdapter
 
 if TYPE_CHECKING:
     from prune_core.card import ModelCard
@@ -26,11 +26,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Answer:
-    """One image's answer: the top-k served (prior-corrected where that is on) and the uncorrected
-    calibrated argmax (what the spot check compares against)."""
+    """One image's answer: the top-k served (prior-corrected where that is on), the uncorrected
+    calibrated argmax and the argmax under the prior estimate in force (None without one: the spot check
+    compares both, whichever was served), and the image's likelihood row (float32 K, kept in the buffer
+    so the prior estimate is rebuilt at start; None for untracked passes)."""
 
     top: list[tuple[int, float]]
     raw_pred: int
+    corrected_pred: int | None = None
+    row: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Served:
     card: ModelCard
     params: int
     macs: int
-    prior: PriorAdapter  # calibration and the traffic's class prior, per served model
+    prior: PriorAdapter  # the device's class prior estimate, shared by every served model
+    assumes: ModelPrior  # this model's calibration and class prior
     selection: Selection  # how the engine was chosen: the other backends' reasons, engines to rebuild
     latency_ms: float  # the engine's median batch-1 forward, measured when it was loaded
 
@@ -59,17 +64,13 @@ class Served:
     def predict(self, images: np.ndarray, top_k: int = 5, track: bool = True) -> list[Answer]:
         """Answers for a uint8 batch N×3×S×S (numpy). With `track` the answers are traffic: they
         feed the class-prior estimate (warm-up passes do not)."""
-        probs, raw = calibrated(self.prior, self.logits(images), track)
-        return [Answer(top, int(r)) for top, r in zip(top_classes(probs, top_k), raw.argmax(1))]
-
-
-def calibrated(prior: PriorAdapter, logits: np.ndarray, track: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(served probabilities, uncorrected calibrated probabilities) for N×K logits, by the prior
-    adapter (calibration and prior correction, the same for every backend)."""
-    if track:
-        return prior.answer(logits)
-    raw = prior.calibration.apply(logits)
-    return raw, raw
+        logits = self.logits(images)
+        if not track:
+            raw = self.assumes.calibration.apply(logits)
+            return [Answer(top, int(r)) for top, r in zip(top_classes(raw, top_k), raw.argmax(1))]
+        a = self.prior.answer(self.assumes, logits)  # calibration and prior correction, the same for every backend
+        corrected = [None] * len(logits) if a.corrected_pred is None else a.corrected_pred.tolist()
+        return [Answer(top, int(r), c, row) for top, r, c, row in zip(top_classes(a.served, top_k), a.raw.argmax(1), corrected, a.rows)]
 
 
 def torch_engine(directory: Path, device: Any, spec: InputSpec) -> Engine:
@@ -99,9 +100,10 @@ def check_weights(directory: Path, card: ModelCard) -> None:
         raise ModelFormatError(f"{weights}: checksum does not match model.json (file corrupted or replaced)")
 
 
-def load_served(version: str, directory: Path, device: Any = "cpu", prior: PriorSettings = PriorSettings(),
+def load_served(version: str, directory: Path, device: Any = "cpu", prior: PriorAdapter | None = None,
                 backend: ServingBackend | str = ServingBackend.AUTO, threads: int | None = None) -> Served:
-    """Load a version directory under `backend` (the serving_backend setting) and warm it up.
+    """Load a version directory under `backend` (the serving_backend setting) and warm it up. `prior`:
+    the device's class-prior adapter (the runtime's; a fresh one when None).
 
     A built engine is loaded only if it still fits this machine (else torch serves and the reason
     is in the selection). `auto` times torch against the engines only when `device` is not the CPU
@@ -122,7 +124,8 @@ def load_served(version: str, directory: Path, device: Any = "cpu", prior: Prior
     latency = selection.latency_ms.get(engine.backend)
     if latency is None:
         latency = median_latency_ms(engine)
-    return Served(version, engine, card, card.params, card.macs, PriorAdapter(card, prior), selection, latency)
+    return Served(version, engine, card, card.params, card.macs, prior if prior is not None else PriorAdapter(),
+                  ModelPrior.of(version, card), selection, latency)
 
 
 class ModelHolder:

@@ -9,6 +9,7 @@ from .cycle_state import CycleState
 from .gate import Gate
 from .scheduler import SchedulerView
 from .generalist import GeneralistWatch
+from .prior_adapter import PriorAdapter
 from .serving import Served
 
 IDLE = "idle"
@@ -74,11 +75,12 @@ def telemetry_section(view: SchedulerView, settings: Settings, gate: Gate, provi
         "max_cpu_load": settings.max_cpu_load, "max_gpu_load": settings.max_gpu_load}}
 
 
-def label_shift_section(model: Served | None, generalist: GeneralistWatch | None) -> dict | None:
-    """The served model's class-prior estimate and correction, and the generalist watch's estimate."""
+def label_shift_section(model: Served | None, generalist: GeneralistWatch | None, prior: PriorAdapter | None = None) -> dict | None:
+    """The device's class-prior estimate and whether the served model's answers are corrected to it, and the
+    generalist watch's estimate."""
     if model is None:
         return None
-    section = model.prior.view().to_dict()
+    section = (prior or model.prior).view(model.assumes).to_dict()
     estimate = generalist.watch.estimate() if generalist is not None and generalist.watch is not None else None
     section["generalist"] = None if generalist is None else {
         "version": generalist.version, "watching": model.version != generalist.version,
@@ -89,9 +91,9 @@ def label_shift_section(model: Served | None, generalist: GeneralistWatch | None
 
 def status_document(*, model: Served | None, buffer_stats: dict, view: SchedulerView, settings: Settings,
                     gate: Gate, provider_name: str, now: float, generalist: GeneralistWatch | None = None,
-                    rebuild: dict | None = None) -> dict:
+                    rebuild: dict | None = None, prior: PriorAdapter | None = None) -> dict:
     return {
-        "label_shift": label_shift_section(model, generalist),
+        "label_shift": label_shift_section(model, generalist, prior),
         "model": model_section(model, rebuild),
         "buffer": buffer_section(buffer_stats, model.card.class_names if model else []),
         "scheduler": scheduler_section(view, settings, gate, now),

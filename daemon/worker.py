@@ -73,7 +73,8 @@ class CycleJob:
     min_agreement: float = 0.99
     min_label_evidence: int = 200
     judge_share: float = DEFAULT_JUDGE_SHARE  # share of the held-out samples kept to judge the candidate only (data.split_judging)
-    target_prior: list | None = None  # the traffic's estimated class prior: the teacher is corrected to it
+    target_prior: list | None = None  # the traffic's estimated class prior while answers are corrected to it: the teacher is
+    # then corrected to the prior of the samples it trains on (EM on the served model's outputs over them, from this)
     prior_floor: float = 1e-3
     memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
     retrain_scope: RetrainScope = RetrainScope.FULL
@@ -138,7 +139,7 @@ def run_worker(job: CycleJob, control, events) -> None:
             CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model, split_judging,
         )
         from prune_core.model_format import channel_plan
-        from prune_core.teacher import corrected_teacher
+        from prune_core.teacher import corrected_teacher, samples_prior
 
         from .buffer import read_snapshot
         from .cycle_cost import predict_cost
@@ -181,6 +182,8 @@ def run_worker(job: CycleJob, control, events) -> None:
                 scope=job.retrain_scope, last_share=job.retrain_last_share,
             ),
         )
+        if job.target_prior is not None:  # correction pays on this traffic: correct to the prior of the samples trained on
+            job.target_prior = samples_prior(model, card, train_set, init=job.target_prior)
         teacher = corrected_teacher(model, card, job.target_prior, job.prior_floor)
         # beside run_cycle's copies, the served model is held where the teacher is its corrected twin
         config, watch = predict_cost(job, teacher.model, card, train_set, held_set, config, int(teacher.corrected), post)

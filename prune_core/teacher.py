@@ -56,6 +56,21 @@ def fold_logit_transform(model: nn.Module, scale: float, offset: torch.Tensor, i
     return folded
 
 
+@torch.no_grad()
+def samples_prior(model: nn.Module, card: ModelCard, data, batch_size: int = 256, init: Sequence[float] | None = None) -> list[float]:
+    """The class prior of the samples `data` (an ImageSet) by EM (Saerens et al. 2002) over the model's
+    calibrated outputs on them: what a cycle's teacher is corrected to, so the teacher matches the samples
+    its student trains on rather than whatever traffic the daemon's estimate last held. `init` warm-starts EM."""
+    from .data import batches
+    from .label_shift import em_prior
+
+    device = next(model.parameters()).device
+    model.eval()
+    logits = torch.cat([model(x.to(device)).double().cpu() for x, _ in batches(data, batch_size, card.mean, card.std, device="cpu")])
+    probs = card.calibration().apply(logits.numpy())
+    return [float(v) for v in em_prior(probs, card.prior(), max_iter=200, tol=1e-7, init=init)]
+
+
 @dataclass
 class Teacher:
     """The model a cycle starts from and distils, the card its student will carry, and how it was made."""

@@ -148,3 +148,25 @@ def test_calibrate_command_writes_temperature_prior_and_confusion(tmp_path, mnis
     assert out["temperature"] == card.temperature > 0
     assert sum(map(sum, card.confusion)) == out["samples"] and card.prior() == pytest.approx(list(out["class_prior"].values()))
     assert run(["calibrate", str(tmp_path / "nope"), "--data", str(mnist_folder)]) == 2
+
+
+def test_the_teacher_is_corrected_to_the_prior_of_its_own_samples(unlabelled_digits):
+    """samples_prior: EM over the served model's calibrated outputs on the cycle's training samples (normalised
+    as the model expects), the same as EM on those logits computed by hand."""
+    from prune_core.architectures import classifier_module
+    from prune_core.data import batches
+    from prune_core.label_shift import em_prior
+    from prune_core.teacher import samples_prior
+
+    torch.manual_seed(0)
+    model = build_model("cifar_small", 3).eval()
+    with torch.no_grad():
+        classifier_module(model).bias.copy_(torch.tensor([0.0, 3.0, 0.0]))  # answers lean to class b
+    card = ModelCard("cifar_small", 3, list("abc"), 32, mean=MEAN, std=STD, temperature=2.0)
+    train, _ = unlabelled_digits
+    q = samples_prior(model, card, train)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in batches(train, 64, MEAN, STD)]).double().numpy()
+    expected = em_prior(card.calibration().apply(logits), card.prior(), max_iter=200, tol=1e-7)
+    assert abs(sum(q) - 1) < 1e-9 and max(abs(a - b) for a, b in zip(q, expected)) < 1e-4
+    assert q[1] > 0.5

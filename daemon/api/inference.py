@@ -116,7 +116,8 @@ def router(rt: Runtime) -> APIRouter:
         answer = result.answer
         rt.note_inference(latency, model, result.image, answer, index)
         best = answer.top[0]
-        sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version)
+        sample = NewSample(data, ctype, label=index, pred=best[0], confidence=best[1], model_version=model.version,
+                           likelihood=None if answer.row is None else answer.row.tobytes(), raw_pred=answer.raw_pred)
         return infer_response(model, answer, latency, await buffer_sample(rt, sample, durable=durable or index is not None))
 
     return r

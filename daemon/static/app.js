@@ -238,13 +238,16 @@ function renderBuffer(buf) {
     : [el("p", { class: "muted" }, "empty")]));
 }
 
-// the class prior the daemon estimates from traffic (EM), beside what the served model assumes
+// the class prior the daemon estimates from the current scene's traffic (EM), beside what the served model assumes,
+// whether answers are corrected to it and why, and the change detector's last change
 function renderPrior(shift) {
   const state = $("prior-state");
   if (!shift) { state.replaceWith(Object.assign(pill("no model", "closed"), { id: "prior-state" })); return; }
   state.replaceWith(Object.assign(pill(shift.applied ? "correcting" : "not correcting", shift.applied ? "ok" : "closed"), { id: "prior-state" }));
   const spots = shift.spot_check || {};
-  $("prior-reason").textContent = (shift.reason || "answers are corrected to the estimate") + " · " + shift.samples + " answers in the window"
+  const change = shift.last_change;
+  $("prior-reason").textContent = (shift.reason || "answers are corrected to the estimate") + " · " + shift.samples + " answers in this scene"
+    + (change ? " · scene changed " + change.answers_ago + " answers ago (" + shift.changes + " changes since start)" : " · no scene change seen")
     + (spots.labelled ? " · spot checks: " + spots.correct_corrected + " / " + spots.labelled + " right corrected, " + spots.correct_raw + " uncorrected" : "");
   const entries = Object.entries(shift.estimate || {}).sort((a, b) => b[1] - a[1]).filter(([, v]) => v >= 0.01);
   $("prior-estimate").replaceChildren(...(entries.length

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Torch-free now: what the serving process needs to read a model, decode a request, calibrate and
 # correct answers, watch for drift and keep its state.
 TORCH_FREE = [
-    "prune_core.card", "prune_core.imagedecode", "prune_core.label_shift", "prune_core.device", "prune_core.atomic",
+    "prune_core.card", "prune_core.imagedecode", "prune_core.label_shift", "prune_core.online_prior", "prune_core.device", "prune_core.atomic",
     "prune_core.arch_names", "daemon.prior_adapter", "daemon.drift", "daemon.generalist", "daemon.metrics",
     "daemon.model_store", "daemon.cycle_records", "daemon.buffer", "daemon.gate", "daemon.config", "daemon.telemetry",
     "prune_core.options",
@@ -63,17 +63,17 @@ def test_a_request_is_decoded_calibrated_and_corrected_without_torch(tmp_path, u
     run_without_torch(f"""
 import numpy as np
 from daemon.drift import DriftSettings, DriftWatch
-from daemon.prior_adapter import PriorAdapter, PriorSettings
+from daemon.prior_adapter import ModelPrior, PriorAdapter, PriorSettings
 from prune_core.card import read_card
 from prune_core.imagedecode import decode_array
 card = read_card({str(untrained_model_dir)!r})
 image = decode_array(open({str(photo)!r}, 'rb').read(), card.preprocess)
 assert image.dtype == np.uint8 and image.shape == (3, card.input_size, card.input_size)
-adapter = PriorAdapter(card, PriorSettings(min_samples=2, window=8))
+adapter, model = PriorAdapter(PriorSettings(min_samples=2, window=8)), ModelPrior.of("v0001", card)
 logits = np.random.default_rng(0).normal(size=(4, card.num_classes)).astype(np.float32)
-probs, raw = adapter.answer(logits)
-adapter.refresh()
-assert probs.shape == raw.shape == (4, card.num_classes) and adapter.view().estimate is not None
+a = adapter.answer(model, logits)
+adapter.refresh(model)
+assert a.served.shape == a.raw.shape == (4, card.num_classes) and adapter.view(model).estimate is not None
 DriftWatch(card, DriftSettings(window=8, min_samples=2)).observe(logits)
 from daemon.config import load_settings
 from prune_core.options import check_cycle_options
