@@ -75,6 +75,7 @@ class Scheduler:
         self._staging: Path | None = None
         self._paused_at: float | None = None
         self._final_event: FinalEvent | None = None  # evidence for the cycle report
+        self._pending_labels: dict[str, dict[str, int]] = {}  # the labels a pending candidate was last judged on
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -336,19 +337,21 @@ class Scheduler:
         log.info("cycle %s accepted: now serving %s", record.id, version)
 
     # ---- a pending candidate ------------------------------------------------------------
-    def _review(self, record: CycleRecord, labels_changed: bool = False) -> None:
-        """A pending candidate: rejected once pending_timeout_s has passed; after new labels of its
-        asked disagreements, judged again by the acceptance rule on them (accepted: installed)."""
+    def _review(self, record: CycleRecord) -> None:
+        """A pending candidate (each poll, and at once when one of its asked samples is labelled):
+        rejected once pending_timeout_s has passed; whenever the labels of its asked disagreements
+        changed (through any endpoint), judged again by the acceptance rule on them (accepted: installed)."""
         waited = self.clock() - (record.pending_since or self.clock())
         if waited > self.s.pending_timeout_s:
             self._finish(record, CycleState.REJECTED, f"timed out: pending longer than pending_timeout_s ({self.s.pending_timeout_s:g}s)"
                          f" without the labels to decide; {record.reason}")
             return
-        if not labels_changed:
-            return
         evidence = JudgingEvidence.from_dict(record.evidence)
-        labels = self.buffer.labels_of([int(d.key) for d in evidence.asked])
-        decision = judge(record.metrics, Acceptance.of(self.s), evidence, {str(k): v for k, v in labels.items()})
+        labels = {str(k): v for k, v in self.buffer.labels_of([int(d.key) for d in evidence.asked]).items()}
+        if labels == self._pending_labels.get(record.id):
+            return
+        self._pending_labels = {record.id: labels}
+        decision = judge(record.metrics, Acceptance.of(self.s), evidence, labels)
         if decision.accepted:
             self._install(record, decision.reason, [])
         elif decision.verdict is Verdict.REJECTED:
@@ -363,7 +366,7 @@ class Scheduler:
             current = self.active()
             if current is not None and current.state is CycleState.PENDING and any(
                     d.get("key") == str(sample_id) for d in current.evidence.get("asked", ())):
-                self._review(current, labels_changed=True)
+                self._review(current)
 
     def _drop_pending(self, why: str) -> None:
         """The served model changes under a pending candidate: it was judged against another, rejected."""

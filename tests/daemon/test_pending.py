@@ -105,3 +105,16 @@ def test_bad_input_is_refused_and_loses_nothing(pending):
     assert c.post("/samples/99999/label", json={"label": "1"}).status_code == 404
     assert d.cycle(record["id"])["state"] == "pending" and _asked(d, record["id"])[0]["label"] is None
     assert c.get(f"/cycles/{record['id']}/disagreements").json()["asked"] == asked  # nothing changed
+
+
+def test_labels_given_through_bulk_ingest_count_at_the_next_poll(pending):
+    """A label can also arrive with the same image posted again (POST /samples): the next poll sees it."""
+    d, record = pending
+    asked = _asked(d, record["id"])
+    again = [{"image": b64(d.client.get(a["image_url"]).content), "label": a["candidate"]} for a in asked]
+    r = d.client.post("/samples", json={"samples": again})
+    assert r.status_code == 201 and r.json()["duplicates"] == len(asked)
+    assert d.cycle(record["id"])["state"] == "pending"
+    d.tick()
+    record = d.cycle(record["id"])
+    assert record["state"] == "accepted" and record["version_after"] == "v0002", record
