@@ -324,6 +324,31 @@ class SampleBuffer:
                 " ORDER BY id DESC LIMIT ?", [limit]).fetchall()
         return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
+    def labels_of(self, sample_ids: list[int]) -> dict[int, int]:
+        """The labels of those of `sample_ids` that are buffered and labelled."""
+        out: dict[int, int] = {}
+        with self._lock:
+            for start in range(0, len(sample_ids), 500):
+                chunk = sample_ids[start:start + 500]
+                out.update(self._db.execute(
+                    f"SELECT id, label FROM samples WHERE label IS NOT NULL AND id IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        return out
+
+    def image(self, sample_id: int) -> tuple[bytes, str] | None:
+        """A buffered sample's image as received and its media type (sniffed where it was sent as octet-stream)."""
+        with self._lock:
+            row = self._db.execute("SELECT image, media_type FROM samples WHERE id = ?", [sample_id]).fetchone()
+        if row is None:
+            return None
+        data, media = row
+        if not media.startswith("image/"):
+            media = next((kind for magic, kind in IMAGE_MAGIC if data.startswith(magic)), "application/octet-stream")
+        return data, media
+
+
+IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"),
+               (b"RIFF", "image/webp"))
+
 
 def read_snapshot(path: Path, max_id: int, batch: int = 256) -> Iterator[tuple[int, bytes, int | None, int | None, bool]]:
     """Stream (id, image, label, pred, holdout) of rows up to `max_id` through a read-only connection

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
     min_label_evidence: int = Field(
         200, ge=0, description="with fewer labelled held-out samples than this (and under half of them labelled) and a prior-corrected"
         " teacher, a candidate must pass the agreement test as well as the labels: a few dozen labels cannot tell a point of top-1 apart")
+    acceptance_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="confidence of the paired evidence a candidate is accepted on without enough labels: the"
+        " disagreement rate's exact bound, the calibrated teacher's expected loss and the labels of disagreements share its"
+        " error (daemon/acceptance.py)")
+    disagreement_labels: int = Field(
+        100, ge=0, le=1000, description="where the label-free evidence cannot decide, a candidate is kept pending and asks for the"
+        " labels of at most this many of the judging samples it and the served model answer differently (GET"
+        " /cycles/{id}/disagreements, the status page); 0: reject it instead")
+    pending_timeout_s: float = Field(
+        86400.0, gt=0, description="a pending candidate whose labels have not decided within this long is rejected; no other"
+        " cycle starts meanwhile")
 
     # Unlabelled traffic: label shift and the generalist
     prior_adaptation: bool = Field(True, description="serve answers corrected to the class prior estimated from traffic (no training, no labels)")

@@ -37,6 +37,8 @@ class CycleRecord:
     paused_seconds: float = 0.0
     engines: list = field(default_factory=list)  # BuildOutcome.to_dict() per backend built for the candidate before its swap
     cost: dict = field(default_factory=dict)  # predicted (and budget, note) before the heavy work; actual after it
+    evidence: dict = field(default_factory=dict)  # prune_core.evidence.JudgingEvidence.to_dict(): what the candidate was judged on
+    pending_since: float | None = None  # when the candidate began waiting for labels (state pending)
 
     def __post_init__(self) -> None:
         self.state = CycleState(self.state)  # records on disk carry the plain values

@@ -13,6 +13,7 @@ class CycleState(str, Enum):
     WAITING = "waiting"  # the gate is closed; starts when it opens
     RUNNING = "running"
     PAUSED = "paused"  # the gate closed while running; resumes or is aborted after pause_timeout_s
+    PENDING = "pending"  # the candidate waits in staging for labels of its disagreements; accepted, rejected or timed out
     ACCEPTED = "accepted"  # the candidate was installed and is served
     REJECTED = "rejected"  # the candidate did not pass validation; nothing changed
     FAILED = "failed"  # the worker crashed, timed out or the install failed
@@ -27,7 +28,7 @@ class CycleState(str, Enum):
 
     @property
     def active(self) -> bool:
-        """Queued, waiting, running or paused: another cycle may not start."""
+        """Queued, waiting, running, paused or pending: another cycle may not start."""
         return not self.final
 
 

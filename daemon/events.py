@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Union
 
 from prune_core.cost_records import CostEstimate, MeasuredCost
+from prune_core.evidence import JudgingEvidence
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class ResultEvent:
     curve: list = field(default_factory=list)
     channels: list = field(default_factory=list)
     engines: list = field(default_factory=list)  # daemon.engines.BuildOutcome per backend built for an accepted candidate
+    pending: bool = False  # neither accepted nor rejected: the candidate waits in staging for labels of its disagreements
+    evidence: JudgingEvidence | None = None  # the paired evidence it was judged on
 
 
 @dataclass(frozen=True)

@@ -199,8 +199,36 @@ class Runtime:
         return stored
 
     def label_sample(self, sample_id: int, label: int) -> bool:
-        """False when no such sample is buffered."""
-        return self.buffer.set_label(sample_id, label)
+        """False when no such sample is buffered. A pending candidate that asked for this label is judged again."""
+        found = self.buffer.set_label(sample_id, label)
+        if found:
+            self.scheduler.labelled(sample_id)
+        return found
+
+    def sample_image(self, sample_id: int) -> tuple[bytes, str]:
+        """A buffered sample's image and media type (NotFound when it is not buffered)."""
+        found = self.buffer.image(sample_id)
+        if found is None:
+            raise NotFound(f"no buffered sample {sample_id} (never stored, or evicted)")
+        return found
+
+    def disagreements(self, cycle_id: str) -> dict:
+        """A cycle's asked disagreements with their labels so far and its state (NotFound for an unknown cycle)."""
+        record = self.cycles.get(cycle_id)
+        if record is None:
+            raise NotFound(f"no cycle '{cycle_id}'")
+        asked = record.evidence.get("asked", [])
+        labels = self.buffer.labels_of([int(d["key"]) for d in asked])
+        names = self.served().card.class_names if self.served() is not None else []
+        name = lambda i: names[i] if i is not None and 0 <= i < len(names) else (None if i is None else str(i))  # noqa: E731
+        return {
+            "cycle_id": record.id, "state": record.state.value, "reason": record.reason,
+            "judging_samples": record.evidence.get("samples"), "disagreements": record.evidence.get("disagreements"),
+            "classes": list(names),
+            "asked": [{"sample_id": int(d["key"]), "image_url": f"/samples/{int(d['key'])}/image",
+                       "teacher": name(d["teacher"]), "candidate": name(d["candidate"]),
+                       "label": name(labels.get(int(d["key"])))} for d in asked],
+        }
 
     # ---- cycles -----------------------------------------------------------------------------
     def request_cycle(self, level: Any = None, criterion: str | None = None, allocation: str | None = None,

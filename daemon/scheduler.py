@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from prune_core.evidence import JudgingEvidence
+
+from .acceptance import Acceptance, Verdict, judge
 from .backoff import Backoff, backoff
 from .buffer import SampleBuffer
 from .config import Settings
@@ -72,6 +75,7 @@ class Scheduler:
         self._staging: Path | None = None
         self._paused_at: float | None = None
         self._final_event: FinalEvent | None = None  # evidence for the cycle report
+        self._pending_labels: dict[str, dict[str, int]] = {}  # the labels a pending candidate was last judged on
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +124,7 @@ class Scheduler:
     def activate(self, version: str) -> Served:
         """Install a stored version (rollback or roll forward); Conflict while a cycle is active."""
         with self._lock:
+            self._drop_pending(f"version {version} was activated")
             busy = self.active()
             if busy is not None:
                 raise Conflict(f"cycle {busy.id} is {busy.state.value}; activate after it ends")
@@ -133,6 +138,7 @@ class Scheduler:
             served = self.installer.holder.current
             if served is not None and served.version == version:
                 return None
+            self._drop_pending(f"traffic changed ({why})")
             busy = self.active()
             if busy is not None:
                 self._abort(busy, f"traffic changed: {why}")
@@ -175,6 +181,8 @@ class Scheduler:
             current = self.active()
             if current is None:
                 self._maybe_periodic(gate, stats)
+            elif current.state is CycleState.PENDING:
+                self._review(current)
             elif current.state in (CycleState.QUEUED, CycleState.WAITING):
                 if gate.hard_ok if current.forced else gate.open:
                     self._launch(current, stats)
@@ -213,6 +221,7 @@ class Scheduler:
             min_size_gain=s.min_size_gain, device=s.device, nice=s.worker_nice, memory_limit_mb=s.cycle_memory_limit_mb,
             memory_budget_mb=s.cycle_memory_budget_mb,
             min_agreement=s.min_agreement, min_label_evidence=s.min_label_evidence, target_prior=served.prior.target(), prior_floor=s.prior_floor,
+            acceptance_confidence=s.acceptance_confidence, disagreement_labels=s.disagreement_labels,
             retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share, judge_share=s.cycle_judge_share,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
         )
@@ -295,26 +304,75 @@ class Scheduler:
             self._finish(record, CycleState.FAILED if isinstance(event, FailedEvent) else CycleState.ABORTED, event.reason)
             return
         record.metrics = event.summary
+        record.evidence = event.evidence.to_dict() if event.evidence is not None else {}
+        if event.pending:
+            record.state, record.reason, record.step, record.pending_since = CycleState.PENDING, event.reason, "pending", self.clock()
+            self.cycles.save(record)
+            log.info("cycle %s pending: %s", record.id, event.reason)
+            return
         if not event.accepted:
             self._finish(record, CycleState.REJECTED, event.reason)
             return
+        self._install(record, event.reason, event.engines)
+
+    def _install(self, record: CycleRecord, reason: str, engines: list) -> None:
+        """Install the candidate in staging through the one install path; the record ends accepted (or
+        failed, when it does not install)."""
         # The version name is recorded before the commit: a restart then knows whether the
         # rename happened (complete the install) or not (the staging dir is discarded).
         version = self.installer.store.next_version()
-        record.step, record.reason, record.version_after = "install", event.reason, version
-        record.engines = [outcome.to_dict() for outcome in event.engines]
+        record.step, record.reason, record.version_after = "install", reason, version
+        record.engines = [outcome.to_dict() for outcome in engines]
         self.cycles.save(record)
         staging, self._staging = self._staging, None
         try:
-            self.installer.install_candidate(staging, version, [outcome.backend for outcome in event.engines])
+            self.installer.install_candidate(staging, version, [outcome.backend for outcome in engines])
         except Exception as exc:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             record.version_after = None
             self._finish(record, CycleState.FAILED, f"could not install the new model: {type(exc).__name__}: {exc}")
             return
-        self._finish(record, CycleState.ACCEPTED, event.reason)
+        self._finish(record, CycleState.ACCEPTED, reason)
         log.info("cycle %s accepted: now serving %s", record.id, version)
+
+    # ---- a pending candidate ------------------------------------------------------------
+    def _review(self, record: CycleRecord) -> None:
+        """A pending candidate (each poll, and at once when one of its asked samples is labelled):
+        rejected once pending_timeout_s has passed; whenever the labels of its asked disagreements
+        changed (through any endpoint), judged again by the acceptance rule on them (accepted: installed)."""
+        waited = self.clock() - (record.pending_since or self.clock())
+        if waited > self.s.pending_timeout_s:
+            self._finish(record, CycleState.REJECTED, f"timed out: pending longer than pending_timeout_s ({self.s.pending_timeout_s:g}s)"
+                         f" without the labels to decide; {record.reason}")
+            return
+        evidence = JudgingEvidence.from_dict(record.evidence)
+        labels = {str(k): v for k, v in self.buffer.labels_of([int(d.key) for d in evidence.asked]).items()}
+        if labels == self._pending_labels.get(record.id):
+            return
+        self._pending_labels = {record.id: labels}
+        decision = judge(record.metrics, Acceptance.of(self.s), evidence, labels)
+        if decision.accepted:
+            self._install(record, decision.reason, [])
+        elif decision.verdict is Verdict.REJECTED:
+            self._finish(record, CycleState.REJECTED, decision.reason)
+        elif decision.reason != record.reason:
+            record.reason = decision.reason
+            self.cycles.save(record)
+
+    def labelled(self, sample_id: int) -> None:
+        """A buffered sample got a label: a pending candidate that asked for it is judged again."""
+        with self._lock:
+            current = self.active()
+            if current is not None and current.state is CycleState.PENDING and any(
+                    d.get("key") == str(sample_id) for d in current.evidence.get("asked", ())):
+                self._review(current)
+
+    def _drop_pending(self, why: str) -> None:
+        """The served model changes under a pending candidate: it was judged against another, rejected."""
+        current = self.active()
+        if current is not None and current.state is CycleState.PENDING:
+            self._finish(current, CycleState.REJECTED, f"{why} while the candidate was pending; {current.reason}")
 
     def _finish(self, record: CycleRecord, state: CycleState, reason: str | None) -> None:
         self.worker.kill()

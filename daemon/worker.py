@@ -72,6 +72,8 @@ class CycleJob:
     seed: int = 0
     min_agreement: float = 0.99
     min_label_evidence: int = 200
+    acceptance_confidence: float = 0.95
+    disagreement_labels: int = 100  # disagreements a pending candidate asks labels for (Acceptance.max_asked)
     judge_share: float = DEFAULT_JUDGE_SHARE  # share of the held-out samples kept to judge the candidate only (data.split_judging)
     target_prior: list | None = None  # the traffic's estimated class prior while answers are corrected to it: the teacher is
     # then corrected to the prior of the samples it trains on (EM on the served model's outputs over them, from this)
@@ -94,6 +96,20 @@ def build_candidate_engines(model, card, staging_dir: str, held_out_images, job:
 
     return build_engines(model, card, staging_dir, held_out_images, backends=[Backend(b) for b in job.engine_backends],
                          between=between, threads=job.serving_threads)
+
+
+def judge_candidate(candidate, teacher, card, train_set, held_set, judging, job: CycleJob):
+    """The paired evidence of the candidate against the teacher on the judging samples
+    (prune_core.judging), the teacher's calibration checked on every labelled sample of the snapshot
+    (it learnt from none of them), at most `job.disagreement_labels` disagreements asked."""
+    import torch
+
+    from prune_core import ImageSet
+    from prune_core.judging import judge_pairs
+
+    labelled = ImageSet.concat([s.subset(torch.nonzero(s.labels >= 0).flatten()) for s in (train_set, held_set)])
+    return judge_pairs(candidate, teacher, judging, labelled, card.mean, card.std, job.batch_size,
+                       job.disagreement_labels, job.seed)
 
 
 def _limit_memory(megabytes: int | None) -> None:
@@ -197,17 +213,21 @@ def run_worker(job: CycleJob, control, events) -> None:
                                      "prior": dict(zip(card.class_names, job.target_prior)) if teacher.corrected else None}
         check()
         post(StepEvent("validate"))
-        accepted, reason = decide(result.summary, Acceptance.of(job))
+        evidence = judge_candidate(result.model, teacher.model, card, train_set, held_set,
+                                   judging if judging is not None else choosing, job)
+        decision = decide(result.summary, Acceptance.of(job), evidence)
+        accepted, reason = decision
         engines = []
-        if accepted:
+        if accepted or decision.pending:  # a pending candidate is kept in staging until its labels decide
             post(StepEvent("write"))
             check()
             save_model(result.model, result.card, job.staging_dir)
+        if accepted:
             if job.engine_backends:
                 post(StepEvent("engines", {"backends": list(job.engine_backends)}))
                 engines = build_candidate_engines(result.model, result.card, job.staging_dir, held_set.images, job, check)
         post(ResultEvent(accepted, reason, result.summary, time.monotonic() - started, curve.points,
-                         channels_kept(card.channel_plan, channel_plan(result.model)), engines))
+                         channels_kept(card.channel_plan, channel_plan(result.model)), engines, decision.pending, evidence))
     except Aborted:
         if watch is not None:
             post(watch.measured(complete=False))

@@ -44,6 +44,15 @@ class ImageSet:
         lab = self.labels[self.labels >= 0]
         return torch.bincount(lab, minlength=num_classes).tolist()
 
+    @staticmethod
+    def concat(parts: Sequence["ImageSet"]) -> "ImageSet":
+        """One set of `parts`' images, labels and keys, in order."""
+        return ImageSet(
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            [k for p in parts for k in p.keys],
+        )
+
 
 def decode_image(source: bytes | str | Path, policy: PreprocessLike) -> torch.Tensor:
     """`imagedecode.decode_array` as a uint8 3×S×S tensor (the training side's form)."""

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..runtime import Conflict, NotFound, Runtime
-from .schemas import CycleAccepted, PruneRequest, error
+from .schemas import CycleAccepted, Disagreements, ErrorMessage, PruneRequest, error
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -38,6 +38,14 @@ def router(rt: Runtime) -> APIRouter:
     async def cycle(cycle_id: str) -> dict:
         try:
             return rt.cycle(cycle_id)
+        except NotFound as exc:
+            raise error(404, str(exc)) from None
+
+    @r.get("/cycles/{cycle_id}/disagreements", response_model=Disagreements, responses={404: {"model": ErrorMessage}},
+           summary="The disagreements a pending candidate asks labels for (each labelled with POST /samples/{id}/label)")
+    async def disagreements(cycle_id: str) -> dict:
+        try:
+            return await run_in_threadpool(rt.disagreements, cycle_id)
         except NotFound as exc:
             raise error(404, str(exc)) from None
 

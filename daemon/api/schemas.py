@@ -65,6 +65,34 @@ class CycleAccepted(BaseModel):
     state: str
 
 
+class LabelResponse(BaseModel):
+    sample_id: int
+    label: str
+
+
+class AskedLabel(BaseModel):
+    """A judging sample a pending candidate and the served model answer differently."""
+
+    sample_id: int
+    image_url: str = Field(description="GET it for the image as it was received")
+    teacher: str = Field(description="the (prior-corrected) served model's answer")
+    candidate: str = Field(description="the candidate's answer")
+    label: str | None = Field(description="the true class, once given (POST /samples/{sample_id}/label)")
+
+
+class Disagreements(BaseModel):
+    """The labels a cycle's candidate asks for: its disagreements with the served model, in the order
+    they count (each counts once every one before it is labelled)."""
+
+    cycle_id: str
+    state: str
+    reason: str | None
+    judging_samples: int | None = Field(description="samples the candidate was judged on (none took part in its training)")
+    disagreements: int | None = Field(description="of them, those the two answer differently")
+    classes: list[str] = Field(description="the class names a label may take")
+    asked: list[AskedLabel]
+
+
 class ErrorMessage(BaseModel):
     detail: str
 

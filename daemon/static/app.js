@@ -289,6 +289,37 @@ function renderCycles(cycles) {
   }));
 }
 
+// a pending candidate's disagreements: one click per image posts its class (POST /samples/{id}/label)
+let shownAsked = null;
+async function refreshDisagreements(cycle) {
+  const box = $("disagreements");
+  if (!cycle || cycle.state !== "pending") { box.hidden = true; shownAsked = null; return; }
+  const body = await api("GET", "/cycles/" + encodeURIComponent(cycle.id) + "/disagreements");
+  box.hidden = false;
+  const done = body.asked.filter((a) => a.label !== null).length;
+  $("disagreements-count").textContent = done + " / " + body.asked.length + " labelled · " + body.disagreements + " disagreements in " + body.judging_samples;
+  const key = cycle.id + ":" + body.asked.map((a) => a.label).join(",");
+  if (key === shownAsked) return;
+  shownAsked = key;
+  $("disagreements-grid").replaceChildren(...body.asked.map((a) => el("div", { class: "asked" + (a.label !== null ? " done" : ""), "data-sample": a.sample_id },
+    el("img", { src: a.image_url, alt: "sample " + a.sample_id }),
+    el("div", {}, "served: " + a.teacher + " · candidate: " + a.candidate),
+    el("div", { class: "classes" }, body.classes.map((name) => el("button", {
+      type: "button", class: "small" + (a.label === name ? " chosen" : " secondary"), "data-class": name,
+      onclick: () => giveLabel(a.sample_id, name),
+    }, name))))));
+}
+
+async function giveLabel(sampleId, name) {
+  try {
+    await api("POST", "/samples/" + sampleId + "/label", { label: name });
+    setMessage("sample " + sampleId + " labelled " + name, "ok");
+  } catch (err) {
+    setMessage("label refused: " + err.message, "error");
+  }
+  await poll();
+}
+
 // ---- polling and actions ---------------------------------------------------------------------
 async function refreshLists() {
   const [m, c] = await Promise.all([api("GET", "/models"), api("GET", "/cycles?limit=30")]);
@@ -304,6 +335,7 @@ async function poll() {
     renderModel(st.model);
     renderGate(st.scheduler);
     renderCycle(st.cycle);
+    await refreshDisagreements(st.cycle);
     renderBuffer(st.buffer);
     renderPrior(st.label_shift);
     $("provider").textContent = "(" + st.telemetry.provider + ")";

@@ -101,6 +101,8 @@ class Daemon:
             "EDGETUNE_CYCLE_CRITERION": "l1",
             "EDGETUNE_MAX_CPU_LOAD": "100",
             "EDGETUNE_MAX_ACCURACY_DROP": "0.05",
+            # a candidate the evidence cannot decide is rejected, not kept pending for labels, unless a test asks
+            "EDGETUNE_DISAGREEMENT_LABELS": "0",
             # torch: no engine build per daemon and cycle (suite time); tests of engines ask for auto
             "EDGETUNE_SERVING_BACKEND": "torch",
             **env,

@@ -111,3 +111,23 @@ def fake_worker_engine_build_fails(job: CycleJob, control, events) -> None:
 
     build._build_engine = refuse  # the one builder build_engine and build_engines both call
     fake_worker(job, control, events, engines=_build_engines)
+
+
+def fake_worker_disagreeing(job: CycleJob, control, events) -> None:
+    """A stand-in whose candidate answers class 1 where the (corrected) teacher answers class 0 on every
+    held-out sample of the snapshot, with an expected loss too high to accept without labels: the real
+    acceptance rule then keeps it pending, asking for the labels of those samples (in snapshot order)."""
+    from daemon.buffer import read_snapshot
+    from prune_core.evidence import Disagreement, JudgingEvidence
+
+    events.put(StepEvent("start"))
+    held = [sample_id for sample_id, _image, _label, _pred, holdout in read_snapshot(Path(job.buffer_path), job.max_sample_id) if holdout]
+    evidence = JudgingEvidence(len(held), len(held), 0.5, 0.01, asked=tuple(Disagreement(str(i), 0, 1) for i in held[:job.disagreement_labels]))
+    summary = {"params_before": PARAMS, "params_after": PARAMS // 2, "macs_before": 10 * PARAMS, "macs_after": 5 * PARAMS,
+               "top1_before": float("nan"), "top1_after": float("nan"), "agreement_with_before": 0.0, "evidence": "agreement",
+               "expected_loss": 0.5, "expected_loss_se": 0.01, "teacher": {"corrected": True}, "level": 0.5}
+    decision = decide(summary, Acceptance.of(job), evidence)
+    if decision.accepted or decision.pending:
+        for name in ("model.json", "weights.safetensors"):
+            shutil.copyfile(Path(job.model_dir) / name, Path(job.staging_dir) / name)
+    events.put(ResultEvent(decision.accepted, decision.reason, summary, 0.0, [], [], [], decision.pending, evidence))

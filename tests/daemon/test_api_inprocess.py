@@ -26,7 +26,7 @@ def test_health_ready_and_schema(inproc):
     paths = c.get("/openapi.json").json()["paths"]
     for path in ("/infer", "/samples", "/samples/{sample_id}/label", "/prune", "/cycles", "/cycles/{cycle_id}",
                  "/models", "/models/{version}/activate", "/status", "/metrics", "/healthz", "/readyz",
-                 "/cycles/{cycle_id}/report"):
+                 "/cycles/{cycle_id}/report", "/cycles/{cycle_id}/disagreements", "/samples/{sample_id}/image"):
         assert path in paths, path
 
 

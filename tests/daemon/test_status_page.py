@@ -126,3 +126,43 @@ def test_page_files_ship_in_the_wheel(tmp_path):
     )
     names = zipfile.ZipFile(next((tmp_path / "dist").glob("edgetune-*.whl"))).namelist()
     assert {"daemon/static/index.html", "daemon/static/app.js", "daemon/static/app.css"} <= set(names)
+
+
+@pytest.mark.slow
+def test_a_pending_candidate_is_labelled_on_the_page_and_accepted(make_daemon, device_images, page):
+    """The real worker, on unlabelled traffic, with a candidate pruned hard and never retrained: it
+    disagrees with the served model too often to be accepted without labels, so it is kept pending and
+    asks for the labels of its disagreements. One click per image on the page posts a label; here each
+    click names the candidate's answer, so the labels (through the exact paired test under the
+    confidence sequence) accept it and it is installed. (Which answer is true is the labeller's
+    business; test_pending.py rejects a candidate the labels side against.)"""
+    d = make_daemon({"EDGETUNE_CYCLE_LEVEL": "0.8", "EDGETUNE_CYCLE_EPOCHS": "0", "EDGETUNE_CYCLE_MIN_STEPS": "0",
+                     "EDGETUNE_HOLDOUT_FRACTION": "0.5", "EDGETUNE_DISAGREEMENT_LABELS": "60"}).start()
+    for data, _label in device_images:
+        assert d.infer(data).status_code == 200  # no labels
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(d.url + "/")
+    page.wait_for_function("document.getElementById('served-version').textContent === 'v0001'")
+    assert page.is_hidden("#disagreements")
+
+    page.click("#prune-now")
+    cycle_id = _wait(lambda: d.client.get("/cycles").json(), what="a cycle")[0]["id"]
+    record = d.wait_cycle(cycle_id, FINAL + ("pending",))
+    assert record["state"] == "pending", record
+    asked = d.client.get(f"/cycles/{cycle_id}/disagreements").json()["asked"]
+    assert 12 <= len(asked) <= 60
+    page.wait_for_selector("#disagreements .asked img")
+    assert page.locator("#disagreements .asked").count() == len(asked)
+    for n, item in enumerate(asked, start=1):
+        page.click(f"#disagreements .asked[data-sample='{item['sample_id']}'] button[data-class='{item['candidate']}']")
+        _wait(lambda: d.client.get(f"/cycles/{cycle_id}/disagreements").json()["asked"][n - 1]["label"] == item["candidate"],
+              timeout=30, what=f"label {n}")
+        if d.client.get(f"/cycles/{cycle_id}").json()["state"] != "pending":
+            break
+    record = d.wait_cycle(cycle_id, FINAL, timeout=30)
+    assert record["state"] == "accepted" and record["version_after"] == "v0002", record
+    assert "asked disagreements labelled" in record["reason"]
+    page.wait_for_function("document.getElementById('served-version').textContent === 'v0002'")
+    page.wait_for_function("document.getElementById('disagreements').hidden")
+    assert not errors, errors

@@ -22,7 +22,7 @@ TORCH_FREE = [
     "prune_core.card", "prune_core.imagedecode", "prune_core.label_shift", "prune_core.online_prior", "prune_core.device", "prune_core.atomic",
     "prune_core.arch_names", "daemon.prior_adapter", "daemon.drift", "daemon.generalist", "daemon.metrics",
     "daemon.model_store", "daemon.cycle_records", "daemon.buffer", "daemon.gate", "daemon.config", "daemon.telemetry",
-    "prune_core.options",
+    "prune_core.options", "prune_core.evidence", "daemon.acceptance",
     "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines", "daemon.serving", "daemon.batcher",
     "daemon.installer", "daemon.recovery", "daemon.scheduler", "daemon.status_view", "daemon.runtime",
     "daemon.api.app", "daemon.service", "prune_core.cost_records", "daemon.events", "daemon.cycle_cost", "daemon.child_process",
