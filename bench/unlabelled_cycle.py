@@ -59,12 +59,14 @@ from prune_core.jsonsafe import finite
 from prune_core.label_shift import PriorTracker, correct, total_variation
 from prune_core.measure import count_params
 from prune_core.options import parse_level
+from prune_core.retrain import patient
 from prune_core.teacher import corrected_teacher
 
 sys.path.insert(0, str(REPO))
 from daemon.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
 from daemon.prior_adapter import PriorSettings  # noqa: E402
 from daemon.acceptance import Acceptance, decide  # noqa: E402
+from daemon.worker import close_enough  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "unlabelled_cycle"
 BUFFER_SALT = "unlabelled-cycle-buffer"
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="an ablation: cycle_epochs instead of the daemon's default")
     p.add_argument("--min-steps", type=int, default=None, help="an ablation: cycle_min_steps instead of the daemon's default")
     p.add_argument("--judge-share", type=float, default=None, help="an ablation: cycle_judge_share instead of the daemon's default")
+    p.add_argument("--budget", type=float, default=None, help="an ablation: cycle_distil_budget_s instead of the daemon's default")
+    p.add_argument("--prune-steps", type=int, default=None, help="an ablation: cycle_prune_steps instead of the daemon's default")
+    p.add_argument("--kd-loss", default=None, choices=("kl", "mse"), help="an ablation: the patient recipe's distillation loss")
+    p.add_argument("--first-subsets", type=int, default=None, help="run only the first N subsets of each network (choosing a recipe)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -106,14 +112,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, kd_loss: str | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
+    if s.cycle_distil_budget_s > 0:
+        cfg = patient(cfg, s.cycle_distil_budget_s)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
+    if kd_loss is not None:
+        cfg = replace(cfg, kd_loss=kd_loss)
     return CycleConfig(
         level=level, criterion=s.cycle_criterion, allocation=s.cycle_allocation, finetune_before=s.cycle_finetune_before,
-        tolerance=s.cycle_tolerance, train=cfg,
+        tolerance=s.cycle_tolerance, train=cfg, prune_steps=s.cycle_prune_steps,
     )
 
 
@@ -191,8 +201,9 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
     choosing, judging = split_judging(held_set, s.cycle_judge_share)
-    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing, cycle_config(s, level, args.seed, args.kd_temperature),
-                       judge_set=judging)
+    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing,
+                       cycle_config(s, level, args.seed, args.kd_temperature, args.kd_loss), judge_set=judging,
+                       close_enough=close_enough(Acceptance.of(s), teacher.corrected))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
@@ -251,6 +262,7 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         by_size.setdefault(len(c), []).append((i, c))
     order = [x for group in zip(*by_size.values()) for x in group]  # interleave sizes: 2, 3, 5, 2, 3, 5, ...
     order += [x for group in by_size.values() for x in group if x not in order]
+    order = order[:args.first_subsets] if args.first_subsets else order
     rows = []
     for i, classes in order:
         sub = Subset(i, classes, state, pools, state["logits"], args, s)
@@ -260,6 +272,7 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         for rate in args.label_rates:
             for level in args.levels:
                 kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
+                kd += f"_b{s.cycle_distil_budget_s:g}_s{s.cycle_prune_steps}" + ("" if args.kd_loss is None else f"_{args.kd_loss}")
                 path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")
@@ -335,7 +348,8 @@ def write(out: Path, args, results: list[dict]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps),
-                                ("cycle_judge_share", args.judge_share)) if v is not None}
+                                ("cycle_judge_share", args.judge_share), ("cycle_distil_budget_s", args.budget),
+                                ("cycle_prune_steps", args.prune_steps)) if v is not None}
     s = Settings(state_dir=Path("/nonexistent"), **budget)  # the daemon's defaults (no config file, no environment)
     started = time.monotonic()
     out, pools = prepare(args)
