@@ -114,7 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, kd_loss: str | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
-    cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
+    cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed,
+                      recent_half_life=s.cycle_recent_half_life or None)
     if s.cycle_distil_budget_s > 0:
         cfg = patient(cfg, s.cycle_distil_budget_s)
     if kd_temperature is not None:
@@ -206,8 +207,10 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
                        close_enough=close_enough(Acceptance.of(s), teacher.corrected))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
+    seconds = time.monotonic() - started
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
+    control = run_control(teacher, train_set, choosing, judging, sub, card, level, args, s)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
             "evidence", "chosen_by", "agreement_with_before", "expected_loss", "expected_loss_se", "criterion_used",
             "train_samples", "choosing_samples", "held_out_samples", "held_out_labelled")
@@ -217,8 +220,24 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
         "daemon_top1": cycle_top1 if accepted else sub.top1["prior"],
         "summary": {k: result.summary[k] for k in keep},
         "probes": [{k: p.get(k) for k in ("level", "achieved_level", "accuracy", "params", "feasible", "seconds", "clipped_steps")} for p in result.summary["probes"]],
-        "teacher": result.summary["teacher"], "seconds": time.monotonic() - started,
+        "teacher": result.summary["teacher"], "seconds": seconds, "control": control,
+        "false_accept": accepted and cycle_top1 < teacher_top1 - s.max_accuracy_drop,
     }
+
+
+def run_control(teacher, train_set, choosing, judging, sub: "Subset", card, level, args, s: Settings) -> dict:
+    """A deliberately under-trained candidate, which the acceptance rule must reject: pruned in one step to
+    the walk's last level (or `level`) and distilled for a fiftieth of the budget (the classic recipe's 1 epoch
+    without one)."""
+    config = cycle_config(s, level, args.seed, args.kd_temperature, args.kd_loss)
+    short = replace(config.train, budget_s=config.train.budget_s / 50) if config.train.budget_s else replace(config.train, epochs=1, min_steps=0)
+    config = replace(config, level=config.max_level if level == "auto" else level, prune_steps=1, finetune_before=0, train=short)
+    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing, config, judge_set=judging)
+    result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
+    accepted, reason = decide(result.summary, Acceptance.of(s))
+    top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
+    return {"accepted": accepted, "reason": reason, "top1": top1, "level_achieved": result.summary["level_achieved"],
+            "steps": [p["retrain_steps"] for p in result.summary["probes"]]}
 
 
 def run_ceiling(model, card, sub: Subset, args, s: Settings) -> dict:
@@ -294,6 +313,29 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def swap_table(rows: list[dict]) -> list[str]:
+    """Issue 29's targets, per cycle: the candidate against the corrected teacher on the scored images, its
+    verdict, whether that verdict was a false accept, and the under-trained control's verdict."""
+    cycles = [(r["subset"], c) for r in rows for c in r["cycles"] if "control" in c]
+    if not cycles:
+        return []
+    out = ["| subset | rate | level | teacher | cycle | Δ | params removed | verdict | false accept | control (top-1, verdict) | steps | seconds |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in cycles:
+        delta = c["cycle_top1"] - c["teacher_top1"]
+        steps = "+".join(str(p.get("retrain_steps", "")) for p in c["probes"]) if c["probes"] and "retrain_steps" in c["probes"][0] else ""
+        out.append(f"| {name} | {c['rate']:g} | {c['level']} | {_pct(c['teacher_top1'])} | {_pct(c['cycle_top1'])} | {100 * delta:+.1f} | "
+                   f"{100 * c['summary']['level_achieved']:.0f} % | {'A' if c['accepted'] else 'R'} | {'YES' if c['false_accept'] else 'no'} | "
+                   f"{_pct(c['control']['top1'])}, {'A' if c['control']['accepted'] else 'R'} | {steps} | {c['seconds']:.0f} |")
+    big = [c for _, c in cycles if c["accepted"] and c["summary"]["level_achieved"] >= 0.5]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    out += ["", f"Accepted with ≥ 50 % fewer parameters: {len(big)}/{len(cycles)}; mean Δ top-1 vs the corrected teacher "
+            f"{100 * mean([c['cycle_top1'] - c['teacher_top1'] for _, c in cycles]):+.2f} (all candidates), "
+            f"false accepts {sum(c['false_accept'] for _, c in cycles)}, controls rejected "
+            f"{sum(not c['control']['accepted'] for _, c in cycles)}/{len(cycles)}, mean cycle {mean([c['seconds'] for _, c in cycles]):.0f} s.", ""]
+    return out
+
+
 def report(results: list[dict]) -> str:
     lines = []
     for res in results:
@@ -334,6 +376,7 @@ def report(results: list[dict]) -> str:
         lines.append(f"Prior-corrected below or equal to deployed: "
                      f"{[r['subset'] for r in rows if r['top1']['prior'] <= r['top1']['served']] or 'none'}.")
         lines.append("")
+        lines += swap_table(rows)
     return "\n".join(lines)
 
 

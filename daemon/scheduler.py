@@ -63,7 +63,8 @@ class Scheduler:
         self.metrics = metrics
         self.worker = worker
         self.clock = clock
-        self.current: CycleRecord | None = None
+        # a cycle recovery.py queued again to resume from its checkpoint (every other was settled at start-up)
+        self.current: CycleRecord | None = next((r for r in cycles.list() if r.state.active), None)
         self.reading = Reading()
         self.gate_state = GateState(reasons=["starting"])
         self._lock = threading.RLock()
@@ -222,7 +223,7 @@ class Scheduler:
             retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share, judge_share=s.cycle_judge_share,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
             distil_budget_s=s.cycle_distil_budget_s, prune_steps=s.cycle_prune_steps, checkpoint_dir=str(checkpoints),
-            checkpoint_s=s.cycle_checkpoint_s,
+            checkpoint_s=s.cycle_checkpoint_s, recent_half_life=s.cycle_recent_half_life or None,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()

@@ -83,6 +83,7 @@ class CycleJob:
     prune_steps: int = DEFAULT_PRUNE_STEPS
     checkpoint_dir: str | None = None  # where the cycle's training keeps resumable checkpoints (removed when it ends)
     checkpoint_s: float = 30.0
+    recent_half_life: float | None = None  # samples back from the newest at which a sample weighs half in training
 
 
 def train_config(job: CycleJob):
@@ -90,7 +91,8 @@ def train_config(job: CycleJob):
     from prune_core.retrain import TrainConfig, patient
 
     config = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
-                         scope=job.retrain_scope, last_share=job.retrain_last_share, checkpoint_every_s=job.checkpoint_s)
+                         scope=job.retrain_scope, last_share=job.retrain_last_share, checkpoint_every_s=job.checkpoint_s,
+                         recent_half_life=job.recent_half_life)
     return patient(config, job.distil_budget_s) if job.distil_budget_s > 0 else config
 
 

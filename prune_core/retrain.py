@@ -97,6 +97,9 @@ class TrainConfig:
     warmup: float = 0.05  # AdamW: share of the steps the lr rises linearly over
     budget_s: float | None = None  # training seconds (pauses not counted): sets the steps after the first epoch
     checkpoint_every_s: float = 30.0  # with a checkpoint path: the longest time between two writes (at epoch ends)
+    # Recent traffic weighs more: each epoch draws its samples (with replacement) with a weight halving every
+    # this many samples back from the newest, the training set being in arrival order (None: every sample once)
+    recent_half_life: float | None = None
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError("mix_alpha must be > 0 and warmup in [0, 1)")
         if self.budget_s is not None and not self.budget_s > 0:
             raise ValueError("budget_s must be > 0 (or None: the run is `epochs` long)")
+        if self.recent_half_life is not None and not self.recent_half_life > 0:
+            raise ValueError("recent_half_life must be > 0 (or None: every sample once per epoch)")
 
 
 def patient(config: TrainConfig, budget_s: float | None) -> TrainConfig:
@@ -250,6 +255,16 @@ def _changing_state(model: nn.Module, trainable: set[str]) -> dict[str, torch.Te
     statistics move in frozen layers too); a partial scope does not pay for a copy of the frozen rest."""
     params = {name for name, _ in model.named_parameters()}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k not in params}
+
+
+def recent_draw(data: ImageSet, half_life: float | None, seed: int) -> ImageSet:
+    """An epoch's samples: `data` itself, or as many drawn with replacement, the weight of a sample halving
+    every `half_life` samples before the newest (the last row)."""
+    if half_life is None or len(data) == 0:
+        return data
+    age = torch.arange(len(data) - 1, -1, -1, dtype=torch.float64)
+    picked = torch.multinomial(0.5 ** (age / half_life), len(data), replacement=True, generator=torch.Generator().manual_seed(seed))
+    return data.subset(picked)
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -395,8 +410,8 @@ def train(
             model.train()
             losses = []
             stream = batches(
-                train_set, config.batch_size, mean, std, shuffle=True, augment=config.augment,
-                flip=config.flip, seed=config.seed * 1000 + epoch, device=device,
+                recent_draw(train_set, config.recent_half_life, config.seed * 1000 + epoch), config.batch_size, mean, std,
+                shuffle=True, augment=config.augment, flip=config.flip, seed=config.seed * 1000 + epoch, device=device,
             )
             mixing = np.random.default_rng((config.seed, epoch))
             for i, (x, y) in enumerate(stream):

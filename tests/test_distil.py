@@ -188,3 +188,15 @@ def test_a_checkpoint_of_other_settings_is_ignored(tmp_path, digits):
     assert path.is_file()
     result = train(model(1), data, None, MEAN, STD, recipe(epochs=2), teacher=model(0), checkpoint=path)
     assert result.resumed_epoch == 0 and len(result.history) == 2
+
+
+def test_recent_samples_are_drawn_more_often(digits):
+    from prune_core.retrain import recent_draw
+
+    data = digits.subset(range(64))
+    assert recent_draw(data, None, 0) is data
+    drawn = recent_draw(data, 8.0, 0)
+    assert len(drawn) == 64
+    position = {k: i for i, k in enumerate(data.keys)}
+    ages = [63 - position[k] for k in drawn.keys]
+    assert sum(a < 8 for a in ages) > sum(8 <= a < 16 for a in ages) > sum(a >= 32 for a in ages)
