@@ -59,12 +59,14 @@ from prune_core.jsonsafe import finite
 from prune_core.label_shift import PriorTracker, correct, total_variation
 from prune_core.measure import count_params
 from prune_core.options import parse_level
+from prune_core.retrain import patient
 from prune_core.teacher import corrected_teacher
 
 sys.path.insert(0, str(REPO))
 from daemon.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
 from daemon.prior_adapter import PriorSettings  # noqa: E402
 from daemon.acceptance import Acceptance, decide  # noqa: E402
+from daemon.worker import close_enough  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "unlabelled_cycle"
 BUFFER_SALT = "unlabelled-cycle-buffer"
@@ -89,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="an ablation: cycle_epochs instead of the daemon's default")
     p.add_argument("--min-steps", type=int, default=None, help="an ablation: cycle_min_steps instead of the daemon's default")
     p.add_argument("--judge-share", type=float, default=None, help="an ablation: cycle_judge_share instead of the daemon's default")
+    p.add_argument("--budget", type=float, default=None, help="an ablation: cycle_distil_budget_s instead of the daemon's default")
+    p.add_argument("--prune-steps", type=int, default=None, help="an ablation: cycle_prune_steps instead of the daemon's default")
+    p.add_argument("--kd-loss", default=None, choices=("kl", "mse"), help="an ablation: the patient recipe's distillation loss")
+    p.add_argument("--first-subsets", type=int, default=None, help="run only the first N subsets of each network (choosing a recipe)")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -106,14 +112,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None) -> CycleConfig:
+def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = None, kd_loss: str | None = None) -> CycleConfig:
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
-    cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed)
+    cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed,
+                      recent_half_life=s.cycle_recent_half_life or None)
+    if s.cycle_distil_budget_s > 0:
+        cfg = patient(cfg, s.cycle_distil_budget_s)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
+    if kd_loss is not None:
+        cfg = replace(cfg, kd_loss=kd_loss)
     return CycleConfig(
         level=level, criterion=s.cycle_criterion, allocation=s.cycle_allocation, finetune_before=s.cycle_finetune_before,
-        tolerance=s.cycle_tolerance, train=cfg,
+        tolerance=s.cycle_tolerance, train=cfg, prune_steps=s.cycle_prune_steps,
     )
 
 
@@ -191,12 +202,15 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
     started = time.monotonic()
     choosing, judging = split_judging(held_set, s.cycle_judge_share)
-    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing, cycle_config(s, level, args.seed, args.kd_temperature),
-                       judge_set=judging)
+    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing,
+                       cycle_config(s, level, args.seed, args.kd_temperature, args.kd_loss), judge_set=judging,
+                       close_enough=close_enough(Acceptance.of(s), teacher.corrected))
     result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
     accepted, reason = decide(result.summary, Acceptance.of(s))
+    seconds = time.monotonic() - started
     cycle_top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
     teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
+    control = run_control(teacher, train_set, choosing, judging, sub, card, level, args, s)
     keep = ("level", "level_achieved", "params_before", "params_after", "top1_before", "top1_after", "top1_ceiling",
             "evidence", "chosen_by", "agreement_with_before", "expected_loss", "expected_loss_se", "criterion_used",
             "train_samples", "choosing_samples", "held_out_samples", "held_out_labelled")
@@ -206,8 +220,24 @@ def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Setting
         "daemon_top1": cycle_top1 if accepted else sub.top1["prior"],
         "summary": {k: result.summary[k] for k in keep},
         "probes": [{k: p.get(k) for k in ("level", "achieved_level", "accuracy", "params", "feasible", "seconds", "clipped_steps")} for p in result.summary["probes"]],
-        "teacher": result.summary["teacher"], "seconds": time.monotonic() - started,
+        "teacher": result.summary["teacher"], "seconds": seconds, "control": control,
+        "false_accept": accepted and cycle_top1 < teacher_top1 - s.max_accuracy_drop,
     }
+
+
+def run_control(teacher, train_set, choosing, judging, sub: "Subset", card, level, args, s: Settings) -> dict:
+    """A deliberately under-trained candidate, which the acceptance rule must reject: pruned in one step to
+    the walk's last level (or `level`) and distilled for a fiftieth of the budget (the classic recipe's 1 epoch
+    without one)."""
+    config = cycle_config(s, level, args.seed, args.kd_temperature, args.kd_loss)
+    short = replace(config.train, budget_s=config.train.budget_s / 50) if config.train.budget_s else replace(config.train, epochs=1, min_steps=0)
+    config = replace(config, level=config.max_level if level == "auto" else level, prune_steps=1, finetune_before=0, train=short)
+    result = run_cycle(teacher.model, teacher.student_card, train_set, choosing, config, judge_set=judging)
+    result.summary["teacher"] = {"corrected": teacher.corrected, "note": teacher.note}
+    accepted, reason = decide(result.summary, Acceptance.of(s))
+    top1 = acc(argmax_of(result.model, sub.score, card), sub.y)
+    return {"accepted": accepted, "reason": reason, "top1": top1, "level_achieved": result.summary["level_achieved"],
+            "steps": [p["retrain_steps"] for p in result.summary["probes"]]}
 
 
 def run_ceiling(model, card, sub: Subset, args, s: Settings) -> dict:
@@ -251,6 +281,7 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         by_size.setdefault(len(c), []).append((i, c))
     order = [x for group in zip(*by_size.values()) for x in group]  # interleave sizes: 2, 3, 5, 2, 3, 5, ...
     order += [x for group in by_size.values() for x in group if x not in order]
+    order = order[:args.first_subsets] if args.first_subsets else order
     rows = []
     for i, classes in order:
         sub = Subset(i, classes, state, pools, state["logits"], args, s)
@@ -260,6 +291,7 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
         for rate in args.label_rates:
             for level in args.levels:
                 kd = "" if args.kd_temperature is None else f"_kd{args.kd_temperature:g}"
+                kd += f"_b{s.cycle_distil_budget_s:g}_s{s.cycle_prune_steps}" + ("" if args.kd_loss is None else f"_{args.kd_loss}")
                 path = out / "runs" / net / f"{slug}_r{rate:g}_l{level}{kd}.json"
                 if not path.is_file():
                     log(f"{net} {sub.name}: cycle at label rate {rate:g}, level {level}")
@@ -279,6 +311,29 @@ def run_network(net: str, pools: Pools, args, s: Settings, out: Path, done: list
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def swap_table(rows: list[dict]) -> list[str]:
+    """Issue 29's targets, per cycle: the candidate against the corrected teacher on the scored images, its
+    verdict, whether that verdict was a false accept, and the under-trained control's verdict."""
+    cycles = [(r["subset"], c) for r in rows for c in r["cycles"] if "control" in c]
+    if not cycles:
+        return []
+    out = ["| subset | rate | level | teacher | cycle | Δ | params removed | verdict | false accept | control (top-1, verdict) | steps | seconds |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in cycles:
+        delta = c["cycle_top1"] - c["teacher_top1"]
+        steps = "+".join(str(p.get("retrain_steps", "")) for p in c["probes"]) if c["probes"] and "retrain_steps" in c["probes"][0] else ""
+        out.append(f"| {name} | {c['rate']:g} | {c['level']} | {_pct(c['teacher_top1'])} | {_pct(c['cycle_top1'])} | {100 * delta:+.1f} | "
+                   f"{100 * c['summary']['level_achieved']:.0f} % | {'A' if c['accepted'] else 'R'} | {'YES' if c['false_accept'] else 'no'} | "
+                   f"{_pct(c['control']['top1'])}, {'A' if c['control']['accepted'] else 'R'} | {steps} | {c['seconds']:.0f} |")
+    big = [c for _, c in cycles if c["accepted"] and c["summary"]["level_achieved"] >= 0.5]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    out += ["", f"Accepted with ≥ 50 % fewer parameters: {len(big)}/{len(cycles)}; mean Δ top-1 vs the corrected teacher "
+            f"{100 * mean([c['cycle_top1'] - c['teacher_top1'] for _, c in cycles]):+.2f} (all candidates), "
+            f"false accepts {sum(c['false_accept'] for _, c in cycles)}, controls rejected "
+            f"{sum(not c['control']['accepted'] for _, c in cycles)}/{len(cycles)}, mean cycle {mean([c['seconds'] for _, c in cycles]):.0f} s.", ""]
+    return out
 
 
 def report(results: list[dict]) -> str:
@@ -321,6 +376,7 @@ def report(results: list[dict]) -> str:
         lines.append(f"Prior-corrected below or equal to deployed: "
                      f"{[r['subset'] for r in rows if r['top1']['prior'] <= r['top1']['served']] or 'none'}.")
         lines.append("")
+        lines += swap_table(rows)
     return "\n".join(lines)
 
 
@@ -335,7 +391,8 @@ def write(out: Path, args, results: list[dict]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps),
-                                ("cycle_judge_share", args.judge_share)) if v is not None}
+                                ("cycle_judge_share", args.judge_share), ("cycle_distil_budget_s", args.budget),
+                                ("cycle_prune_steps", args.prune_steps)) if v is not None}
     s = Settings(state_dir=Path("/nonexistent"), **budget)  # the daemon's defaults (no config file, no environment)
     started = time.monotonic()
     out, pools = prepare(args)

@@ -78,7 +78,8 @@ class Settings(BaseSettings):
 
     # The cycle
     cycle_level: Union[Literal["auto"], float] = Field(
-        "auto", description="fraction of parameters to remove, or auto (search for the most pruned model within cycle_tolerance)")
+        "auto", description="fraction of parameters to remove, or auto (with labels, search for the most pruned model within"
+        " cycle_tolerance; without, walk cycle_prune_steps up to 75 % while the acceptance rule holds on the choosing samples)")
     cycle_criterion: str = Field(
         "activation", description="activation, apoz, l1, random or taylor, or several comma-separated (each tried, the best on held-out kept)")
     cycle_allocation: str = Field(
@@ -99,6 +100,20 @@ class Settings(BaseSettings):
     cycle_retrain_last_share: float = Field(
         options.DEFAULT_LAST_SHARE, gt=0, le=1, description="share of the weight layers, at the end, that the last and last_bn"
         " scopes retrain; a smaller share saves more memory and time and costs more accuracy (bench/RESULTS.md)")
+    cycle_distil_budget_s: float = Field(
+        300.0, ge=0, description="seconds of training (pauses not counted, so it may span several idle windows) a cycle's"
+        " retraining gets, in the patient recipe: the teacher and student see the same cropped, flipped and mixed view,"
+        " AdamW with warm-up and cosine decay over the budget (bench/RESULTS.md); 0 = cycle_epochs of the classic SGD recipe")
+    cycle_prune_steps: int = Field(
+        options.DEFAULT_PRUNE_STEPS, ge=1, description="prune gradually in this many steps, distilling between them (the"
+        " budget shared equally); without labels, level auto walks them up to 75 % of the parameters and keeps the last"
+        " step the acceptance rule finds close enough to the teacher on the choosing samples")
+    cycle_recent_half_life: float = Field(
+        4096.0, ge=0, description="a cycle trains on the whole buffer, recent traffic weighing more: a sample's weight halves"
+        " every this many samples back from the newest (0: every buffered sample alike)")
+    cycle_checkpoint_s: float = Field(
+        30.0, gt=0, description="a cycle's training writes a resumable checkpoint in the state dir at most this often, so a"
+        " daemon restart resumes the same cycle instead of starting over")
     cycle_hflip: bool = Field(True, description="horizontal-flip augmentation while retraining; off for digits, text, anything a mirror changes")
     cycle_min_steps: int = Field(150, ge=0, description="at least this many SGD steps per retraining (small buffers)")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="a cycle running (not paused) longer than this is killed and marked failed")
@@ -173,6 +188,11 @@ class Settings(BaseSettings):
     @property
     def cycles_dir(self) -> Path:
         return self.state_dir / "cycles"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Resumable training checkpoints of running cycles, one directory per cycle id."""
+        return self.state_dir / "cycle-checkpoints"
 
 
 def config_file_for(state_dir: Path) -> Path | None:

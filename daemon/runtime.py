@@ -79,7 +79,7 @@ class Runtime:
         self.provider = make_provider(settings.telemetry, settings.simulated_telemetry)
         self.gate = Gate(settings)
         self.cycles = CycleStore(settings.cycles_dir)
-        recover_interrupted(self.cycles, self.installer)
+        recover_interrupted(self.cycles, self.installer, settings.checkpoints_dir)
         self.scheduler = Scheduler(settings, self.buffer, self.cycles, self.installer, self.gate, self.provider,
                                    self.metrics, WorkerSupervisor(worker_target), clock)
         generalist = self.store.generalist()

@@ -66,7 +66,8 @@ class Scheduler:
         self.metrics = metrics
         self.worker = worker
         self.clock = clock
-        self.current: CycleRecord | None = None
+        # a cycle recovery.py queued again to resume from its checkpoint (every other was settled at start-up)
+        self.current: CycleRecord | None = next((r for r in cycles.list() if r.state.active), None)
         self.reading = Reading()
         self.gate_state = GateState(reasons=["starting"])
         self._lock = threading.RLock()
@@ -212,9 +213,15 @@ class Scheduler:
             self._finish(record, CycleState.FAILED, f"cannot write to the state directory: {exc}")
             return
         req, s = record.request, self.s
+        # a cycle resumed after a restart (recovery.py) trains on the snapshot it began with, from its checkpoints
+        resumed = record.max_sample_id is not None and record.version_before == served.version
+        max_sample_id = record.max_sample_id if resumed else stats["last_id"]
+        checkpoints = s.checkpoints_dir / record.id
+        if not resumed:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         job = CycleJob(
             cycle_id=record.id, buffer_path=str(self.buffer.path), model_dir=str(store.path(served.version)),
-            served_version=served.version, staging_dir=str(self._staging), max_sample_id=stats["last_id"],
+            served_version=served.version, staging_dir=str(self._staging), max_sample_id=max_sample_id,
             level=req["level"], criterion=req["criterion"], allocation=req["allocation"], epochs=req["epochs"],
             finetune_before=s.cycle_finetune_before, tolerance=s.cycle_tolerance, batch_size=s.cycle_batch_size,
             min_steps=s.cycle_min_steps, hflip=s.cycle_hflip, max_accuracy_drop=s.max_accuracy_drop,
@@ -224,10 +231,12 @@ class Scheduler:
             acceptance_confidence=s.acceptance_confidence, disagreement_labels=s.disagreement_labels,
             retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share, judge_share=s.cycle_judge_share,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
+            distil_budget_s=s.cycle_distil_budget_s, prune_steps=s.cycle_prune_steps, checkpoint_dir=str(checkpoints),
+            checkpoint_s=s.cycle_checkpoint_s, recent_half_life=s.cycle_recent_half_life or None,
         )
         self.worker.start(job)
         record.state, record.reason, record.started = CycleState.RUNNING, None, self.clock()
-        record.max_sample_id, record.version_before = stats["last_id"], served.version
+        record.max_sample_id, record.version_before = max_sample_id, served.version
         self._paused_at = None
         self.cycles.save(record)
         log.info("cycle %s started on %s (%d samples)", record.id, served.version, stats["samples"])
@@ -379,6 +388,7 @@ class Scheduler:
         if self._staging is not None:  # an unaccepted candidate is never kept
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        shutil.rmtree(self.s.checkpoints_dir / record.id, ignore_errors=True)  # an ended cycle never resumes
         now = self.clock()
         if self._paused_at is not None:
             record.paused_seconds += now - self._paused_at

@@ -12,14 +12,15 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, RetrainScope
+from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, DEFAULT_PRUNE_STEPS, RetrainScope
 
 from .acceptance import Acceptance, decide
 from .child_process import start_child
@@ -83,6 +84,36 @@ class CycleJob:
     retrain_last_share: float = DEFAULT_LAST_SHARE
     engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
     serving_threads: int | None = None
+    distil_budget_s: float = 0.0  # training seconds of the patient recipe (0: `epochs` of the classic one)
+    prune_steps: int = DEFAULT_PRUNE_STEPS
+    checkpoint_dir: str | None = None  # where the cycle's training keeps resumable checkpoints (removed when it ends)
+    checkpoint_s: float = 30.0
+    recent_half_life: float | None = None  # samples back from the newest at which a sample weighs half in training
+
+
+def train_config(job: CycleJob):
+    """The TrainConfig of a cycle's training runs: the patient recipe over `distil_budget_s`, or the classic one."""
+    from prune_core.retrain import TrainConfig, patient
+
+    config = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
+                         scope=job.retrain_scope, last_share=job.retrain_last_share, checkpoint_every_s=job.checkpoint_s,
+                         recent_half_life=job.recent_half_life)
+    return patient(config, job.distil_budget_s) if job.distil_budget_s > 0 else config
+
+
+def close_enough(rule: Acceptance, corrected: bool):
+    """A label-free level walk's judge (prune_core.cycle.CloseEnough): the acceptance rule's verdict on a
+    step's comparison with the teacher, its size gain left to the final verdict."""
+    closeness = replace(rule, min_gain=0.0)
+
+    def judge(comparison, params_before: int, params_after: int) -> bool:
+        summary = {"params_before": params_before, "params_after": params_after, "top1_before": float("nan"),
+                   "top1_after": float("nan"), "evidence": "agreement", "agreement_with_before": comparison.agreement,
+                   "expected_loss": comparison.expected_loss, "expected_loss_se": comparison.expected_loss_se,
+                   "held_out_samples": comparison.samples, "held_out_labelled": 0, "teacher": {"corrected": corrected}}
+        return decide(summary, closeness)[0]
+
+    return judge
 
 
 def build_candidate_engines(model, card, staging_dir: str, held_out_images, job: CycleJob,
@@ -152,7 +183,7 @@ def run_worker(job: CycleJob, control, events) -> None:
         import torch
 
         from prune_core import (
-            CycleConfig, ImageSet, TrainConfig, decode_image, load_model, pick_device, run_cycle, save_model, split_judging,
+            CycleConfig, ImageSet, decode_image, load_model, pick_device, run_cycle, save_model, split_judging,
         )
         from prune_core.model_format import channel_plan
         from prune_core.teacher import corrected_teacher, samples_prior
@@ -193,10 +224,7 @@ def run_worker(job: CycleJob, control, events) -> None:
 
         config = CycleConfig(
             level=job.level, criterion=job.criterion, allocation=job.allocation, finetune_before=job.finetune_before,
-            tolerance=job.tolerance, train=TrainConfig(
-                epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
-                scope=job.retrain_scope, last_share=job.retrain_last_share,
-            ),
+            tolerance=job.tolerance, train=train_config(job), prune_steps=job.prune_steps,
         )
         if job.target_prior is not None:  # correction pays on this traffic: correct to the prior of the samples trained on
             job.target_prior = samples_prior(model, card, train_set, init=job.target_prior)
@@ -206,6 +234,9 @@ def run_worker(job: CycleJob, control, events) -> None:
         result = run_cycle(
             teacher.model, teacher.student_card, train_set, choosing, config, should_continue=should_continue,
             on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version, clock=watch.clock, judge_set=judging,
+            close_enough=close_enough(Acceptance.of(job), teacher.corrected),
+            # the patient recipe's long runs resume after a restart; a few epochs of the classic one just run again
+            checkpoints=job.checkpoint_dir if job.distil_budget_s > 0 else None,
         )
         post(watch.measured())
         watch = None

@@ -49,6 +49,17 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return converted_by(parse)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got '{text}'") from None
+    if not value >= 0:
+        raise ValueError(f"expected a number >= 0, got {text}")
+    return value
+
+
+non_negative_float: Callable[[str], float] = converted_by(_non_negative_float)
 level: Callable[[str], Level] = converted_by(parse_level)  # 'auto' or a fraction strictly between 0 and 1
 criteria = checked_by(parse_criteria)  # 'l1', or several comma-separated
 allocations = checked_by(parse_allocations)  # 'uniform', 'global' or 'uniform,global'

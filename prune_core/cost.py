@@ -188,7 +188,7 @@ def profile(
         stamps: list[float] = []
         meter.reset()
         t0 = clock()
-        train(student, part, None, mean, std, replace(config, epochs=1, batch_size=batch, min_steps=0), teacher=teacher,
+        train(student, part, None, mean, std, replace(config, epochs=1, batch_size=batch, min_steps=0, budget_s=None), teacher=teacher,
               on_step=lambda _share: stamps.append(clock()))
         total = clock() - t0
         peak = meter.peak_mb()

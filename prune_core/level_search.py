@@ -29,6 +29,8 @@ class Probe:
     early_stop_epoch: int | None = None  # where early stopping fired; None: the schedule ran out
     retrain_front: str = ""  # how retraining ran a frozen front: apart (its cut), or whole and why (TrainResult.front)
     clipped_steps: int = 0  # retraining steps whose gradient was clipped (TrainConfig.max_grad_norm)
+    retrain_steps: int = 0  # optimizer steps the kept model was retrained for
+    resumed_epoch: int = 0  # the epoch its retraining resumed after, from a checkpoint (0: it ran from the start)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,11 @@ DEFAULT_LAST_SHARE = 0.4
 # The share of a cycle's held-out samples kept to judge its candidate only (data.split_judging): the
 # default of the daemon's cycle_judge_share.
 DEFAULT_JUDGE_SHARE = 0.5
+# A label-free level="auto" walks gradual prune-and-distil steps up to this share of the parameters
+# removed, keeping the last step close enough to the teacher (prune_core.cycle).
+DEFAULT_MAX_AUTO_LEVEL = 0.75
+# The steps of that walk, and the default of the daemon's cycle_prune_steps.
+DEFAULT_PRUNE_STEPS = 4
 
 
 def parse_last_share(value: Union[str, float]) -> float:

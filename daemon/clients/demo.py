@@ -63,6 +63,7 @@ class DemoOptions:
     base_epochs: int = 4
     cycle_epochs: int = 3
     cycle_min_steps: int = 40
+    distil_budget_s: float = 60.0
     level: str | float = 0.8
     idle_seconds: float = 3.0
     port: int | None = None
@@ -100,6 +101,8 @@ def daemon_config(opts: DemoOptions, telemetry: str, samples: int) -> dict[str, 
         "cycle_finetune_before": 1,
         "cycle_epochs": opts.cycle_epochs,
         "cycle_min_steps": opts.cycle_min_steps,
+        # the patient recipe, over a minute: a device idles for hours, a demo does not
+        "cycle_distil_budget_s": opts.distil_budget_s,
         # the level search keeps only probes at least as accurate as the fine-tuned unpruned
         # model, so the acceptance rule (at most 1 point below the served model) rarely says no
         "cycle_tolerance": 0.0,
@@ -612,6 +615,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-epochs", type=argtypes.positive_int, default=4, help="base model training (first run only)")
     p.add_argument("--cycle-epochs", type=argtypes.non_negative_int, default=3, help="retraining epochs in the cycle")
     p.add_argument("--cycle-min-steps", type=argtypes.non_negative_int, default=40, help="at least this many SGD steps per retraining")
+    p.add_argument("--distil-budget", type=argtypes.non_negative_float, default=60.0,
+                   help="seconds of patient distillation in the cycle (0: --cycle-epochs of the classic recipe)")
     p.add_argument("--level", type=argtypes.level, default=0.8, help="fraction of parameters to remove (between 0 and 1), or 'auto' (the level search: slower)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="camera silence before the gate counts the device idle")
     p.add_argument("--port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")
@@ -626,7 +631,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     opts = DemoOptions(
         state_dir=Path(args.state_dir), classes=parse_classes(args.classes), images_per_class=args.images_per_class,
         label_every=args.label_every, base_epochs=args.base_epochs, cycle_epochs=args.cycle_epochs,
-        cycle_min_steps=args.cycle_min_steps, level=args.level, idle_seconds=args.idle_seconds, port=args.port,
+        cycle_min_steps=args.cycle_min_steps, distil_budget_s=args.distil_budget, level=args.level, idle_seconds=args.idle_seconds, port=args.port,
         telemetry=args.telemetry, device=args.device, once=args.once, timeout_s=args.timeout,
     )
     try:
