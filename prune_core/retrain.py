@@ -324,7 +324,7 @@ def _load(path: Path, key: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: never unpickle code
     except Exception:  # a torn or foreign file: start afresh
         return None
     return state if isinstance(state, dict) and state.get("key") == key else None

@@ -33,8 +33,8 @@ def test_records_round_trip_as_strict_json_and_old_records_load(tmp_path):
     (tmp_path / "cycles" / "c1" / ".cycle.json.tmp").write_text("half")
     reloaded = CycleStore(tmp_path / "cycles")
     assert [r.id for r in reloaded.list()] == ["c1", "c0"]  # newest first; the unreadable one skipped
-    # loaded as it was, fields added since (engines, cost, evidence) at their defaults
-    assert reloaded.get("c0").state is CycleState.ACCEPTED and reloaded.get("c0").to_dict() == {**old, "engines": [], "cost": {}, "evidence": {}}
+    # loaded as it was, fields added since (engines, cost, evidence, pending_since) at their defaults
+    assert reloaded.get("c0").state is CycleState.ACCEPTED and reloaded.get("c0").to_dict() == {**old, "engines": [], "cost": {}, "evidence": {}, "pending_since": None}
     assert reloaded.get("c1").state is CycleState.RUNNING
     assert reloaded.list(limit=1)[0].id == "c1" and reloaded.get("nope") is None
     assert not (tmp_path / "cycles" / "c1" / ".cycle.json.tmp").exists()
