@@ -363,6 +363,7 @@ class OnlineCorrector:
         self._evidence: Deque[float] = deque(maxlen=safety.evidence_window)
         self._spots: Deque[tuple[bool, bool]] = deque(maxlen=spot_window)
         self._source: np.ndarray = np.full(num_classes, 1.0 / num_classes)
+        self._spotted = False  # spot checks arrived since the last decision
         self.state = OnlineState(None, False, f"estimating: 0 of {min_samples} samples", None, None, 0, None, 0)
 
     def record(self, rows: np.ndarray, raw_preds, source: np.ndarray, new_model: bool = False) -> None:
@@ -377,6 +378,7 @@ class OnlineCorrector:
         whichever was served) right? Without an estimate there is nothing to compare."""
         if corrected_pred is not None:
             self._spots.append((raw_pred == label, corrected_pred == label))
+            self._spotted = True
 
     def spots(self) -> tuple[int, int, int]:
         """(labelled requests, only the uncorrected right, only the corrected right) since the scene began."""
@@ -395,8 +397,12 @@ class OnlineCorrector:
     def refresh(self, served_source: np.ndarray) -> OnlineState:
         """Take in the recorded images (scoring each against the estimate in force when it arrived), look for a
         change, re-estimate and decide. `served_source`: the prior the served model assumes."""
-        self._source = np.asarray(served_source, dtype=np.float64)
         pending, self._pending = self._pending, []
+        if not pending:  # no new image (an idle camera): no need to test or estimate again
+            changed, self._spotted = self._spotted or not np.array_equal(served_source, self._source), False
+            return self.redecide(served_source) if changed else self.state
+        self._spotted = False
+        self._source = np.asarray(served_source, dtype=np.float64)
         estimate = self.state.estimate
         for rows, preds, norm, new_model in pending:
             if new_model:
