@@ -5,7 +5,7 @@ class prior of the model that produced it and renormalised (∝ p(x|y)). A row m
 model answered, so an estimate kept over such rows survives a model swap; correcting a row to a prior q
 is `normalise(row · q)`, its uncorrected posterior is `normalise(row · source)`.
 
-Estimators, all with `add(rows, preds)` and `estimate()`:
+Estimators:
 
 - `SceneTracker` (this project's): EM (Saerens et al. 2002) over the traffic since the last change the
   `ShareDetector` found in the predicted-class shares, capped at `window` rows: on steady traffic it is
@@ -15,7 +15,9 @@ Estimators, all with `add(rows, preds)` and `estimate()`:
   average the round estimates since their start, weighted by exponential weights on the squared error.
 
 The two published ones take per-round BBSE estimates (Lipton et al. 2018) from a labelled source
-confusion matrix, as in their papers. `Safety` holds the rule that decides whether correcting pays.
+confusion matrix, as in their papers (`update(preds)` once per round). `decide` is the rule that says
+whether correcting pays, and `OnlineCorrector` puts the scene tracker, the evidence and the labelled
+spot checks together for the daemon (daemon/prior_adapter.py) and the bench (bench/online_shift.py).
 """
 from __future__ import annotations
 
@@ -322,10 +324,11 @@ def decide(s: SafetySettings, shift: float, gain: float, evidence: float | None,
     expected accuracy gain, `evidence` the prequential log Bayes factor of the recent images for the estimate
     (None while none arrived after it), `spots` (raw only right, corrected only right) on labelled requests."""
     labels = spot_verdict(spots[0], spots[1], s.z)
-    if labels > 0:
-        return Verdict(True, f"labelled requests: the corrected answers were right {spots[1]} times where the uncorrected were not, against {spots[0]}")
-    if labels < 0:
-        return Verdict(False, f"labelled requests: the uncorrected answers were right {spots[0]} times where the corrected were not, against {spots[1]}")
+    if labels:
+        better, worse = ("corrected", "uncorrected") if labels > 0 else ("uncorrected", "corrected")
+        counts = (spots[1], spots[0]) if labels > 0 else spots
+        return Verdict(labels > 0, f"labelled requests: the {better} answers were right {counts[0]} times where the {worse}"
+                                   f" were not, against {counts[1]}")
     if shift < s.gate:
         return Verdict(False, f"no shift: the estimate is {shift:.2f} from the model's prior (total variation; correction from {s.gate:g})")
     if gain < s.min_gain:
@@ -363,6 +366,7 @@ class OnlineCorrector:
         self._evidence: Deque[float] = deque(maxlen=safety.evidence_window)
         self._spots: Deque[tuple[bool, bool]] = deque(maxlen=spot_window)
         self._source: np.ndarray = np.full(num_classes, 1.0 / num_classes)
+        self._spotted = False  # spot checks arrived since the last decision
         self.state = OnlineState(None, False, f"estimating: 0 of {min_samples} samples", None, None, 0, None, 0)
 
     def record(self, rows: np.ndarray, raw_preds, source: np.ndarray, new_model: bool = False) -> None:
@@ -377,6 +381,7 @@ class OnlineCorrector:
         whichever was served) right? Without an estimate there is nothing to compare."""
         if corrected_pred is not None:
             self._spots.append((raw_pred == label, corrected_pred == label))
+            self._spotted = True
 
     def spots(self) -> tuple[int, int, int]:
         """(labelled requests, only the uncorrected right, only the corrected right) since the scene began."""
@@ -395,8 +400,12 @@ class OnlineCorrector:
     def refresh(self, served_source: np.ndarray) -> OnlineState:
         """Take in the recorded images (scoring each against the estimate in force when it arrived), look for a
         change, re-estimate and decide. `served_source`: the prior the served model assumes."""
-        self._source = np.asarray(served_source, dtype=np.float64)
         pending, self._pending = self._pending, []
+        if not pending:  # no new image (an idle camera): no need to test or estimate again
+            changed, self._spotted = self._spotted or not np.array_equal(served_source, self._source), False
+            return self.redecide(served_source) if changed else self.state
+        self._spotted = False
+        self._source = np.asarray(served_source, dtype=np.float64)
         estimate = self.state.estimate
         for rows, preds, norm, new_model in pending:
             if new_model:

@@ -127,3 +127,14 @@ def test_corrector_keeps_correction_off_on_traffic_with_the_models_own_prior():
         corrector.refresh(SOURCE)
     assert corrector.state.estimate is not None and not corrector.state.applied
     assert expected_gain(likelihood_rows(probs, SOURCE), probs.argmax(1), SOURCE) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_idle_refresh_changes_nothing_but_a_spot_check_is_decided_on():
+    probs, labels = stream([(A, 200)], seed=7)
+    corrector = OnlineCorrector(K)
+    corrector.record(likelihood_rows(probs, SOURCE), probs.argmax(1), SOURCE)
+    state = corrector.refresh(SOURCE)
+    assert state.applied and corrector.refresh(SOURCE) is state  # nothing new: the same decision, no EM
+    for _ in range(12):
+        corrector.spot_check(raw_pred=2, corrected_pred=0, label=2)
+    assert not corrector.refresh(SOURCE).applied

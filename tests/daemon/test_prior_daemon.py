@@ -16,7 +16,7 @@ def _infer(client, data: bytes, label: str | None = None):
     return r.json()
 
 
-def test_spot_checks_count_both_answers_and_the_estimate_outlives_an_engine_rebuild(make_inproc):
+def test_spot_checks_count_both_answers_and_the_estimate_outlives_a_rebuild_and_a_swap(make_inproc):
     d = make_inproc(prior_min_samples=10)
     for k in range(40):
         _infer(d.client, noise_png(k))
@@ -34,8 +34,15 @@ def test_spot_checks_count_both_answers_and_the_estimate_outlives_an_engine_rebu
     again = d.client.get("/status").json()["label_shift"]
     assert again["samples"] == 46 and again["spot_check"]["labelled"] == 6
     assert np.allclose(list(again["estimate"].values()), list(shift["estimate"].values()), atol=0.2)
+    other = d.rt.store.import_model(d.rt.store.path(served.version))  # a swap to another version
+    assert d.client.post(f"/models/{other}/activate").status_code == 200
+    for k in range(46, 50):
+        _infer(d.client, noise_png(k))
+    d.tick()
+    swapped = d.client.get("/status").json()["label_shift"]
+    assert d.rt.served().version == other and swapped["samples"] == 50 and swapped["changes"] == 0
     metrics = d.client.get("/metrics").text
-    for name in ("edgetune_prior_scene_samples 46.0", "edgetune_prior_scene_changes 0.0", "edgetune_prior_expected_gain"):
+    for name in ("edgetune_prior_scene_samples 50.0", "edgetune_prior_scene_changes 0.0", "edgetune_prior_expected_gain"):
         assert name in metrics, name
 
 
