@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.acceptance import Acceptance, Verdict, judge  # noqa: E402
+from daemon.acceptance import Acceptance, Verdict, decide  # noqa: E402
 from prune_core.evidence import Calibration, Disagreement, JudgingEvidence  # noqa: E402
 
 RULE = Acceptance(max_drop=0.01, min_gain=0.05, min_agreement=0.99, min_label_evidence=200)  # the daemon's defaults
@@ -35,7 +35,7 @@ def one_run(rng: random.Random, n: int, d: float, loss: float, corrected: bool) 
     expected = loss + rng.gauss(0, 0.003) if corrected else float("nan")
     ev = JudgingEvidence(n, k, expected, 0.002 if corrected else float("nan"), Calibration(), asked)
     summary = {**SUMMARY, "teacher": {"corrected": corrected}}
-    decision = judge(summary, RULE, ev)
+    decision = decide(summary, RULE, ev)
     if not decision.pending:
         return ("free-" if decision.accepted else "") + decision.verdict.value, 0
     teacher_only = (BOTH_RIGHT_ONE + loss / d) / 2
@@ -44,7 +44,7 @@ def one_run(rng: random.Random, n: int, d: float, loss: float, corrected: bool) 
     for item in asked:
         u = rng.random()
         labels[item.key] = 0 if u < teacher_only else 1 if u < teacher_only + student_only else 2
-        decision = judge(summary, RULE, ev, labels)
+        decision = decide(summary, RULE, ev, labels)
         if not decision.pending:
             return decision.verdict.value, len(labels)
     return Verdict.PENDING.value, len(labels)
