@@ -135,13 +135,14 @@ def _paired(evidence: JudgingEvidence, labels: Mapping[str, int], rule: Acceptan
     return Verdict.PENDING, f"{why}; {told}: labels of the disagreements wanted"
 
 
-def judge(summary: dict, rule: Acceptance, evidence: JudgingEvidence | None = None,
-          labels: Mapping[str, int] | None = None) -> Decision:
+def decide(summary: dict, rule: Acceptance, evidence: JudgingEvidence | None = None,
+           labels: Mapping[str, int] | None = None) -> Decision:
     """Smaller by at least `min_gain` of the parameters, and then, on the evidence the cycle had
     (summary["evidence"]): with labelled held-out samples, not worse than the served model by more
     than `max_drop` on them; without (or with too few of them), close to the (prior-corrected) served
     model, on the paired `evidence` and the `labels` (sample key → class index) of its asked
-    disagreements where given (the module's docstring). The reason names the evidence that decided."""
+    disagreements where given (the module's docstring). The reason names the evidence that decided; the
+    Decision unpacks as (accepted, reason)."""
     gain = 1 - summary["params_after"] / summary["params_before"]
     if gain < rule.min_gain:
         return Decision(Verdict.REJECTED, f"size gain {gain:.3f} below min_size_gain {rule.min_gain:g}")
@@ -159,12 +160,6 @@ def judge(summary: dict, rule: Acceptance, evidence: JudgingEvidence | None = No
     if verdict is Verdict.ACCEPTED:
         how += f", {gain:.1%} fewer parameters"
     return Decision(verdict, ("paired evidence: " if verdict is not Verdict.PENDING else "pending: ") + how)
-
-
-def decide(summary: dict, rule: Acceptance, evidence: JudgingEvidence | None = None,
-           labels: Mapping[str, int] | None = None) -> Decision:
-    """`judge`: the one rule (a Decision, which unpacks as (accepted, reason))."""
-    return judge(summary, rule, evidence, labels)
 
 
 def _sparse(summary: dict, rule: Acceptance) -> bool:

@@ -67,6 +67,7 @@ def build_report(record: dict, evidence: dict) -> dict:
         "accuracy": {k: m.get(k) for k in ("top1_before", "top1_after", "top1_ceiling", "agreement_with_before", "expected_loss")},
         "size": {k: m.get(k) for k in ("params_before", "params_after", "macs_before", "macs_after")},
         "level": m.get("level"), "probes": m.get("probes", record.get("probes", [])),
+        "paired_evidence": _paired_evidence(record.get("evidence") or {}),
         "cost": record.get("cost") or {},  # predicted beside actual
         "channels": evidence.get("channels") or [],
         "curve": [
@@ -74,6 +75,12 @@ def build_report(record: dict, evidence: dict) -> dict:
             for step, run, epoch, loss in evidence.get("curve") or []
         ],
     }
+
+
+def _paired_evidence(evidence: dict) -> dict:
+    """What the candidate was judged on against its teacher (prune_core.evidence.JudgingEvidence),
+    without the list of asked disagreements: their count."""
+    return {**{k: v for k, v in evidence.items() if k != "asked"}, "asked": len(evidence.get("asked", []))} if evidence else {}
 
 
 def render_png(report: dict, path: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 from prune_core.evidence import JudgingEvidence
 
-from .acceptance import Acceptance, Verdict, judge
+from .acceptance import Acceptance, Verdict, decide
 from .backoff import Backoff, backoff
 from .buffer import SampleBuffer
 from .config import Settings
@@ -360,7 +360,7 @@ class Scheduler:
         if labels == self._pending_labels.get(record.id):
             return
         self._pending_labels = {record.id: labels}
-        decision = judge(record.metrics, Acceptance.of(self.s), evidence, labels)
+        decision = decide(record.metrics, Acceptance.of(self.s), evidence, labels)
         if decision.accepted:
             self._install(record, decision.reason, [])
         elif decision.verdict is Verdict.REJECTED:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Mapping, Sequence
 
@@ -71,6 +72,7 @@ def _bisect(f, lo: float, hi: float, iterations: int = 60) -> float:
     return hi
 
 
+@lru_cache(maxsize=1024)  # a pending candidate is re-judged on the same counts after every label
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     """One-sided exact upper confidence bound (level 1 - alpha) on a rate seen k times in n: the p at
     which P(X <= k) = alpha. 1.0 without samples."""

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from daemon.acceptance import Acceptance, Verdict, judge
+from daemon.acceptance import Acceptance, Verdict, decide
 from prune_core import ModelCard, TrainConfig, build_model, split_holdout, train
 from prune_core.criteria import get_criterion
 from prune_core.datasets import MNIST_CLASSES, mnist5k
@@ -40,7 +40,7 @@ def test_a_candidate_answering_like_the_teacher_is_accepted_without_labels(setti
     ev = judge_pairs(copy.deepcopy(teacher), teacher, unlabelled, held, card.mean, card.std)
     assert ev.samples == len(held) > 500 and ev.disagreements == 0 and ev.expected_loss == 0 and ev.asked == ()
     assert ev.calibration.labelled == len(held) and 0 < ev.calibration.correct <= len(held)
-    decision = judge(SUMMARY, RULE, ev)
+    decision = decide(SUMMARY, RULE, ev)
     assert decision.accepted and "0 disagreements in" in decision.reason
 
 
@@ -51,13 +51,13 @@ def test_an_under_trained_control_is_pending_and_its_true_labels_reject_it(setti
     ev = judge_pairs(control, teacher, unlabelled, held.subset(range(0)), card.mean, card.std, max_asked=60, seed=3)
     assert ev.disagreements > 0.1 * ev.samples and len(ev.asked) == 60
     assert len({d.key for d in ev.asked}) == 60 and all(d.teacher != d.candidate for d in ev.asked)
-    decision = judge(SUMMARY, RULE, ev)
+    decision = decide(SUMMARY, RULE, ev)
     assert decision.pending, decision.reason
     truth = dict(zip(held.keys, held.labels.tolist()))
     labels = {}
     for d in ev.asked:  # the labels arrive one at a time; each re-check is valid (confidence sequence)
         labels[d.key] = truth[d.key]
-        decision = judge(SUMMARY, RULE, ev, labels)
+        decision = decide(SUMMARY, RULE, ev, labels)
         if not decision.pending:
             break
     assert decision.verdict is Verdict.REJECTED, decision.reason

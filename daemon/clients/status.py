@@ -20,7 +20,7 @@ from .http import DEFAULT_URL, ApiClient, ApiError, Unreachable
 
 STYLE = {
     CycleState.ACCEPTED: "green", CycleState.REJECTED: "yellow", CycleState.FAILED: "red", CycleState.ABORTED: "yellow",
-    CycleState.RUNNING: "cyan", CycleState.PAUSED: "yellow",
+    CycleState.RUNNING: "cyan", CycleState.PAUSED: "yellow", CycleState.PENDING: "cyan",
 }
 
 
@@ -184,7 +184,7 @@ def cmd_watch(args) -> None:
             state, step = _state(cycle), cycle.get("step")
             if (state, step) != seen:
                 seen = (state, step)
-                waiting = state in (CycleState.WAITING, CycleState.PAUSED)
+                waiting = state in (CycleState.WAITING, CycleState.PAUSED, CycleState.PENDING)
                 bars.console.print(f"{time.strftime('%H:%M:%S')} {state}" + (f" · {step}" if step and not state.final else "")
                                    + (f" · {cycle['reason']}" if cycle.get("reason") and waiting else ""))
             for probe in cycle.get("probes", [])[probes_seen:]:

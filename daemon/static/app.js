@@ -294,7 +294,12 @@ let shownAsked = null;
 async function refreshDisagreements(cycle) {
   const box = $("disagreements");
   if (!cycle || cycle.state !== "pending") { box.hidden = true; shownAsked = null; return; }
-  const body = await api("GET", "/cycles/" + encodeURIComponent(cycle.id) + "/disagreements");
+  let body;
+  try {
+    body = await api("GET", "/cycles/" + encodeURIComponent(cycle.id) + "/disagreements");
+  } catch (err) {  // the cycle ended between the two requests: the next poll shows it
+    box.hidden = true; shownAsked = null; return;
+  }
   box.hidden = false;
   const done = body.asked.filter((a) => a.label !== null).length;
   $("disagreements-count").textContent = done + " / " + body.asked.length + " labelled · " + body.disagreements + " disagreements in " + body.judging_samples;

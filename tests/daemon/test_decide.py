@@ -76,7 +76,7 @@ def test_a_calibrated_teachers_expected_loss_can_show_closeness_without_agreemen
 # ---- paired evidence (prune_core.evidence.JudgingEvidence) ---------------------------------------
 from prune_core.evidence import Calibration, Disagreement, JudgingEvidence  # noqa: E402
 
-from daemon.acceptance import Verdict, judge  # noqa: E402
+from daemon.acceptance import Verdict  # noqa: E402
 
 UNLABELLED = dict(evidence="agreement", top1_before=NAN, top1_after=NAN, teacher={"corrected": True}, agreement_with_before=0.9)
 
@@ -86,46 +86,46 @@ def _evidence(samples=2000, disagreements=200, loss=0.02, se=0.003, calibration=
 
 
 def test_few_disagreements_accept_without_labels():
-    d = judge(_summary(**UNLABELLED), RULE, _evidence(samples=3000, disagreements=8, loss=0.5))
+    d = decide(_summary(**UNLABELLED), RULE, _evidence(samples=3000, disagreements=8, loss=0.5))
     assert d.accepted and "8 disagreements in 3000 judging samples" in d.reason
     # the same rate on too few samples bounds nothing useful
-    assert judge(_summary(**UNLABELLED), RULE, _evidence(samples=100, disagreements=0, loss=0.5)).pending
+    assert decide(_summary(**UNLABELLED), RULE, _evidence(samples=100, disagreements=0, loss=0.5)).pending
 
 
 def test_a_calibrated_teachers_expected_loss_on_many_samples_accepts():
-    d = judge(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002))
+    d = decide(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002))
     assert d.verdict is Verdict.ACCEPTED and d.reason.startswith("paired evidence: against the prior-corrected served model: expected top-1 loss 0.0020")
     # an uncorrected teacher's probabilities are not trusted
-    assert judge(_summary(**{**UNLABELLED, "teacher": {"corrected": False}}), RULE, _evidence(loss=0.002, se=0.002)).pending
+    assert decide(_summary(**{**UNLABELLED, "teacher": {"corrected": False}}), RULE, _evidence(loss=0.002, se=0.002)).pending
     # nor a teacher whose labels refute its calibration
     off = Calibration(200, 120, 170.0, 25.0)
-    d = judge(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002, calibration=off))
+    d = decide(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002, calibration=off))
     assert d.pending and "calibration is refuted by 200 labels (120 right where it expected 170.0)" in d.reason
     # labels that agree with it leave it trusted
-    assert judge(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002, calibration=Calibration(200, 168, 170.0, 25.0))).accepted
+    assert decide(_summary(**UNLABELLED), RULE, _evidence(loss=0.002, se=0.002, calibration=Calibration(200, 168, 170.0, 25.0))).accepted
 
 
 def test_pending_then_labels_of_the_disagreements_decide():
     ev = _evidence(disagreements=60, loss=0.03)
-    d = judge(_summary(**UNLABELLED), RULE, ev)
+    d = decide(_summary(**UNLABELLED), RULE, ev)
     assert d.pending and not d.accepted and d.reason.startswith("pending:") and "0 of 40 asked disagreements labelled" in d.reason
     assert tuple(d) == (False, d.reason) and d[0] is False  # unpacks as (accepted, reason)
     candidate_right = {str(i): 1 for i in range(40)}
-    assert judge(_summary(**UNLABELLED), RULE, ev, {k: v for k, v in list(candidate_right.items())[:3]}).pending  # 3 labels: not yet
-    d = judge(_summary(**UNLABELLED), RULE, ev, candidate_right)
+    assert decide(_summary(**UNLABELLED), RULE, ev, {k: v for k, v in list(candidate_right.items())[:3]}).pending  # 3 labels: not yet
+    d = decide(_summary(**UNLABELLED), RULE, ev, candidate_right)
     assert d.accepted and "40 of 40 asked disagreements labelled (40 right by the candidate only" in d.reason
     teacher_right = {str(i): 0 for i in range(40)}
-    d = judge(_summary(**UNLABELLED), RULE, ev, teacher_right)
+    d = decide(_summary(**UNLABELLED), RULE, ev, teacher_right)
     assert d.verdict is Verdict.REJECTED and "worse than max_accuracy_drop" in d.reason
     # every asked label in and still undecided: rejected
-    d = judge(_summary(**UNLABELLED), RULE, ev, {str(i): i % 2 for i in range(40)})
+    d = decide(_summary(**UNLABELLED), RULE, ev, {str(i): i % 2 for i in range(40)})
     assert d.verdict is Verdict.REJECTED and "with every asked label in" in d.reason
 
 
 def test_without_disagreements_to_ask_or_with_asking_off_it_is_rejected():
-    assert judge(_summary(**UNLABELLED), RULE, _evidence(disagreements=60, asked=0)).verdict is Verdict.REJECTED
+    assert decide(_summary(**UNLABELLED), RULE, _evidence(disagreements=60, asked=0)).verdict is Verdict.REJECTED
     off = Acceptance(0.01, 0.05, 0.99, 200, max_asked=0)
-    assert judge(_summary(**UNLABELLED), off, _evidence(disagreements=60)).verdict is Verdict.REJECTED
+    assert decide(_summary(**UNLABELLED), off, _evidence(disagreements=60)).verdict is Verdict.REJECTED
 
 
 def test_sparse_labels_go_to_paired_evidence_even_with_an_uncorrected_teacher():
@@ -134,8 +134,8 @@ def test_sparse_labels_go_to_paired_evidence_even_with_an_uncorrected_teacher():
     few = dict(held_out_labelled=15, held_out_samples=300, teacher={"corrected": False}, agreement_with_before=0.7,
                top1_before=0.60, top1_after=0.7333)
     assert decide(_summary(**few), RULE)[0]  # the summary-only rule (no paired evidence) still accepts
-    d = judge(_summary(**few), RULE, _evidence(samples=300, disagreements=90, loss=0.0))
+    d = decide(_summary(**few), RULE, _evidence(samples=300, disagreements=90, loss=0.0))
     assert d.pending
-    assert judge(_summary(**{**few, "top1_after": 0.5}), RULE, _evidence()).verdict is Verdict.REJECTED  # labels veto
+    assert decide(_summary(**{**few, "top1_after": 0.5}), RULE, _evidence()).verdict is Verdict.REJECTED  # labels veto
     # plenty of labels: they decide
-    assert judge(_summary(**{**few, "held_out_labelled": 250}), RULE, _evidence(samples=300, disagreements=90)).accepted
+    assert decide(_summary(**{**few, "held_out_labelled": 250}), RULE, _evidence(samples=300, disagreements=90)).accepted

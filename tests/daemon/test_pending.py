@@ -3,6 +3,8 @@ label judging it again (accepted → installed, rejected → removed), the timeo
 stand-in worker's candidate disagrees with the teacher on every held-out sample (fake_worker)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from fake_worker import fake_worker_disagreeing
 
@@ -82,6 +84,11 @@ def test_a_pending_candidate_times_out(pending):
     assert record["state"] == "rejected" and record["reason"].startswith("timed out: pending longer than pending_timeout_s")
     assert not list(d.rt.settings.models_dir.glob(".staging-*"))
     assert d.client.post("/prune", json={}).status_code == 202  # the next cycle may start
+    deadline = time.monotonic() + 30  # the report is written in a background thread
+    while (r := d.client.get(f"/cycles/{record['id']}/report")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    evidence = r.json()["paired_evidence"]
+    assert evidence["asked"] == 20 and evidence["disagreements"] == evidence["samples"] > 20 and evidence["expected_loss"] == 0.5
 
 
 def test_activating_a_version_rejects_the_pending_candidate(pending):
