@@ -45,7 +45,7 @@ def fallback_scopes(configured: str) -> list[str]:
     return [s.value for s in order[order.index(RetrainScope(configured)):]]
 
 
-def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: CostLimits, post: Callable) -> "CostEstimate":
+def choose(profiles: Iterable[Profile], plan: CyclePlan, job: CostLimits, post: Callable) -> CostEstimate:
     """The estimate at the retraining scope and batch size the cycle will use, posted. `profiles`: one
     per scope of `fallback_scopes`, measured lazily (the next only when the previous does not fit; no
     budget, only the first). CycleRefused, naming each scope's figures, when nothing fits."""
@@ -61,11 +61,13 @@ def choose(profiles: Iterable["Profile"], plan: "CyclePlan", job: CostLimits, po
             last = exc
             continue
         changed = [f"{name} {new} (not {old})" for name, new, old in
-                   (("retraining scope", chosen.scope, RetrainScope(job.retrain_scope).value), ("batch size", chosen.batch_size, job.batch_size)) if new != old]
+                   (("retraining scope", chosen.scope, RetrainScope(job.retrain_scope).value),
+                    ("batch size", chosen.batch_size, job.batch_size)) if new != old]
         note = " and ".join(changed) + f" to fit cycle_memory_budget_mb={job.memory_budget_mb}" if changed else ""
         post(CostPredictedEvent(chosen, job.memory_budget_mb, note))
         return chosen
     reason = "; ".join(refusals)
+    assert last is not None, "fallback_scopes gives at least one scope"
     post(CostPredictedEvent(last.estimate, job.memory_budget_mb, f"refused: {reason}"))
     raise CycleRefused(reason)
 
@@ -75,7 +77,7 @@ class CostWatch:
     """Measures the actual peak memory and duration from its start; `clock` times the phases (pass it to
     run_cycle)."""
 
-    meter: "PeakMeter | None"
+    meter: PeakMeter | None
     started: float
     clock: PhaseClock = field(default_factory=PhaseClock)
 

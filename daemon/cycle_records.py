@@ -8,8 +8,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prune_core.jsonsafe import finite
 from prune_core.atomic import atomic_write
+from prune_core.jsonsafe import finite
 
 from .cycle_state import CycleState, CycleTrigger
 

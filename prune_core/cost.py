@@ -39,8 +39,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .cost_records import (  # the records, re-exported: `prune_core.cost` names the whole cost model
-    MIN_BATCH, CostError, CostEstimate, CyclePlan, DoesNotFit, Line, MeasuredCost, MemorySource, Phase, PhaseClock,
-    Phases, Profile, ProfileSample, estimate, fit_budget, profile_batches,
+    MIN_BATCH,
+    CostError,
+    CostEstimate,
+    CyclePlan,
+    DoesNotFit,
+    Line,
+    MeasuredCost,
+    MemorySource,
+    Phase,
+    PhaseClock,
+    Phases,
+    Profile,
+    ProfileSample,
+    estimate,
+    fit_budget,
+    profile_batches,
 )
 
 if TYPE_CHECKING:
@@ -70,7 +84,7 @@ def _trim_heap() -> None:
 class PeakMeter:
     """The peak memory of this process since the last reset: VmHWM on CPU, CUDA max allocated on a GPU."""
 
-    def __init__(self, device: "torch.device"):
+    def __init__(self, device: torch.device):
         self.device = device
         self.source = MemorySource.CUDA if device.type == "cuda" else MemorySource.RSS
 
@@ -102,7 +116,7 @@ class PeakMeter:
         return int(match.group(1)) / 1024
 
 
-def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor", y: "torch.Tensor", config: "TrainConfig") -> float:
+def saved_mb(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
     """MiB of the tensors autograd saves for the backward pass of one training step on (x, y) with
     `config.scope` in effect (a frozen front saves nothing), each storage counted once. Parameters are
     among them (constant in the batch: a slope drops them)."""
@@ -133,23 +147,28 @@ def saved_mb(model: "nn.Module", teacher: "nn.Module | None", x: "torch.Tensor",
     return sum(seen.values()) / 2**20
 
 
-def model_mb(model: "nn.Module") -> float:
+def _stamper(stamps: list[float], clock: Callable[[], float]) -> Callable[[float], None]:
+    """A train() on_step that records when each step ended."""
+    return lambda _share: stamps.append(clock())
+
+
+def model_mb(model: nn.Module) -> float:
     """One copy of the model's parameters and buffers, in MiB."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def profile(
-    teacher: "nn.Module",
-    train_set: "ImageSet",
-    held_set: "ImageSet",
+    teacher: nn.Module,
+    train_set: ImageSet,
+    held_set: ImageSet,
     mean: Sequence[float],
     std: Sequence[float],
-    config: "TrainConfig",
+    config: TrainConfig,
     batch_sizes: Sequence[int],
     steps: int = 5,
     clock: Callable[[], float] = time.perf_counter,
-    student: "nn.Module | None" = None,
+    student: nn.Module | None = None,
 ) -> Profile:
     """Run `steps` training steps of `student`, distilling from `teacher` as a cycle does, at each of
     `batch_sizes`, smallest first, after one held-out evaluation pass of it at the configured batch size
@@ -189,7 +208,7 @@ def profile(
         meter.reset()
         t0 = clock()
         train(student, part, None, mean, std, replace(config, epochs=1, batch_size=batch, min_steps=0, budget_s=None), teacher=teacher,
-              on_step=lambda _share: stamps.append(clock()))
+              on_step=_stamper(stamps, clock))
         total = clock() - t0
         peak = meter.peak_mb()
         step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
@@ -200,7 +219,7 @@ def profile(
     return Profile(tuple(samples), eval_batch, eval_extra, eval_image_s, size, meter.source, str(device), time.monotonic() - started,
                    config.scope.value, params)
 
-def plan_cycle(config: "CycleConfig", train_samples: int, held_samples: int, extra_models: int = 0,
+def plan_cycle(config: CycleConfig, train_samples: int, held_samples: int, extra_models: int = 0,
                unlabelled: int = 0) -> CyclePlan:
     """The plan of `run_cycle(config)` on these sample counts (`unlabelled` of the training samples);
     `extra_models`: copies of the model its caller holds beyond run_cycle's own (the served model
@@ -231,7 +250,7 @@ def plan_cycle(config: "CycleConfig", train_samples: int, held_samples: int, ext
     )
 
 
-def profile_level(level: "float | str") -> float:
+def profile_level(level: float | str) -> float:
     """The level a cycle's pruned copy is profiled at: the cycle's, or under "auto" the level search's
     first probe (the grid's middle)."""
     from .level_search import DEFAULT_GRID
@@ -240,12 +259,12 @@ def profile_level(level: "float | str") -> float:
 
 
 def profile_cycle(
-    teacher: "nn.Module",
-    train_set: "ImageSet",
-    held_set: "ImageSet",
+    teacher: nn.Module,
+    train_set: ImageSet,
+    held_set: ImageSet,
     mean: Sequence[float],
     std: Sequence[float],
-    config: "CycleConfig",
+    config: CycleConfig,
     input_size: int,
     batch_sizes: Sequence[int],
     steps: int = 5,
@@ -281,7 +300,7 @@ def profile_cycle(
 
 
 __all__ = [
-    "CostError", "CostEstimate", "CyclePlan", "DoesNotFit", "Line", "MeasuredCost", "MemorySource", "PeakMeter",
+    "MIN_BATCH", "CostError", "CostEstimate", "CyclePlan", "DoesNotFit", "Line", "MeasuredCost", "MemorySource", "PeakMeter",
     "Phase", "PhaseClock", "Phases", "Profile", "ProfileSample", "estimate", "fit_budget", "model_mb", "profile",
     "plan_cycle", "profile_batches", "profile_cycle", "profile_level",
 ]

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .options import RetrainScope
 from .schedule import schedule
@@ -32,7 +32,7 @@ class CostError(RuntimeError):
 class DoesNotFit(ValueError):
     """No batch size fits the memory budget; `estimate` is the cost at the smallest batch."""
 
-    def __init__(self, reason: str, estimate: "CostEstimate"):
+    def __init__(self, reason: str, estimate: CostEstimate):
         super().__init__(reason)
         self.estimate = estimate
 
@@ -118,7 +118,7 @@ class Line:
         return self.fixed + self.per_sample * batch
 
     @staticmethod
-    def fit(points: Sequence[tuple[float, float]]) -> "Line":
+    def fit(points: Sequence[tuple[float, float]]) -> Line:
         """Least squares through (batch, value) points at two or more batch sizes. A negative slope
         (noise: more samples never cost less) is clamped to 0, with the mean as the intercept."""
         xs = [float(x) for x, _ in points]
@@ -157,7 +157,7 @@ class Profile:
     seconds: float  # what the profile itself took
     scope: str = "full"  # the retraining scope (TrainConfig.scope) the steps ran with
     params: int = 0  # the profiled model's parameters
-    pruned: "Profile | None" = None  # the same, of a copy pruned at the cycle's level (None: costed as this one)
+    pruned: Profile | None = None  # the same, of a copy pruned at the cycle's level (None: costed as this one)
     level: float = 0.0  # the level that copy was pruned to
     prune_s: float = 0.0  # one prune to that level (dependency graph, bisection on copies)
     prune_extra_mb: float = 0.0  # what that prune adds to what the process held when it began
@@ -209,7 +209,7 @@ class CyclePlan:
     auto: bool = False  # level="auto": the probes are a bound, each costed at the profiled level
 
     @classmethod
-    def of_retrain(cls, config: "TrainConfig", train_samples: int, held_samples: int) -> "CyclePlan":
+    def of_retrain(cls, config: TrainConfig, train_samples: int, held_samples: int) -> CyclePlan:
         """The plan of one `train()` run of the unpruned model (what bench/cost_bench.py measures)."""
         return cls(train_samples, held_samples, config.epochs, min_steps=config.min_steps, probes=0, tries=0,
                    unpruned_evals=0, pruned_evals=0, mac_counts=0, extra_models=0, finetune_epochs=config.epochs)

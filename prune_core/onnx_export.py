@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 ATOL, RTOL = 1e-4, 1e-5  # onnxruntime against torch, as np.allclose: logits of untrained deep nets run to 1e5
 
 

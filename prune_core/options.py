@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
-from typing import Union
+from typing import Literal, Tuple, Union, cast
 
 from .choices import parse_choices
 
@@ -13,6 +13,7 @@ AUTO = "auto"
 # here, without torch, so the daemon's settings and API check a cycle's options without loading it.
 BUILTIN_CRITERIA = ("activation", "apoz", "l1", "random", "taylor")
 ALLOCATIONS = ("uniform", "global")
+Allocation = Literal["uniform", "global"]
 Level = Union[float, str]  # a fraction of parameters to remove, or "auto" (the level search)
 
 
@@ -92,10 +93,10 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     return parse_choices(text, known, "criterion")
 
 
-def parse_allocations(text: str) -> tuple[str, ...]:
+def parse_allocations(text: str) -> tuple[Allocation, ...]:
     """'uniform', 'global', or 'uniform,global' for a cycle that tries both and keeps the model best on the
     held-out split: which one wins is a property of the network at its input size (bench/RESULTS.md)."""
-    return parse_choices(text, ALLOCATIONS, "allocation", plural="both")
+    return cast(Tuple[Allocation, ...], parse_choices(text, ALLOCATIONS, "allocation", plural="both"))  # checked against ALLOCATIONS
 
 
 def check_cycle_options(level: object, criterion: str, allocation: str) -> Level:

@@ -12,13 +12,13 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Literal
+from typing import List
 
 import torch
 from torch import nn
 
 from .architectures import classifier_module, stem_module
-from .options import ALLOCATIONS, parse_allocations  # noqa: F401 (re-exported)
+from .options import ALLOCATIONS, Allocation, parse_allocations  # noqa: F401 (re-exported)
 from .criteria import NORM_TYPES, Scores, channel_count
 from .layer_errors import LayerError, first_line, naming_failing_layer
 from .measure import count_params
@@ -107,7 +107,7 @@ class PruneSpec:
     """How to prune: `level` is the fraction of parameters to remove."""
 
     level: float
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: Allocation = "uniform"
     round_to: int = 8
     protect_stem: bool = True
     protect_classifier: bool = True

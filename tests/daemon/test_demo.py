@@ -75,20 +75,9 @@ def test_demo_once_then_reuse_and_interrupt(tmp_path):
     # a second run reuses the base model; Ctrl-C in the middle of the stream stops its daemon
     weights = state / "base" / "weights.safetensors"
     mtime = weights.stat().st_mtime_ns
-    proc = subprocess.Popen(edgetune("--state-dir", str(state), *SMALL), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("[camera]"):
-                proc.send_signal(signal.SIGINT)
-                break
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out2 = "".join(seen) + rest
-    assert proc.returncode == 130, out2[-3000:]
+    run2 = end_mid_stream(state, signal.SIGINT)
+    out2 = run2.stdout
+    assert run2.returncode == 130, out2[-3000:]
     assert "reusing the base model" in out2 and "trained the base model" not in out2
     assert "the previous run left v0002 active" in out2
     assert weights.stat().st_mtime_ns == mtime
