@@ -200,3 +200,30 @@ def test_recent_samples_are_drawn_more_often(digits):
     position = {k: i for i, k in enumerate(data.keys)}
     ages = [63 - position[k] for k in drawn.keys]
     assert sum(a < 8 for a in ages) > sum(8 <= a < 16 for a in ages) > sum(a >= 32 for a in ages)
+
+
+def test_a_label_free_auto_level_walks_gradual_steps_until_the_judge_says_no(digits):
+    """Three re-ranked steps towards 75 %; the judge (the daemon passes its acceptance rule) is asked on
+    each step's comparison with the teacher, the walk stops at its first no and keeps the step before."""
+    from prune_core import CycleConfig, ModelCard, count_params, run_cycle
+
+    torch.manual_seed(0)
+    teacher = build_model("cifar_small", 4).eval()
+    card = ModelCard("cifar_small", 4, [str(i) for i in range(4)], 32, mean=MEAN, std=STD)
+    train_set, held = unlabelled(digits.subset(range(64))), unlabelled(digits.subset(range(64, 96)))
+    asked = []
+
+    def close_enough(comparison, before, after):
+        asked.append((comparison.samples, before, after))
+        return after > 0.4 * before  # yes at 25 % and 50 % removed, no at 75 %
+
+    config = CycleConfig(level="auto", criterion="l1", prune_steps=3, max_level=0.75, train=recipe(epochs=1))
+    result = run_cycle(teacher, card, train_set, held, config, close_enough=close_enough)
+    probes = result.summary["probes"]
+    assert [p["level"] for p in probes] == pytest.approx([0.25, 0.5, 0.75])
+    assert [p["feasible"] for p in probes] == [True, True, False]
+    assert [n for n, _, _ in asked] == [32, 32, 32] and all(b == count_params(teacher) for _, b, _ in asked)
+    achieved = [p["achieved_level"] for p in probes]
+    assert all(abs(a - t) < 0.08 for a, t in zip(achieved, (0.25, 0.5, 0.75)))  # each step's level of the unpruned model
+    assert result.summary["level"] == 0.5 and result.summary["params_after"] == probes[1]["params"]
+    assert all(p["retrain_steps"] == 2 for p in probes)  # 64 samples, batch 32, one epoch per step
