@@ -119,8 +119,8 @@ def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = N
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed,
                       recent_half_life=s.cycle_recent_half_life or None)
-    if s.cycle_distil_budget_s > 0:
-        cfg = patient(cfg, s.cycle_distil_budget_s)
+    if s.cycle_recipe == "patient":
+        cfg = patient(cfg, s.cycle_distil_budget_s or None)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
     if kd_loss is not None:

@@ -18,7 +18,7 @@ import torch
 from prune_core.architectures import build_model
 from prune_core.data import ImageSet
 from prune_core.mixing import Mix, mix_batch
-from prune_core.retrain import Optimizer, TrainConfig, distillation_loss, patient, train, warmup_cosine
+from prune_core.retrain import KdLoss, Optimizer, TrainConfig, distillation_loss, patient, train, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = (0.1307, 0.1307, 0.1307)
@@ -118,7 +118,7 @@ def test_a_time_budget_ends_on_a_finished_schedule(digits):
     """However many steps the budget buys on this machine, the lr has decayed to ~0 at the last one."""
     student = model(1)
     cfg = patient(TrainConfig(epochs=1, batch_size=32, seed=1), budget_s=3.0)
-    assert cfg.optimizer is Optimizer.ADAMW and cfg.mix is Mix.MIXUP and cfg.temperature == 1.0
+    assert cfg.optimizer is Optimizer.ADAMW and cfg.mix is Mix.MIXUP and cfg.kd_loss is KdLoss.MSE
     result = train(student, unlabelled(digits.subset(range(64))), digits.subset(range(64, 96)), MEAN, STD, cfg, teacher=model(0))
     assert result.steps >= 2
     # the last step taken is the schedule's last: its lr is the cosine's final value over that many steps

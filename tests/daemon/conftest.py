@@ -101,7 +101,8 @@ class Daemon:
             "EDGETUNE_CYCLE_CRITERION": "l1",
             "EDGETUNE_MAX_CPU_LOAD": "100",
             "EDGETUNE_MAX_ACCURACY_DROP": "0.05",
-            # the classic recipe, one step: a cycle of a few epochs (tests of the patient recipe set a budget)
+            # the classic recipe, one step: a cycle of a few epochs (tests of the patient recipe set it)
+            "EDGETUNE_CYCLE_RECIPE": "classic",
             "EDGETUNE_CYCLE_DISTIL_BUDGET_S": "0",
             "EDGETUNE_CYCLE_PRUNE_STEPS": "1",
             # torch: no engine build per daemon and cycle (suite time); tests of engines ask for auto
