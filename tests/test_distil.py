@@ -20,18 +20,9 @@ from prune_core.data import ImageSet
 from prune_core.mixing import Mix, mix_batch
 from prune_core.retrain import KdLoss, Optimizer, TrainConfig, distillation_loss, patient, train, warmup_cosine
 
+from tests.test_retrain import MEAN, STD, digits  # noqa: F401 (digits: 96 MNIST-5k digits of classes 0-3, a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
-MEAN = (0.1307, 0.1307, 0.1307)
-STD = (0.3081, 0.3081, 0.3081)
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageSet:
-    from prune_core.datasets import mnist5k
-
-    data = mnist5k(32)
-    keep = torch.nonzero(data.labels < 4).flatten()[:96]
-    return data.subset(keep)
 
 
 def unlabelled(data: ImageSet) -> ImageSet:
