@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prune-steps", type=int, default=None, help="an ablation: cycle_prune_steps instead of the daemon's default")
     p.add_argument("--kd-loss", default=None, choices=("kl", "mse"), help="an ablation: the patient recipe's distillation loss")
     p.add_argument("--first-subsets", type=int, default=None, help="run only the first N subsets of each network (choosing a recipe)")
+    p.add_argument("--patience", default=None,
+                   help="instead of cycles: the patience curve, top-1 of a one-shot 75 %% student against its retraining epochs "
+                        "(comma-separated), patient recipe against plain views; writes --out/patience.png")
     p.add_argument("--base-per-class", type=int, default=1000, help="as bench/label_shift.py was run")
     p.add_argument("--stream-per-class", type=int, default=500)
     p.add_argument("--score-per-class", type=int, default=500)
@@ -116,8 +119,8 @@ def cycle_config(s: Settings, level, seed: int, kd_temperature: float | None = N
     """What scheduler.py puts in a CycleJob and worker.py turns into a CycleConfig, at `level`."""
     cfg = TrainConfig(epochs=s.cycle_epochs, batch_size=s.cycle_batch_size, min_steps=s.cycle_min_steps, flip=s.cycle_hflip, seed=seed,
                       recent_half_life=s.cycle_recent_half_life or None)
-    if s.cycle_distil_budget_s > 0:
-        cfg = patient(cfg, s.cycle_distil_budget_s)
+    if s.cycle_recipe == "patient":
+        cfg = patient(cfg, s.cycle_distil_budget_s or None)
     if kd_temperature is not None:
         cfg = replace(cfg, temperature=kd_temperature)
     if kd_loss is not None:
@@ -388,6 +391,68 @@ def write(out: Path, args, results: list[dict]) -> str:
     return text
 
 
+def patience_curve(net: str, pools: Pools, args, s: Settings, out: Path) -> list[dict]:
+    """Top-1 on the scored images of a student pruned once to 75 %, distilled for each of `args.patience`
+    epochs from the corrected teacher on the unlabelled stream: the patient recipe (same mixed view, AdamW,
+    cosine) against plain views (the classic SGD recipe, the teacher on the student's crop-and-flip view)."""
+    state = served_model(net, pools, args)
+    model, card = state["model"], state["card"]
+    subsets = make_subsets(args.subset_sizes, args.subsets_per_size, args.seed)[: args.first_subsets or None]
+    points = []
+    for i, classes in enumerate(subsets, start=1):
+        sub = Subset(i, classes, state, pools, state["logits"], args, s)
+        train_set, held_set = sub.buffer(0.0, args.seed, s.holdout_fraction)
+        teacher = corrected_teacher(model, card, sub.target, s.prior_floor)
+        teacher_top1 = acc(argmax_of(teacher.model, sub.score, card), sub.y)
+        for epochs in csv_list(args.patience, int):
+            for recipe in ("patient", "plain"):
+                path = out / "patience" / net / f"{'-'.join(map(str, classes))}_{recipe}_e{epochs}.json"
+
+                def one() -> dict:
+                    base = TrainConfig(epochs=epochs, batch_size=s.cycle_batch_size, min_steps=0, flip=s.cycle_hflip, seed=args.seed)
+                    train_cfg = patient(base, None) if recipe == "patient" else base
+                    config = replace(cycle_config(s, 0.75, args.seed), level=0.75, prune_steps=1, finetune_before=0, train=train_cfg)
+                    started = time.monotonic()
+                    result = run_cycle(teacher.model, teacher.student_card, train_set, held_set, config)
+                    return {"subset": sub.name, "recipe": recipe, "epochs": epochs, "teacher_top1": teacher_top1,
+                            "top1": acc(argmax_of(result.model, sub.score, card), sub.y),
+                            "steps": result.summary["probes"][0]["retrain_steps"], "seconds": time.monotonic() - started}
+
+                got = cached(path, one)
+                log(f"{net} {sub.name} {recipe} {epochs} epochs: {got['top1']:.3f} (teacher {teacher_top1:.3f}; {got['seconds']:.0f}s)")
+                points.append({"network": net, **got})
+    return points
+
+
+def plot_patience(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = sorted({p["network"] for p in points})
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.5 * len(nets), 3.4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        mine = [p for p in points if p["network"] == net]
+        for recipe, style in (("patient", "o-"), ("plain", "s--")):
+            by_epochs: dict[int, list[float]] = {}
+            for p in mine:
+                if p["recipe"] == recipe:
+                    by_epochs.setdefault(p["epochs"], []).append(p["top1"] - p["teacher_top1"])
+            xs = sorted(by_epochs)
+            ax.plot(xs, [100 * np.mean(by_epochs[x]) for x in xs], style, label=f"{recipe} views")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(-0.5, color="grey", lw=0.6, ls=":")  # the target: within half a point of the teacher
+        ax.set_xscale("log")
+        ax.set_xlabel("retraining epochs (log)")
+        ax.set_ylabel("top-1 − corrected teacher (points)")
+        ax.set_title(f"{net}, 75 % pruned, 0 labels ({len({p['subset'] for p in mine})} subsets)")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     budget = {k: v for k, v in (("cycle_epochs", args.epochs), ("cycle_min_steps", args.min_steps),
@@ -396,6 +461,12 @@ def main(argv=None) -> None:
     s = Settings(state_dir=Path("/nonexistent"), **budget)  # the daemon's defaults (no config file, no environment)
     started = time.monotonic()
     out, pools = prepare(args)
+    if args.patience:
+        points = [p for net in args.networks for p in patience_curve(net, pools, args, s, out)]
+        (out / "patience.json").write_text(json.dumps(finite(points), indent=1) + "\n")
+        plot_patience(points, out / "patience.png")
+        log(f"wrote {out / 'patience.png'}")
+        return
     results: list[dict] = []
     for net in args.networks:
         results.append(run_network(net, pools, args, s, out, results))

@@ -100,10 +100,13 @@ class Settings(BaseSettings):
     cycle_retrain_last_share: float = Field(
         options.DEFAULT_LAST_SHARE, gt=0, le=1, description="share of the weight layers, at the end, that the last and last_bn"
         " scopes retrain; a smaller share saves more memory and time and costs more accuracy (bench/RESULTS.md)")
+    cycle_recipe: options.Recipe = Field(
+        options.Recipe.PATIENT, description="patient: the teacher and student see the same cropped, flipped and mixed view, AdamW"
+        " with warm-up and cosine decay, MSE on logits, no early stopping (bench/RESULTS.md); classic: SGD one-cycle with"
+        " early stopping, the teacher on the student's unmixed view")
     cycle_distil_budget_s: float = Field(
         300.0, ge=0, description="seconds of training (pauses not counted, so it may span several idle windows) a cycle's"
-        " retraining gets, in the patient recipe: the teacher and student see the same cropped, flipped and mixed view,"
-        " AdamW with warm-up and cosine decay over the budget (bench/RESULTS.md); 0 = cycle_epochs of the classic SGD recipe")
+        " retraining gets in the patient recipe, shared by its prune steps; 0 = cycle_epochs (and cycle_min_steps) per step")
     cycle_prune_steps: int = Field(
         options.DEFAULT_PRUNE_STEPS, ge=1, description="prune gradually in this many steps, distilling between them (the"
         " budget shared equally); without labels, level auto walks them up to 75 % of the parameters and keeps the last"

@@ -231,7 +231,7 @@ class Scheduler:
             acceptance_confidence=s.acceptance_confidence, disagreement_labels=s.disagreement_labels,
             retrain_scope=s.cycle_retrain_scope, retrain_last_share=s.cycle_retrain_last_share, judge_share=s.cycle_judge_share,
             engine_backends=tuple(b.value for b in backends_to_build(s.serving_backend)), serving_threads=s.serving_threads,
-            distil_budget_s=s.cycle_distil_budget_s, prune_steps=s.cycle_prune_steps, checkpoint_dir=str(checkpoints),
+            recipe=s.cycle_recipe, distil_budget_s=s.cycle_distil_budget_s, prune_steps=s.cycle_prune_steps, checkpoint_dir=str(checkpoints),
             checkpoint_s=s.cycle_checkpoint_s, recent_half_life=s.cycle_recent_half_life or None,
         )
         self.worker.start(job)

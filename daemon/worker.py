@@ -20,7 +20,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, DEFAULT_PRUNE_STEPS, RetrainScope
+from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, DEFAULT_PRUNE_STEPS, Recipe, RetrainScope
 
 from .acceptance import Acceptance, decide
 from .child_process import start_child
@@ -84,7 +84,8 @@ class CycleJob:
     retrain_last_share: float = DEFAULT_LAST_SHARE
     engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
     serving_threads: int | None = None
-    distil_budget_s: float = 0.0  # training seconds of the patient recipe (0: `epochs` of the classic one)
+    recipe: Recipe = Recipe.CLASSIC
+    distil_budget_s: float = 0.0  # training seconds of the patient recipe (0: `epochs` per step)
     prune_steps: int = DEFAULT_PRUNE_STEPS
     checkpoint_dir: str | None = None  # where the cycle's training keeps resumable checkpoints (removed when it ends)
     checkpoint_s: float = 30.0
@@ -92,13 +93,14 @@ class CycleJob:
 
 
 def train_config(job: CycleJob):
-    """The TrainConfig of a cycle's training runs: the patient recipe over `distil_budget_s`, or the classic one."""
+    """The TrainConfig of a cycle's training runs: the patient recipe (over `distil_budget_s`, else `epochs`),
+    or the classic one."""
     from prune_core.retrain import TrainConfig, patient
 
     config = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, min_steps=job.min_steps, flip=job.hflip, seed=job.seed,
                          scope=job.retrain_scope, last_share=job.retrain_last_share, checkpoint_every_s=job.checkpoint_s,
                          recent_half_life=job.recent_half_life)
-    return patient(config, job.distil_budget_s) if job.distil_budget_s > 0 else config
+    return patient(config, job.distil_budget_s or None) if job.recipe is Recipe.PATIENT else config
 
 
 def close_enough(rule: Acceptance, corrected: bool):
@@ -236,7 +238,7 @@ def run_worker(job: CycleJob, control, events) -> None:
             on_probe=lambda p: post(ProbeEvent(p.to_dict())), parent=job.served_version, clock=watch.clock, judge_set=judging,
             close_enough=close_enough(Acceptance.of(job), teacher.corrected),
             # the patient recipe's long runs resume after a restart; a few epochs of the classic one just run again
-            checkpoints=job.checkpoint_dir if job.distil_budget_s > 0 else None,
+            checkpoints=job.checkpoint_dir if job.recipe is Recipe.PATIENT else None,
         )
         post(watch.measured())
         watch = None

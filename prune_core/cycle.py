@@ -8,10 +8,10 @@ network trains before they are removed (`fade`); with `level="auto"` the level i
 (prune_core.scope: all, or the last stages and/or the cheap ones).
 
 With `prune_steps` > 1 the level is reached gradually: the model is re-ranked, pruned a step further
-and distilled again at each step, from the previous step's student. Without labels, `level="auto"`
-walks such steps towards `max_level` and keeps the last student the label-free judge
-(`run_cycle(close_enough=)`, the daemon's acceptance rule) finds close enough to the teacher on the
-choosing samples. A time budget (`train.budget_s`) is shared equally between the steps; with
+and distilled again at each step, from the previous step's student. `level="auto"` then walks such
+steps towards `max_level` and keeps the last student found good enough on the choosing samples:
+without labels by the label-free judge (`run_cycle(close_enough=)`, the daemon's acceptance rule),
+with labels within `tolerance` of the fine-tuned unpruned model (as `search_level` does). A time budget (`train.budget_s`) is shared equally between the steps; with
 `checkpoints` every training run of the cycle is resumable (retrain.train's checkpoint).
 """
 from __future__ import annotations
@@ -261,8 +261,9 @@ def run_cycle(
 
     probes: list[Probe] = []
     ceiling = None
-    if config.level == "auto" and evidence is Evidence.AGREEMENT and (close_enough is not None or config.prune_steps > 1):
-        if close_enough is None:
+    label_free = evidence is Evidence.AGREEMENT and close_enough is not None
+    if config.level == "auto" and (label_free or config.prune_steps > 1):
+        if not label_free:  # labels (or no judge): within tolerance of the fine-tuned unpruned model, as search_level
             _, ceiling = ceiling_of()
             judge = lambda probe, _m: probe.accuracy >= ceiling - config.tolerance  # noqa: E731
         else:

@@ -30,6 +30,17 @@ DEFAULT_MAX_AUTO_LEVEL = 0.75
 DEFAULT_PRUNE_STEPS = 4
 
 
+class Recipe(str, Enum):
+    """How a cycle retrains: `patient` (prune_core.retrain.patient: consistent mixed views, AdamW, cosine, a
+    time budget) or `classic` (SGD one-cycle with early stopping, `epochs` long)."""
+
+    PATIENT = "patient"
+    CLASSIC = "classic"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def parse_last_share(value: Union[str, float]) -> float:
     """A last-stages share: a fraction in (0, 1] (1 trains every weight layer)."""
     try:

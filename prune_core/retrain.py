@@ -126,10 +126,11 @@ class TrainConfig:
 
 def patient(config: TrainConfig, budget_s: float | None) -> TrainConfig:
     """`config` turned into the patient, consistent distillation recipe (function matching): AdamW
-    with warm-up and cosine decay, mixup on every batch over the crop and flip, KL at temperature 1,
-    no early stopping (the held-out split still picks the epoch kept), `budget_s` seconds long."""
+    with warm-up and cosine decay, mixup on every batch over the crop and flip, MSE on the logits
+    (KL at temperature 1 with `kd_loss`), no early stopping (the held-out split still picks the epoch
+    kept), `budget_s` seconds long (None: `epochs` long)."""
     return replace(config, optimizer=Optimizer.ADAMW, lr=1e-3, weight_decay=1e-4, mix=Mix.MIXUP, mix_alpha=1.0,
-                   kd_loss=KdLoss.KL, temperature=1.0, augment=True, patience=10**6, cooldown=0.0, budget_s=budget_s)
+                   kd_loss=KdLoss.MSE, temperature=1.0, augment=True, patience=10**6, cooldown=0.0, budget_s=budget_s)
 
 
 @dataclass

@@ -18,20 +18,11 @@ import torch
 from prune_core.architectures import build_model
 from prune_core.data import ImageSet
 from prune_core.mixing import Mix, mix_batch
-from prune_core.retrain import Optimizer, TrainConfig, distillation_loss, patient, train, warmup_cosine
+from prune_core.retrain import KdLoss, Optimizer, TrainConfig, distillation_loss, patient, train, warmup_cosine
+
+from tests.test_retrain import MEAN, STD, digits  # noqa: F401 (digits: 96 MNIST-5k digits of classes 0-3, a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-MEAN = (0.1307, 0.1307, 0.1307)
-STD = (0.3081, 0.3081, 0.3081)
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageSet:
-    from prune_core.datasets import mnist5k
-
-    data = mnist5k(32)
-    keep = torch.nonzero(data.labels < 4).flatten()[:96]
-    return data.subset(keep)
 
 
 def unlabelled(data: ImageSet) -> ImageSet:
@@ -118,7 +109,7 @@ def test_a_time_budget_ends_on_a_finished_schedule(digits):
     """However many steps the budget buys on this machine, the lr has decayed to ~0 at the last one."""
     student = model(1)
     cfg = patient(TrainConfig(epochs=1, batch_size=32, seed=1), budget_s=3.0)
-    assert cfg.optimizer is Optimizer.ADAMW and cfg.mix is Mix.MIXUP and cfg.temperature == 1.0
+    assert cfg.optimizer is Optimizer.ADAMW and cfg.mix is Mix.MIXUP and cfg.kd_loss is KdLoss.MSE
     result = train(student, unlabelled(digits.subset(range(64))), digits.subset(range(64, 96)), MEAN, STD, cfg, teacher=model(0))
     assert result.steps >= 2
     # the last step taken is the schedule's last: its lr is the cosine's final value over that many steps
@@ -200,3 +191,30 @@ def test_recent_samples_are_drawn_more_often(digits):
     position = {k: i for i, k in enumerate(data.keys)}
     ages = [63 - position[k] for k in drawn.keys]
     assert sum(a < 8 for a in ages) > sum(8 <= a < 16 for a in ages) > sum(a >= 32 for a in ages)
+
+
+def test_a_label_free_auto_level_walks_gradual_steps_until_the_judge_says_no(digits):
+    """Three re-ranked steps towards 75 %; the judge (the daemon passes its acceptance rule) is asked on
+    each step's comparison with the teacher, the walk stops at its first no and keeps the step before."""
+    from prune_core import CycleConfig, ModelCard, count_params, run_cycle
+
+    torch.manual_seed(0)
+    teacher = build_model("cifar_small", 4).eval()
+    card = ModelCard("cifar_small", 4, [str(i) for i in range(4)], 32, mean=MEAN, std=STD)
+    train_set, held = unlabelled(digits.subset(range(64))), unlabelled(digits.subset(range(64, 96)))
+    asked = []
+
+    def close_enough(comparison, before, after):
+        asked.append((comparison.samples, before, after))
+        return after > 0.4 * before  # yes at 25 % and 50 % removed, no at 75 %
+
+    config = CycleConfig(level="auto", criterion="l1", prune_steps=3, max_level=0.75, train=recipe(epochs=1))
+    result = run_cycle(teacher, card, train_set, held, config, close_enough=close_enough)
+    probes = result.summary["probes"]
+    assert [p["level"] for p in probes] == pytest.approx([0.25, 0.5, 0.75])
+    assert [p["feasible"] for p in probes] == [True, True, False]
+    assert [n for n, _, _ in asked] == [32, 32, 32] and all(b == count_params(teacher) for _, b, _ in asked)
+    achieved = [p["achieved_level"] for p in probes]
+    assert all(abs(a - t) < 0.08 for a, t in zip(achieved, (0.25, 0.5, 0.75)))  # each step's level of the unpruned model
+    assert result.summary["level"] == 0.5 and result.summary["params_after"] == probes[1]["params"]
+    assert all(p["retrain_steps"] == 2 for p in probes)  # 64 samples, batch 32, one epoch per step

@@ -61,9 +61,9 @@ class DemoOptions:
     images_per_class: int = 200
     label_every: int = 0
     base_epochs: int = 4
-    cycle_epochs: int = 3
+    cycle_epochs: int = 10
     cycle_min_steps: int = 40
-    distil_budget_s: float = 60.0
+    distil_budget_s: float = 0.0
     level: str | float = 0.8
     idle_seconds: float = 3.0
     port: int | None = None
@@ -101,7 +101,8 @@ def daemon_config(opts: DemoOptions, telemetry: str, samples: int) -> dict[str, 
         "cycle_finetune_before": 1,
         "cycle_epochs": opts.cycle_epochs,
         "cycle_min_steps": opts.cycle_min_steps,
-        # the patient recipe, over a minute: a device idles for hours, a demo does not
+        # the patient recipe for cycle_epochs per prune step (a device idles for hours, a demo does not),
+        # or for a time budget
         "cycle_distil_budget_s": opts.distil_budget_s,
         # the level search keeps only probes at least as accurate as the fine-tuned unpruned
         # model, so the acceptance rule (at most 1 point below the served model) rarely says no
@@ -613,10 +614,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-class", type=argtypes.positive_int, default=200, help="camera images per class (at most ~200 exist)")
     p.add_argument("--label-every", type=argtypes.non_negative_int, default=0, help="the user labels every Nth image (default 0: none, as on a real device)")
     p.add_argument("--base-epochs", type=argtypes.positive_int, default=4, help="base model training (first run only)")
-    p.add_argument("--cycle-epochs", type=argtypes.non_negative_int, default=3, help="retraining epochs in the cycle")
+    p.add_argument("--cycle-epochs", type=argtypes.non_negative_int, default=10, help="retraining epochs per prune step in the cycle")
     p.add_argument("--cycle-min-steps", type=argtypes.non_negative_int, default=40, help="at least this many SGD steps per retraining")
-    p.add_argument("--distil-budget", type=argtypes.non_negative_float, default=60.0,
-                   help="seconds of patient distillation in the cycle (0: --cycle-epochs of the classic recipe)")
+    p.add_argument("--distil-budget", type=argtypes.non_negative_float, default=0.0,
+                   help="seconds of patient distillation in the cycle (default 0: --cycle-epochs per prune step)")
     p.add_argument("--level", type=argtypes.level, default=0.8, help="fraction of parameters to remove (between 0 and 1), or 'auto' (the level search: slower)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="camera silence before the gate counts the device idle")
     p.add_argument("--port", type=int, default=None, help="default 8000, or a free port when 8000 is taken")

@@ -103,7 +103,8 @@ class Daemon:
             "EDGETUNE_MAX_ACCURACY_DROP": "0.05",
             # a candidate the evidence cannot decide is rejected, not kept pending for labels, unless a test asks
             "EDGETUNE_DISAGREEMENT_LABELS": "0",
-            # the classic recipe, one step: a cycle of a few epochs (tests of the patient recipe set a budget)
+            # the classic recipe, one step: a cycle of a few epochs (tests of the patient recipe set it)
+            "EDGETUNE_CYCLE_RECIPE": "classic",
             "EDGETUNE_CYCLE_DISTIL_BUDGET_S": "0",
             "EDGETUNE_CYCLE_PRUNE_STEPS": "1",
             # torch: no engine build per daemon and cycle (suite time); tests of engines ask for auto

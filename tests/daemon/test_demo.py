@@ -21,7 +21,7 @@ import pytest
 SMALL = [
     "--once", "--base-epochs", "1", "--images-per-class", "40", "--label-every", "1",
     "--level", "0.3", "--cycle-epochs", "2", "--cycle-min-steps", "15", "--idle-seconds", "1", "--timeout", "400",
-    "--distil-budget", "0",  # the classic recipe's fixed epochs: the test does not depend on this machine's speed
+    "--distil-budget", "0",  # epochs, not seconds: the test does not depend on this machine's speed
 ]
 # The cycle worker is niced 10 by default: on a CI machine busy with other tests it would get a
 # sliver of the CPU (minutes instead of seconds). Environment settings override the demo's config.toml.

@@ -13,7 +13,7 @@ import torch
 pytestmark = pytest.mark.slow  # two daemon starts and a cycle of real training
 
 FINAL = ("accepted", "rejected", "failed", "aborted")
-ENV = {"EDGETUNE_CYCLE_DISTIL_BUDGET_S": "25", "EDGETUNE_CYCLE_CHECKPOINT_S": "0.01", "EDGETUNE_CYCLE_PRUNE_STEPS": "1",
+ENV = {"EDGETUNE_CYCLE_RECIPE": "patient", "EDGETUNE_CYCLE_DISTIL_BUDGET_S": "25", "EDGETUNE_CYCLE_CHECKPOINT_S": "0.01", "EDGETUNE_CYCLE_PRUNE_STEPS": "1",
        "EDGETUNE_CYCLE_LEVEL": "0.5", "EDGETUNE_MIN_SIZE_GAIN": "0.0", "EDGETUNE_MAX_ACCURACY_DROP": "1.0",
        "EDGETUNE_CYCLE_BATCH_SIZE": "16"}
 
