@@ -137,6 +137,8 @@ def test_a_pending_candidate_is_labelled_on_the_page_and_accepted(make_daemon, d
     click names the candidate's answer, so the labels (through the exact paired test under the
     confidence sequence) accept it and it is installed. (Which answer is true is the labeller's
     business; test_pending.py rejects a candidate the labels side against.)"""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     d = make_daemon({"EDGETUNE_CYCLE_LEVEL": "0.8", "EDGETUNE_CYCLE_EPOCHS": "0", "EDGETUNE_CYCLE_MIN_STEPS": "0",
                      "EDGETUNE_HOLDOUT_FRACTION": "0.5", "EDGETUNE_DISAGREEMENT_LABELS": "60"}).start()
     for data, _label in device_images:
@@ -155,12 +157,22 @@ def test_a_pending_candidate_is_labelled_on_the_page_and_accepted(make_daemon, d
     assert 12 <= len(asked) <= 60
     page.wait_for_selector("#disagreements .asked img")
     assert page.locator("#disagreements .asked").count() == len(asked)
+    def still_pending() -> bool:
+        return d.client.get(f"/cycles/{cycle_id}").json()["state"] == "pending"
+
     for n, item in enumerate(asked, start=1):
-        page.click(f"#disagreements .asked[data-sample='{item['sample_id']}'] button[data-class='{item['candidate']}']")
+        # the daemon judges each label as it arrives (or at its next poll), so the candidate may be
+        # accepted, and the panel hidden, between one click and the next
+        if not still_pending():
+            break
+        try:
+            page.click(f"#disagreements .asked[data-sample='{item['sample_id']}'] button[data-class='{item['candidate']}']", timeout=15_000)
+        except PlaywrightTimeout:
+            if still_pending():
+                raise
+            break
         _wait(lambda: d.client.get(f"/cycles/{cycle_id}/disagreements").json()["asked"][n - 1]["label"] == item["candidate"],
               timeout=30, what=f"label {n}")
-        if d.client.get(f"/cycles/{cycle_id}").json()["state"] != "pending":
-            break
     record = d.wait_cycle(cycle_id, FINAL, timeout=30)
     assert record["state"] == "accepted" and record["version_after"] == "v0002", record
     assert "asked disagreements labelled" in record["reason"]
