@@ -1,4 +1,4 @@
-"""How the acceptance rule (daemon/acceptance.py) decides on paired evidence, by simulation: for a
+"""How the acceptance rule (daemon/cycles/acceptance.py) decides on paired evidence, by simulation: for a
 candidate that disagrees with its teacher on a share d of the traffic and loses a true top-1 L
 against it, how often it is accepted without a label, accepted or rejected after the labels of its
 disagreements (asked one at a time, the rule re-checked after each, as the daemon does), or left
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.acceptance import Acceptance, Verdict, decide  # noqa: E402
+from daemon.cycles.acceptance import Acceptance, Verdict, decide  # noqa: E402
 from prune_core.evidence import Calibration, Disagreement, JudgingEvidence  # noqa: E402
 
 RULE = Acceptance(max_drop=0.01, min_gain=0.05, min_agreement=0.99, min_label_evidence=200)  # the daemon's defaults

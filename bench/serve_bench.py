@@ -378,7 +378,7 @@ def prepare_models(work: Path, level: float) -> dict[str, Path]:
 
 def prepare_state(state_dir: Path, dirs: dict[str, Path]) -> dict[str, str]:
     """A state directory holding both models as versions (the unpruned one active): model name -> version."""
-    from daemon.model_store import ModelStore
+    from daemon.storage.model_store import ModelStore
 
     store = ModelStore(state_dir / "models")
     versions = {name: store.import_model(d) for name, d in dirs.items()}
@@ -570,10 +570,10 @@ def batch_sizes(client: httpx.Client) -> tuple[float, float]:
 def _settings_fields(code: str | None = None) -> set[str]:
     """The daemon's settings: this checkout's, or those of the checkout `code` (--daemon-code)."""
     if code is None:
-        from daemon.config import Settings
+        from daemon.ops.config import Settings
 
         return set(Settings.model_fields)
-    out = subprocess.run([sys.executable, "-c", "from daemon.config import Settings; print(' '.join(Settings.model_fields))"],
+    out = subprocess.run([sys.executable, "-c", "from daemon.ops.config import Settings; print(' '.join(Settings.model_fields))"],
                          env={**os.environ, "PYTHONPATH": str(Path(code).resolve())}, capture_output=True, text=True, check=True)
     return set(out.stdout.split())
 

@@ -9,12 +9,12 @@ held-out split as `edgetune train`/`calibrate` does (prune_core.calibrate.calibr
   stream       500 images per class of the subset in a random order, a share of them labelled (`--label-rates`;
                the labelled ones of a lower rate are among those of a higher one), split 80/20 into training and
                held-out samples by a hash of the key, as the daemon's buffer does (holdout_fraction 0.2);
-  prior        what daemon/prior_adapter.py holds after the stream: EM over the last 1024 temperature-calibrated
+  prior        what daemon/serving/prior_adapter.py holds after the stream: EM over the last 1024 temperature-calibrated
                outputs, re-estimated every 10 samples; the cycle's target prior only past the 0.2 gate (total
                variation from the model's prior), as scheduler.py passes `served.prior.target()`;
-  cycle        daemon/worker.py's steps: corrected_teacher(model, card, target prior, floor), the held-out samples
+  cycle        daemon/workers/worker.py's steps: corrected_teacher(model, card, target prior, floor), the held-out samples
                split into choosing and judging ones (split_judging, cycle_judge_share), run_cycle with the
-               daemon's default settings (daemon/config.py) but the level from `--levels`, decide() with its
+               daemon's default settings (daemon/ops/config.py) but the level from `--levels`, decide() with its
                defaults.
 
 Scored on 500 other images per class of the subset (10-way argmax). Rows:
@@ -63,10 +63,10 @@ from prune_core.retrain import patient
 from prune_core.teacher import corrected_teacher
 
 sys.path.insert(0, str(REPO))
-from daemon.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
-from daemon.prior_adapter import PriorSettings  # noqa: E402
-from daemon.acceptance import Acceptance, decide  # noqa: E402
-from daemon.worker import close_enough  # noqa: E402
+from daemon.ops.config import Settings  # noqa: E402  (the daemon's defaults, read from its own settings)
+from daemon.serving.prior_adapter import PriorSettings  # noqa: E402
+from daemon.cycles.acceptance import Acceptance, decide  # noqa: E402
+from daemon.workers.worker import close_enough  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "unlabelled_cycle"
 BUFFER_SALT = "unlabelled-cycle-buffer"
@@ -199,7 +199,7 @@ class Subset:
 
 
 def run_one_cycle(model, card, sub: Subset, rate: float, level, args, s: Settings) -> dict:
-    """daemon/worker.py's run_worker, minus the process, the buffer and the events."""
+    """daemon/workers/worker.py's run_worker, minus the process, the buffer and the events."""
     train_set, held_set = sub.buffer(rate, args.seed, s.holdout_fraction)
     torch.manual_seed(args.seed)
     teacher = corrected_teacher(model, card, sub.target, s.prior_floor)

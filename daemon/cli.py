@@ -28,8 +28,8 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from .api import create_app
-    from .config import ConfigError, load_settings
-    from .logs import configure_logging
+    from .ops.config import ConfigError, load_settings
+    from .ops.logs import configure_logging
     from .runtime import Runtime, StartupError
     from .service import loop_factory, run, serve
 

@@ -16,24 +16,24 @@ from prune_core.device import device_name
 from prune_core.imagedecode import decode_array
 from prune_core.options import check_cycle_options
 
-from .batcher import Batcher, BatchSettings, Result
-from .buffer import DropReason, NewSample, SampleBuffer, Stored
-from .config import Settings
-from .cycle_records import CycleStore
-from .gate import Gate
-from .installer import Installer
-from .metrics import Metrics
-from .model_store import ModelStore, UnknownVersion
-from .prior_adapter import PriorAdapter, PriorSettings
-from .drift import Appeared, DriftSettings
-from .engine_rebuild import EngineRebuilder
-from .generalist import GeneralistWatch, load_logits
-from .recovery import recover_interrupted
-from .scheduler import Clock, Conflict, Scheduler
-from .serving import Answer, ModelHolder, Served
-from .status_view import status_document
-from .supervisor import WorkerSupervisor, WorkerTarget
-from .telemetry import make_provider
+from .serving.batcher import Batcher, BatchSettings, Result
+from .storage.buffer import DropReason, NewSample, SampleBuffer, Stored
+from .ops.config import Settings
+from .cycles.cycle_records import CycleStore
+from .cycles.gate import Gate
+from .serving.installer import Installer
+from .ops.metrics import Metrics
+from .storage.model_store import ModelStore, UnknownVersion
+from .serving.prior_adapter import PriorAdapter, PriorSettings
+from .serving.drift import Appeared, DriftSettings
+from .workers.engine_rebuild import EngineRebuilder
+from .serving.generalist import GeneralistWatch, load_logits
+from .cycles.recovery import recover_interrupted
+from .cycles.scheduler import Clock, Conflict, Scheduler
+from .serving.serving import Answer, ModelHolder, Served
+from .ops.status_view import status_document
+from .workers.supervisor import WorkerSupervisor, WorkerTarget
+from .ops.telemetry import make_provider
 
 log = logging.getLogger("edgetune")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Coroutine
 
 import uvicorn
 
-from .notify import Notifier
+from .ops.notify import Notifier
 from .runtime import Runtime
 
 POLL_S = 0.2  # how soon a status change or the start of shutdown is announced

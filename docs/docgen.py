@@ -1,4 +1,4 @@
-"""The generated parts of docs/: the configuration table from `daemon.config.Settings` and the
+"""The generated parts of docs/: the configuration table from `daemon.ops.config.Settings` and the
 CLI reference from the `edgetune` parser's own `--help`.
 
 cog runs these from the `[[[cog` blocks in docs/configuration.md and docs/cli.md
@@ -81,7 +81,7 @@ def _cell(text: str) -> str:
 
 def settings_table() -> str:
     """One row per setting: key, default, type with its bounds, environment variable, description."""
-    from daemon.config import Settings
+    from daemon.ops.config import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
     rows = ["| key | default | type | environment | description |", "|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ Estimators:
 The two published ones take per-round BBSE estimates (Lipton et al. 2018) from a labelled source
 confusion matrix, as in their papers (`update(preds)` once per round). `decide` is the rule that says
 whether correcting pays, and `OnlineCorrector` puts the scene tracker, the evidence and the labelled
-spot checks together for the daemon (daemon/prior_adapter.py) and the bench (bench/online_shift.py).
+spot checks together for the daemon (daemon/serving/prior_adapter.py) and the bench (bench/online_shift.py).
 """
 from __future__ import annotations
 

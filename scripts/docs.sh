@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the generated parts of docs/ (the configuration table from daemon.config.Settings,
+# Regenerates the generated parts of docs/ (the configuration table from daemon.ops.config.Settings,
 # the CLI reference from `edgetune ... --help`) with cog. tests/test_docs.py fails when they drift.
 # Sets up ./.venv (scripts/env.sh) like the other scripts. Extra args go to cog (e.g. --check --diff).
 set -euo pipefail

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings
+from daemon.ops.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = ("docs/configuration.md", "docs/cli.md")

@@ -1,5 +1,5 @@
 """prune_core.judging with real models: the paired evidence of a candidate against its teacher on
-held-out digits, and the acceptance rule on it (daemon/acceptance.py): a candidate that answers like
+held-out digits, and the acceptance rule on it (daemon/cycles/acceptance.py): a candidate that answers like
 the teacher is accepted without a label; a deliberately under-trained control (pruned, never
 retrained) is not, and the true labels of its disagreements reject it."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from daemon.acceptance import Acceptance, Verdict, decide
+from daemon.cycles.acceptance import Acceptance, Verdict, decide
 from prune_core import ModelCard, TrainConfig, build_model, split_holdout, train
 from prune_core.criteria import get_criterion
 from prune_core.datasets import MNIST_CLASSES, mnist5k

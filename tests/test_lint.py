@@ -15,8 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CLEAN = [
-    "daemon/child_process.py", "daemon/cycle_cost.py", "daemon/cycle_records.py", "daemon/cycle_state.py", "daemon/events.py",
-    "daemon/installer.py", "prune_core/checkpoint.py", "prune_core/cost.py", "prune_core/cost_records.py",
+    "daemon/cycles/cycle_cost.py", "daemon/cycles/cycle_records.py", "daemon/cycles/cycle_state.py", "daemon/serving/installer.py",
+    "daemon/workers/child_process.py", "daemon/workers/events.py", "prune_core/checkpoint.py", "prune_core/cost.py", "prune_core/cost_records.py",
     "prune_core/onnx_export.py", "prune_core/options.py", "prune_core/state_dict.py",
 ]
 CLEAN_TESTS = ["tests/test_cli_archs.py", "tests/test_lint.py", "tests/test_structure.py"]

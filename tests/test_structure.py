@@ -15,7 +15,7 @@ PACKAGES = ("prune_core", "daemon")
 ARCHITECTURE = REPO / "docs" / "architecture.md"
 # What a client may import from the daemon besides daemon.clients: the cycle states the API speaks
 # (a wire enum, torch-free) and the rule its child processes follow (die with the parent).
-CLIENT_ALLOWED = {"daemon.cycle_state", "daemon.child_process"}
+CLIENT_ALLOWED = {"daemon.cycles.cycle_state", "daemon.workers.child_process"}
 
 
 def _modules() -> dict[str, Path]:

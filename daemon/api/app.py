@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import status_page
+from ..ops import status_page
 from ..runtime import Runtime
 from . import cycles, inference, models, samples, status
 

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse
 
 from prune_core.imagedecode import DataError
 
-from ..batcher import InferenceError
-from ..buffer import NewSample, StorageError
 from ..runtime import Runtime
-from ..serving import Answer, Served
+from ..serving.batcher import InferenceError
+from ..serving.serving import Answer, Served
+from ..storage.buffer import NewSample, StorageError
 from .routing import DirectRoute
 from .schemas import ERROR_RESPONSES, INFER_BODY, BufferOutcome, InferResponse, error
 

@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 
 from prune_core.imagedecode import DataError, decode_array
 
-from ..buffer import NewSample, StorageError
 from ..runtime import NotFound, Runtime
+from ..storage.buffer import NewSample, StorageError
 from .inference import label_index, served_model
 from .schemas import ErrorMessage, LabelRequest, LabelResponse, SamplesRequest, error
 

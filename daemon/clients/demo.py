@@ -44,8 +44,8 @@ from prune_core.model_format import load_model
 
 from prune_core import argtypes
 
-from ..child_process import parent_death_signal
-from ..cycle_state import CycleState
+from ..workers.child_process import parent_death_signal
+from ..cycles.cycle_state import CycleState
 from .http import ApiClient, ApiError, Unreachable
 
 HOST = "127.0.0.1"

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from prune_core.errors import UsageError
 
-from ..cycle_state import CycleState
+from ..cycles.cycle_state import CycleState
 from .http import DEFAULT_URL, ApiClient, ApiError, Unreachable
 
 STYLE = {

@@ -219,7 +219,7 @@ class InProcess:
         from fastapi.testclient import TestClient
 
         from daemon.api import create_app
-        from daemon.config import Settings
+        from daemon.ops.config import Settings
         from daemon.runtime import Runtime
 
         self.telemetry_file = state_dir.parent / "telemetry.json"

@@ -4,7 +4,7 @@ decides with the real acceptance rule on a made-up summary (params shrink by the
 and writes an accepted candidate by copying the served model. `job.epochs` is its number of
 batches; FOREVER (the API's largest value) runs until aborted, so a test never races the end of a
 cycle. An empty snapshot fails as the real worker does. Its cost prediction goes through the real
-budget rule (daemon/cycle_cost.choose) on made-up profiles: 507 MiB + 2 MiB per sample with full
+budget rule (daemon/cycles/cycle_cost.choose) on made-up profiles: 507 MiB + 2 MiB per sample with full
 retraining, 480 MiB + 1 MiB per sample with a cheaper scope (its own, as the real worker profiles each)."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import shutil
 import time
 from pathlib import Path
 
-from daemon.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
-from daemon.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
-from daemon.acceptance import Acceptance, decide
-from daemon.worker import Aborted, CycleJob, obey
+from daemon.cycles.cycle_cost import CostWatch, CycleRefused, choose, fallback_scopes
+from daemon.workers.events import AbortedEvent, FailedEvent, ProgressEvent, ResultEvent, StepEvent
+from daemon.cycles.acceptance import Acceptance, decide
+from daemon.workers.worker import Aborted, CycleJob, obey
 from prune_core.cost_records import CyclePlan, MemorySource, Phase, Profile, ProfileSample
 
 BATCH_S = 0.002
@@ -80,13 +80,13 @@ def fake_worker(job: CycleJob, control, events, engines=None) -> None:
 
 def _build_engines(job: CycleJob, control) -> list:
     """What the real worker does after writing an accepted candidate: build its engines in the
-    staging directory (daemon.worker.build_candidate_engines), verified on the held-out samples of
+    staging directory (daemon.workers.worker.build_candidate_engines), verified on the held-out samples of
     the snapshot, obeying pause and abort between the build's steps. Imports torch: only the
     workers below use it."""
     import numpy as np
 
-    from daemon.buffer import read_snapshot
-    from daemon.worker import build_candidate_engines
+    from daemon.storage.buffer import read_snapshot
+    from daemon.workers.worker import build_candidate_engines
     from prune_core import load_model
     from prune_core.imagedecode import decode_array
 
@@ -117,7 +117,7 @@ def fake_worker_disagreeing(job: CycleJob, control, events) -> None:
     """A stand-in whose candidate answers class 1 where the (corrected) teacher answers class 0 on every
     held-out sample of the snapshot, with an expected loss too high to accept without labels: the real
     acceptance rule then keeps it pending, asking for the labels of those samples (in snapshot order)."""
-    from daemon.buffer import read_snapshot
+    from daemon.storage.buffer import read_snapshot
     from prune_core.evidence import Disagreement, JudgingEvidence
 
     events.put(StepEvent("start"))

@@ -226,7 +226,7 @@ def test_a_full_sample_queue_drops_samples_never_requests(make_inproc):
 
 
 def test_a_failed_background_commit_counts_the_sample_as_dropped(make_inproc):
-    from daemon.buffer import BufferFull
+    from daemon.storage.buffer import BufferFull
 
     d = make_inproc()
     real = d.rt.buffer.add_many

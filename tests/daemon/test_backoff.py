@@ -1,9 +1,9 @@
 """Backoff of automatic cycles: a pure function of the records and `now`, tested without a clock."""
 from __future__ import annotations
 
-from daemon.backoff import Backoff, backoff
-from daemon.cycle_records import CycleRecord
-from daemon.cycle_state import CycleState
+from daemon.cycles.backoff import Backoff, backoff
+from daemon.cycles.cycle_records import CycleRecord
+from daemon.cycles.cycle_state import CycleState
 
 BASE, MAX = 60.0, 3600.0
 

@@ -1,4 +1,4 @@
-"""Dynamic batching: real models through daemon.batcher, and through /infer in process. Batches
+"""Dynamic batching: real models through daemon.serving.batcher, and through /infer in process. Batches
 are made deterministic by holding the first forward pass until the rest have queued; nothing here
 asserts a duration."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import noise_png as png
 
-from daemon.batcher import Batcher, BatchSettings, InferenceError
-from daemon.serving import load_served
+from daemon.serving.batcher import Batcher, BatchSettings, InferenceError
+from daemon.serving.serving import load_served
 from prune_core import ModelCard, build_model, save_model
 from prune_core.datasets import MNIST_CLASSES
 

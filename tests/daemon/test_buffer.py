@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from daemon.buffer import SCHEMA_VERSION, NewSample, SampleBuffer, is_holdout, read_snapshot
+from daemon.storage.buffer import SCHEMA_VERSION, NewSample, SampleBuffer, is_holdout, read_snapshot
 
 
 def _img(i: int) -> bytes:
@@ -89,7 +89,7 @@ def test_holdout_is_deterministic_by_content(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from daemon.buffer import NewSample, SampleBuffer
+    from daemon.storage.buffer import NewSample, SampleBuffer
     buf = SampleBuffer(sys.argv[1], 10**6, 2**40, 0.2)
     buf.start()
     i = 0

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from daemon.config import ConfigError, load_settings
-from daemon.gate import Gate
-from daemon.telemetry import Reading, SimulatedProvider, SysfsProvider, make_provider
+from daemon.ops.config import ConfigError, load_settings
+from daemon.cycles.gate import Gate
+from daemon.ops.telemetry import Reading, SimulatedProvider, SysfsProvider, make_provider
 
 
 def test_toml_then_env_then_arguments(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import InProcess
 
-from daemon.cycle_records import CycleRecord, CycleStore
-from daemon.cycle_state import CycleState, CycleTrigger
+from daemon.cycles.cycle_records import CycleRecord, CycleStore
+from daemon.cycles.cycle_state import CycleState, CycleTrigger
 
 
 def test_records_round_trip_as_strict_json_and_old_records_load(tmp_path):

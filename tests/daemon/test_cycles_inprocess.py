@@ -8,7 +8,7 @@ import re
 
 from fake_worker import FOREVER
 
-from daemon.cycle_state import CycleState
+from daemon.cycles.cycle_state import CycleState
 from test_api_inprocess import png, seed
 
 FINAL = ("accepted", "rejected", "failed", "aborted")

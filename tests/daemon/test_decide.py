@@ -1,7 +1,7 @@
-"""daemon.acceptance.decide: the acceptance rule, on the evidence the cycle had."""
+"""daemon.cycles.acceptance.decide: the acceptance rule, on the evidence the cycle had."""
 from __future__ import annotations
 
-from daemon.acceptance import Acceptance, decide
+from daemon.cycles.acceptance import Acceptance, decide
 
 NAN = float("nan")
 RULE = Acceptance(max_drop=0.01, min_gain=0.05, min_agreement=0.99, min_label_evidence=200)
@@ -49,7 +49,7 @@ def test_a_few_labels_do_not_overrule_a_corrected_teacher():
 
 
 def test_the_rule_reads_settings_and_jobs_alike():
-    from daemon.config import Settings
+    from daemon.ops.config import Settings
     s = Settings()
     assert Acceptance.of(s) == Acceptance(s.max_accuracy_drop, s.min_size_gain, s.min_agreement, s.min_label_evidence,
                                           s.acceptance_confidence, s.disagreement_labels)
@@ -76,7 +76,7 @@ def test_a_calibrated_teachers_expected_loss_can_show_closeness_without_agreemen
 # ---- paired evidence (prune_core.evidence.JudgingEvidence) ---------------------------------------
 from prune_core.evidence import Calibration, Disagreement, JudgingEvidence  # noqa: E402
 
-from daemon.acceptance import Verdict  # noqa: E402
+from daemon.cycles.acceptance import Verdict  # noqa: E402
 
 UNLABELLED = dict(evidence="agreement", top1_before=NAN, top1_after=NAN, teacher={"corrected": True}, agreement_with_before=0.9)
 

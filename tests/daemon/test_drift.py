@@ -1,10 +1,10 @@
-"""daemon.drift: the generalist notices a class the specialist was not trained for."""
+"""daemon.serving.drift: the generalist notices a class the specialist was not trained for."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from daemon.drift import DriftSettings, DriftWatch
+from daemon.serving.drift import DriftSettings, DriftWatch
 from prune_core.model_format import ModelCard
 
 NAMES = ["a", "b", "c", "d"]
@@ -40,7 +40,7 @@ def test_the_generalist_watch_runs_any_forward_pass_and_asks_for_the_fallback(un
     triggers the fallback once."""
     import threading
 
-    from daemon.generalist import GeneralistWatch
+    from daemon.serving.generalist import GeneralistWatch
 
     seen, appeared = [], threading.Event()
     found = []
@@ -78,7 +78,7 @@ def test_the_generalist_runs_through_its_engine_where_one_is_built(tmp_path, unt
     from daemon.engines import Backend
     from daemon.engines.build import build_engine
     from daemon.engines.verify import TOLERANCES, Precision
-    from daemon.generalist import load_logits
+    from daemon.serving.generalist import load_logits
     from prune_core.model_format import load_model
 
     version = tmp_path / "v0001"

@@ -70,7 +70,7 @@ class Scripted:
 
 
 def candidate_job(**kw):
-    from daemon.worker import CycleJob
+    from daemon.workers.worker import CycleJob
 
     fields = dict(cycle_id="c1", buffer_path="", model_dir="", served_version="v0001", staging_dir="", max_sample_id=0,
                   level=0.5, criterion="l1", allocation="uniform", epochs=1, finetune_before=0, tolerance=0.0, batch_size=8,
@@ -83,7 +83,7 @@ def test_the_worker_honours_abort_and_pause_inside_an_engine_build(tmp_path, bas
     """build_candidate_engines checks the worker's control between the build's steps: an abort
     after the export stops the build there (nothing recorded, Aborted reaches the worker, not a
     build failure), and a pause blocks it until resumed, then the engine is built and verified."""
-    from daemon.worker import Aborted, Control, build_candidate_engines, obey
+    from daemon.workers.worker import Aborted, Control, build_candidate_engines, obey
 
     model, card = load_model(base_model_dir)
     aborting = Scripted(lambda n: Control.ABORT if n >= 3 else Control.RUN)  # obey reads twice: check 1 (before the backend) runs
@@ -136,7 +136,7 @@ def test_trained_cifar_small_build_commit_load(tmp_path, base_model_dir, images)
 def test_predict_answers_as_the_torch_serving_path(tmp_path, base_model_dir, images):
     """Engine.predict gives what serving.Served.predict gives for the same model: same top-k
     classes wherever the probabilities are apart, probabilities within the tolerance."""
-    from daemon.serving import load_served
+    from daemon.serving.serving import load_served
 
     model, card = load_model(base_model_dir)
     build_engine(model, card, tmp_path, ORT, images)

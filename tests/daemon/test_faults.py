@@ -18,8 +18,8 @@ import psutil
 import pytest
 from conftest import b64, noise_png
 
-from daemon.backoff import backoff
-from daemon.cycle_records import CycleRecord
+from daemon.cycles.backoff import backoff
+from daemon.cycles.cycle_records import CycleRecord
 
 pytestmark = pytest.mark.slow  # real daemons, mounts and out-of-memory workers
 

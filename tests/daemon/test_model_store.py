@@ -1,7 +1,7 @@
-"""daemon.model_store: which versions are kept."""
+"""daemon.storage.model_store: which versions are kept."""
 from __future__ import annotations
 
-from daemon.model_store import ModelStore
+from daemon.storage.model_store import ModelStore
 from prune_core.model_format import MODEL_JSON
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from daemon.telemetry import SysfsProvider, jtop_power_state
+from daemon.ops.telemetry import SysfsProvider, jtop_power_state
 
 
 def _wait_status(d, predicate, timeout: float = 20) -> dict:

@@ -1,10 +1,10 @@
-"""daemon.prior_adapter: the device's class prior, corrected answers, counterfactual spot checks, carry-over."""
+"""daemon.serving.prior_adapter: the device's class prior, corrected answers, counterfactual spot checks, carry-over."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from daemon.prior_adapter import ModelPrior, PriorAdapter, PriorSettings
+from daemon.serving.prior_adapter import ModelPrior, PriorAdapter, PriorSettings
 from prune_core.label_shift import softmax, total_variation
 from prune_core.model_format import ModelCard
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from daemon.report import MAX_CURVE_POINTS, LossCurve, build_report
+from daemon.cycles.report import MAX_CURVE_POINTS, LossCurve, build_report
 
 FINAL = ("accepted", "rejected", "failed", "aborted")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.model_store import ModelStore, UnknownVersion
+from daemon.storage.model_store import ModelStore, UnknownVersion
 from prune_core.model_format import ModelFormatError, load_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from daemon.engines import Backend, Precision, trt
 from daemon.engines.base import ENGINE_JSON
 from daemon.engines.eager import TorchEngine
 from daemon.engines.verify import TOLERANCES
-from daemon.serving import load_served
+from daemon.serving.serving import load_served
 from fake_worker import fake_worker_building_engines, fake_worker_engine_build_fails
 
 REBUILD_TIMEOUT_S = 300  # a generous bound on one background build (spawn, torch import, export, verify)

@@ -20,12 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 # correct answers, watch for drift and keep its state.
 TORCH_FREE = [
     "prune_core.card", "prune_core.imagedecode", "prune_core.label_shift", "prune_core.online_prior", "prune_core.device", "prune_core.atomic",
-    "prune_core.arch_names", "daemon.prior_adapter", "daemon.drift", "daemon.generalist", "daemon.metrics",
-    "daemon.model_store", "daemon.cycle_records", "daemon.buffer", "daemon.gate", "daemon.config", "daemon.telemetry",
-    "prune_core.options", "prune_core.evidence", "daemon.acceptance",
-    "daemon.report", "daemon.supervisor", "daemon.worker", "daemon.engines", "daemon.serving", "daemon.batcher",
-    "daemon.installer", "daemon.recovery", "daemon.scheduler", "daemon.status_view", "daemon.runtime",
-    "daemon.api.app", "daemon.service", "prune_core.cost_records", "daemon.events", "daemon.cycle_cost", "daemon.child_process",
+    "prune_core.arch_names", "prune_core.options", "prune_core.evidence", "prune_core.cost_records",
+    "daemon.serving.prior_adapter", "daemon.serving.drift", "daemon.serving.generalist", "daemon.serving.serving", "daemon.serving.batcher",
+    "daemon.storage.model_store", "daemon.storage.buffer",
+    "daemon.cycles.cycle_records", "daemon.cycles.gate", "daemon.cycles.acceptance", "daemon.cycles.report", "daemon.serving.installer",
+    "daemon.cycles.recovery", "daemon.cycles.scheduler", "daemon.cycles.cycle_cost",
+    "daemon.workers.supervisor", "daemon.workers.worker", "daemon.workers.events", "daemon.workers.child_process",
+    "daemon.ops.metrics", "daemon.ops.config", "daemon.ops.telemetry", "daemon.ops.status_view",
+    "daemon.engines", "daemon.runtime", "daemon.api.app", "daemon.service",
 ]
 # Records which import first pulled torch or torchvision in, then lets it load.
 PROBE = """
@@ -62,8 +64,8 @@ def test_a_request_is_decoded_calibrated_and_corrected_without_torch(tmp_path, u
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(photo, "JPEG")
     run_without_torch(f"""
 import numpy as np
-from daemon.drift import DriftSettings, DriftWatch
-from daemon.prior_adapter import ModelPrior, PriorAdapter, PriorSettings
+from daemon.serving.drift import DriftSettings, DriftWatch
+from daemon.serving.prior_adapter import ModelPrior, PriorAdapter, PriorSettings
 from prune_core.card import read_card
 from prune_core.imagedecode import decode_array
 card = read_card({str(untrained_model_dir)!r})
@@ -75,7 +77,7 @@ a = adapter.answer(model, logits)
 adapter.refresh(model)
 assert a.served.shape == a.raw.shape == (4, card.num_classes) and adapter.view(model).estimate is not None
 DriftWatch(card, DriftSettings(window=8, min_samples=2)).observe(logits)
-from daemon.config import load_settings
+from daemon.ops.config import load_settings
 from prune_core.options import check_cycle_options
 load_settings(state_dir={str(tmp_path / "state")!r})  # validates the criteria and allocations lists
 assert check_cycle_options("auto", "taylor,apoz", "uniform,global") == "auto"
@@ -104,7 +106,7 @@ def test_the_generalist_runs_through_its_onnxruntime_engine_without_torch(tmp_pa
     np.save(tmp_path / "want.npy", want)
     run_without_torch(f"""
 import numpy as np
-from daemon.generalist import load_logits
+from daemon.serving.generalist import load_logits
 logits = load_logits({str(version)!r}, "onnxruntime")
 assert logits.__self__.backend.value == "onnxruntime"
 got = logits(np.load({str(tmp_path / 'images.npy')!r}))
@@ -139,7 +141,7 @@ def test_a_daemon_serving_onnxruntime_never_maps_libtorch(tmp_path, untrained_mo
 
     from daemon.engines import Backend
     from daemon.engines.build import build_engine
-    from daemon.model_store import ModelStore
+    from daemon.storage.model_store import ModelStore
     from prune_core.model_format import load_model
 
     store = ModelStore(tmp_path / "state" / "models")

@@ -1,6 +1,6 @@
 """The deployment files checked without a Jetson or a Docker engine: hadolint on Dockerfile.l4t,
 shellcheck on the shell scripts, and the default config.toml and the configuration table of
-docs/configuration.md against daemon.config.Settings, so neither drifts from the code."""
+docs/configuration.md against daemon.ops.config.Settings, so neither drifts from the code."""
 from __future__ import annotations
 
 import re
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings, load_settings
+from daemon.ops.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

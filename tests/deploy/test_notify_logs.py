@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from daemon.logs import configure_logging, stream_is_journal, syslog_priority
-from daemon.notify import Notifier
+from daemon.ops.logs import configure_logging, stream_is_journal, syslog_priority
+from daemon.ops.notify import Notifier
 
 
 def _receiver(address) -> socket.socket:

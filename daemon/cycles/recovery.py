@@ -12,9 +12,9 @@ from pathlib import Path
 
 from prune_core.card import ModelFormatError
 
+from ..serving.installer import Installer
 from .cycle_records import CycleStore
 from .cycle_state import CycleState
-from .installer import Installer
 
 log = logging.getLogger("edgetune.recovery")
 

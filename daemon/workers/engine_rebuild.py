@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from ..engines import Backend, BuildOutcome
 from .child_process import start_child
-from .engines import Backend, BuildOutcome
 
 if TYPE_CHECKING:
-    from .installer import Installer
-    from .metrics import Metrics
+    from ..ops.metrics import Metrics
+    from ..serving.installer import Installer
 
 log = logging.getLogger("edgetune.engines")
 
@@ -57,7 +57,7 @@ def verification_images(buffer_path: Path, card: Any, limit: int) -> tuple[np.nd
     images when there are none; and which of the two."""
     from prune_core.imagedecode import decode_array
 
-    from .buffer import read_snapshot
+    from ..storage.buffer import read_snapshot
 
     images = []
     try:
@@ -89,7 +89,7 @@ def run_rebuild(job: RebuildJob, results) -> None:
     try:
         from prune_core.model_format import load_model
 
-        from .engines.build import VERIFY_IMAGES, build_engines
+        from ..engines.build import VERIFY_IMAGES, build_engines
 
         model, card = load_model(job.version_dir, "cpu")
         images, verified_on = verification_images(Path(job.buffer_path), card, VERIFY_IMAGES)

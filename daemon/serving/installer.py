@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-from .engines import Backend, ServingBackend
-from .metrics import Metrics
-from .model_store import ModelStore
+from ..engines import Backend, ServingBackend
+from ..ops.metrics import Metrics
+from ..storage.model_store import ModelStore
 from .prior_adapter import PriorAdapter
 from .serving import ModelHolder, Served, load_served
 
@@ -20,7 +20,7 @@ log = logging.getLogger("edgetune.installer")
 
 
 class Rebuilder(Protocol):
-    """What the installer asks of the engine rebuilder (daemon/engine_rebuild.EngineRebuilder, which
+    """What the installer asks of the engine rebuilder (daemon/workers/engine_rebuild.EngineRebuilder, which
     calls back `upgrade`): named by its two calls, so neither module imports the other's class."""
 
     def request(self, version: str, backends: Iterable[Backend]) -> bool: ...

@@ -5,10 +5,10 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from .cycle_state import CycleState
+from ..cycles.cycle_state import CycleState
 
 if TYPE_CHECKING:
-    from .gate import GateState
+    from ..cycles.gate import GateState
     from .telemetry import Reading
 
 disable_created_metrics()  # the *_created series only add noise to dashboards

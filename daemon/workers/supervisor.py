@@ -1,7 +1,7 @@
 """The cycle worker's process, seen from the daemon: start it, pause, resume or abort it through a
 shared control value, kill it, and collect the typed events it sends.
 
-The target is replaceable: the daemon runs `daemon.worker.run_worker`, tests a fast fake with the
+The target is replaceable: the daemon runs `daemon.workers.worker.run_worker`, tests a fast fake with the
 same signature `(job, control, events)`."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The cycle worker: a separate, lower-priority process that runs one prune-retrain cycle on a
-snapshot of the buffer and reports through a queue of typed events (daemon/events.py). It never
+snapshot of the buffer and reports through a queue of typed events (daemon/workers/events.py). It never
 touches the served model or the active pointer; an accepted candidate is written to a staging
 directory for the daemon to install.
 
@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 from prune_core.options import DEFAULT_JUDGE_SHARE, DEFAULT_LAST_SHARE, DEFAULT_PRUNE_STEPS, Recipe, RetrainScope
 
-from .acceptance import Acceptance, decide
+from ..cycles.acceptance import Acceptance, decide
 from .child_process import start_child
 from .events import AbortedEvent, FailedEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent
-from .report import LossCurve, channels_kept
+from ..cycles.report import LossCurve, channels_kept
 
 
 class Control(IntEnum):
@@ -79,7 +79,7 @@ class CycleJob:
     target_prior: list | None = None  # the traffic's estimated class prior while answers are corrected to it: the teacher is
     # then corrected to the prior of the samples it trains on (EM on the served model's outputs over them, from this)
     prior_floor: float = 1e-3
-    memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycle_cost.py)
+    memory_budget_mb: int | None = None  # the predicted peak must fit: the batch size is chosen for it (daemon/cycles/cycle_cost.py)
     retrain_scope: RetrainScope = RetrainScope.FULL
     retrain_last_share: float = DEFAULT_LAST_SHARE
     engine_backends: tuple = ()  # Backend values to build engines for, for an accepted candidate
@@ -124,8 +124,8 @@ def build_candidate_engines(model, card, staging_dir: str, held_out_images, job:
     candidate in its staging directory, so the swap only has to load them. Each backend's outcome
     (engine or reason) goes into the cycle record; only `between` (the worker's pause and abort
     check, called between build steps) raises."""
-    from .engines import Backend
-    from .engines.build import build_engines
+    from ..engines import Backend
+    from ..engines.build import build_engines
 
     return build_engines(model, card, staging_dir, held_out_images, backends=[Backend(b) for b in job.engine_backends],
                          between=between, threads=job.serving_threads)
@@ -190,8 +190,8 @@ def run_worker(job: CycleJob, control, events) -> None:
         from prune_core.model_format import channel_plan
         from prune_core.teacher import corrected_teacher, samples_prior
 
-        from .buffer import read_snapshot
-        from .cycle_cost import predict_cost
+        from ..storage.buffer import read_snapshot
+        from ..cycles.cycle_cost import predict_cost
 
         torch.manual_seed(job.seed)
         device = pick_device(job.device)

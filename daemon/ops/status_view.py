@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from .config import Settings
-from .cycle_state import CycleState
-from .gate import Gate
-from .scheduler import SchedulerView
-from .generalist import GeneralistWatch
-from .prior_adapter import PriorAdapter
-from .serving import Served
+from ..cycles.cycle_state import CycleState
+from ..cycles.gate import Gate
+from ..cycles.scheduler import SchedulerView
+from ..serving.generalist import GeneralistWatch
+from ..serving.prior_adapter import PriorAdapter
+from ..serving.serving import Served
 
 IDLE = "idle"
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engines import Backend, Engine, InputSpec, Selection, ServingBackend, select_engine
-from .engines.base import top_classes
-from .engines.select import median_latency_ms
+from ..engines import Backend, Engine, InputSpec, Selection, ServingBackend, select_engine
+from ..engines.base import top_classes
+from ..engines.select import median_latency_ms
 from .prior_adapter import ModelPrior, PriorAdapter
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def torch_engine(directory: Path, device: Any, spec: InputSpec) -> Engine:
 
     from prune_core.model_format import load_model
 
-    from .engines.eager import TorchEngine
+    from ..engines.eager import TorchEngine
 
     device = torch.device(device)
     model, _ = load_model(directory, device)

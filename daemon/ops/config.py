@@ -137,14 +137,14 @@ class Settings(BaseSettings):
     min_agreement: float = Field(
         0.99, ge=0, le=1, description="with no labelled held-out samples, a candidate must agree with the prior-corrected"
         " served model on at least this share of them (disagreement bounds the accuracy it can lose against it), or lose"
-        " at most max_accuracy_drop as that model's calibrated probabilities expect, at 95 % (daemon/acceptance.py)")
+        " at most max_accuracy_drop as that model's calibrated probabilities expect, at 95 % (daemon/cycles/acceptance.py)")
     min_label_evidence: int = Field(
         200, ge=0, description="with fewer labelled held-out samples than this (and under half of them labelled) and a prior-corrected"
         " teacher, a candidate must pass the agreement test as well as the labels: a few dozen labels cannot tell a point of top-1 apart")
     acceptance_confidence: float = Field(
         0.95, gt=0.5, lt=1, description="confidence of the paired evidence a candidate is accepted on without enough labels: the"
         " disagreement rate's exact bound, the calibrated teacher's expected loss and the labels of disagreements share its"
-        " error (daemon/acceptance.py)")
+        " error (daemon/cycles/acceptance.py)")
     disagreement_labels: int = Field(
         100, ge=0, le=1000, description="where the label-free evidence cannot decide, a candidate is kept pending and asks for the"
         " labels of at most this many of the judging samples it and the served model answer differently (GET"

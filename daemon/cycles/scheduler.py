@@ -19,20 +19,20 @@ from prune_core.evidence import JudgingEvidence
 
 from .acceptance import Acceptance, Verdict, decide
 from .backoff import Backoff, backoff
-from .buffer import SampleBuffer
-from .config import Settings
+from ..storage.buffer import SampleBuffer
+from ..ops.config import Settings
 from .cycle_records import CycleRecord, CycleStore
 from .cycle_state import CycleState
-from .engines import backends_to_build
-from .events import FINAL_EVENTS, CostMeasuredEvent, CostPredictedEvent, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
+from ..engines import backends_to_build
+from ..workers.events import FINAL_EVENTS, CostMeasuredEvent, CostPredictedEvent, FailedEvent, FinalEvent, ProbeEvent, ProgressEvent, ResultEvent, StepEvent, WorkerEvent, evidence
 from .gate import Gate, GateState
-from .installer import Installer
-from .metrics import Metrics
+from ..serving.installer import Installer
+from ..ops.metrics import Metrics
 from .report import write_report_async
-from .serving import Served
-from .supervisor import WorkerSupervisor
-from .telemetry import Provider, Reading
-from .worker import CycleJob
+from ..serving.serving import Served
+from ..workers.supervisor import WorkerSupervisor
+from ..ops.telemetry import Provider, Reading
+from ..workers.worker import CycleJob
 
 log = logging.getLogger("edgetune.scheduler")
 Clock = Callable[[], float]

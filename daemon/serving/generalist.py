@@ -19,9 +19,9 @@ import numpy as np
 
 from prune_core.card import ModelCard, read_card
 
+from ..engines import Backend, EngineUnavailable, ServingBackend, load_engine
+from ..engines.select import AUTO_ORDER
 from .drift import Appeared, DriftSettings, DriftWatch
-from .engines import Backend, EngineUnavailable, ServingBackend, load_engine
-from .engines.select import AUTO_ORDER
 
 log = logging.getLogger("edgetune.generalist")
 
@@ -56,8 +56,8 @@ def torch_logits(directory: Path, device: Any = "cpu") -> Logits:
 
     from prune_core.model_format import load_model
 
-    from .engines.base import InputSpec
-    from .engines.eager import TorchEngine  # imports torch
+    from ..engines.base import InputSpec
+    from ..engines.eager import TorchEngine  # imports torch
 
     device = torch.device(device)
     model, card = load_model(directory, device)

@@ -12,8 +12,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from .config import Settings
-from .telemetry import Reading
+from ..ops.config import Settings
+from ..ops.telemetry import Reading
 
 
 @dataclass

@@ -9,10 +9,10 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
-from .report import REPORT_JSON, REPORT_PNG
-from .runtime import NotFound, Runtime
+from ..cycles.report import REPORT_JSON, REPORT_PNG
+from ..runtime import NotFound, Runtime
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
 
 

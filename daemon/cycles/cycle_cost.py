@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Protocol
 
 from prune_core.cost_records import PhaseClock
 
-from .events import CostMeasuredEvent, CostPredictedEvent, StepEvent
+from ..workers.events import CostMeasuredEvent, CostPredictedEvent, StepEvent
 
 if TYPE_CHECKING:
     from prune_core.cost import PeakMeter
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class CostLimits(Protocol):
-    """What the cost step reads of a cycle's job (daemon.worker.CycleJob has these fields): named here
+    """What the cost step reads of a cycle's job (daemon.workers.worker.CycleJob has these fields): named here
     so this module does not import the worker that imports it."""
 
     @property
